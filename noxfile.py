@@ -1,0 +1,115 @@
+"""Developer sessions: tests, lint, typecheck, proto, proto_check, serve, bench.
+
+Every session installs what it needs into its own virtualenv from the pins in the root
+``pyproject.toml`` (dependency groups) and the two packages' own metadata, so a machine with
+only Python 3.11+ and nox can run all of them.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "proto_check", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = False
+
+ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+PROTO_ROOT = ROOT / "proto"
+PROTO_FILES = sorted(str(p) for p in (PROTO_ROOT / "openagents/sync/v1").glob("*.proto"))
+GENERATED = ROOT / "packages/oa_sync_core/src/oa_sync_core/contracts/v1.py"
+PACKAGES = ["-e", "packages/oa_sync_core", "-e", "packages/oa_sync_server"]
+
+
+def _install(session: nox.Session, *groups: str, packages: bool = True) -> None:
+    requirements: list[str] = []
+    for group in groups:
+        requirements += nox.project.dependency_groups(PYPROJECT, group)
+    if packages:
+        session.install(*PACKAGES, *requirements)
+    else:
+        session.install(*requirements)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite (real Postgres: see tests/conftest.py for how it is found)."""
+    _install(session, "test")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff lint and format check on the whole tree."""
+    _install(session, "lint", packages=False)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on both packages (configuration in pyproject.toml)."""
+    _install(session, "typecheck")
+    session.run("mypy")
+
+
+def _generate(session: nox.Session, out_file: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        # The betterproto plugin must be on PATH for protoc to find it.
+        bin_dir = Path(session.bin)
+        env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        session.run(
+            "python",
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_betterproto_out={tmp}",
+            *PROTO_FILES,
+            env=env,
+            silent=True,
+        )
+        source = Path(tmp) / "openagents/sync/v1/__init__.py"
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out_file)
+    session.run("ruff", "format", "--quiet", "--isolated", str(out_file))
+
+
+@nox.session
+def proto(session: nox.Session) -> None:
+    """Regenerate the betterproto bindings from proto/ into oa_sync_core.contracts.v1."""
+    _install(session, "proto", packages=False)
+    _generate(session, GENERATED)
+
+
+@nox.session
+def proto_check(session: nox.Session) -> None:
+    """Fail when the committed bindings differ from a fresh generation."""
+    _install(session, "proto", packages=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp) / "v1.py"
+        _generate(session, fresh)
+        if not filecmp.cmp(fresh, GENERATED, shallow=False):
+            session.error(
+                f"{GENERATED.relative_to(ROOT)} is stale: run `nox -s proto` and commit the result"
+            )
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """Run `oa-sync serve --demo` on the embedded Postgres (or OA_SYNC_DATABASE_URL)."""
+    session.install(*PACKAGES)
+    session.run("oa-sync", "serve", "--demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks in bench/ and write bench/results/*.json."""
+    _install(session, "test")
+    session.install("-r", "bench/requirements.txt")
+    session.run("python", "bench/run_all.py", *session.posargs)

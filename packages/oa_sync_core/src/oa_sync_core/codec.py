@@ -1,0 +1,455 @@
+"""Canonical encoding, content hashes and a strict proto3 JSON reader.
+
+What this is:
+
+* :func:`canonical_json` — the one byte encoding of a document: its proto3 JSON with sorted
+  keys, no insignificant whitespace, UTF-8. :func:`content_hash` is the SHA-256 (hex) of those
+  bytes. The same fold gives the same bytes and hash on every machine.
+* :func:`loads_strict` — JSON text to Python values, refusing what a lenient parser lets
+  through: NaN and Infinity, duplicate keys, nesting deeper than :data:`MAX_DEPTH`, numbers too
+  large to parse, lone surrogates, invalid UTF-8, messages over a size limit.
+* :func:`read_message` — validates proto3 JSON against a betterproto message class using the
+  class's own field metadata (so ``proto/`` stays the schema authority) and returns the
+  canonical proto3 JSON of it: lowerCamelCase keys, 64-bit integers as strings, canonical
+  timestamps, defaults omitted. Unknown fields and wrong types are refused.
+
+What this is not: a general protobuf runtime. Binary wire encoding lives in
+:mod:`oa_sync_core.wire`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Final, TypeAlias, cast
+
+import betterproto
+from betterproto.casing import camel_case
+
+from oa_sync_core.errors import CodecError, CodecErrorCode
+
+__all__ = [
+    "MAX_DEPTH",
+    "JsonObject",
+    "JsonValue",
+    "canonical_json",
+    "content_hash",
+    "format_timestamp",
+    "loads_strict",
+    "parse_timestamp",
+    "read_message",
+]
+
+JsonValue: TypeAlias = Any
+"""A value of the JSON data model: dict, list, str, int, float, bool or None."""
+JsonObject: TypeAlias = dict[str, Any]
+"""A JSON object."""
+
+MAX_DEPTH: Final = 32
+"""Deepest nesting of arrays and objects accepted in a wire message or payload."""
+
+_INT32 = (-(2**31), 2**31 - 1)
+_UINT32 = (0, 2**32 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+_UINT64 = (0, 2**64 - 1)
+_INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
+    "int32": _INT32,
+    "sint32": _INT32,
+    "sfixed32": _INT32,
+    "uint32": _UINT32,
+    "fixed32": _UINT32,
+    "int64": _INT64,
+    "sint64": _INT64,
+    "sfixed64": _INT64,
+    "uint64": _UINT64,
+    "fixed64": _UINT64,
+}
+_INT64_TYPES: Final = frozenset({"int64", "sint64", "sfixed64", "uint64", "fixed64"})
+_INT_TEXT = re.compile(r"-?(0|[1-9][0-9]{0,19})")
+_TIMESTAMP = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
+)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MIN_TS = -62135596800  # 0001-01-01T00:00:00Z, the proto Timestamp range
+_MAX_TS = 253402300799  # 9999-12-31T23:59:59Z
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical bytes and hashes
+# ---------------------------------------------------------------------------------------------
+
+
+def canonical_json(value: JsonValue) -> bytes:
+    """Encode a JSON value canonically: sorted keys, no spaces, UTF-8.
+
+    Args:
+        value: a document in proto3 JSON form (only dict, list, str, int, bool, None).
+
+    Returns:
+        The canonical bytes.
+
+    Raises:
+        ValueError: the value holds a non-finite float.
+    """
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def content_hash(canonical: bytes) -> str:
+    """SHA-256 (lowercase hex) of a document's canonical bytes."""
+    return hashlib.sha256(canonical).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict JSON text
+# ---------------------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> None:
+    raise CodecError(CodecErrorCode.NOT_FINITE, f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise CodecError(CodecErrorCode.DUPLICATE_KEY, f"key {key!r} appears twice")
+            seen.add(key)
+    return obj
+
+
+def _check_depth(value: JsonValue, limit: int) -> None:
+    # Iterative, so a hostile value cannot exhaust the stack here.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            if isinstance(item, str):
+                _check_text(item)
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise CodecError(CodecErrorCode.NOT_FINITE, "number out of double range")
+            continue
+        if depth > limit:
+            raise CodecError(CodecErrorCode.TOO_DEEP, f"nesting deeper than {limit}")
+        if isinstance(item, dict):
+            for key in item:
+                _check_text(key)
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CodecError(CodecErrorCode.INVALID_ENCODING, "string holds a lone surrogate") from None
+
+
+def loads_strict(data: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> JsonValue:
+    """Parse JSON text, refusing anything ambiguous or abusive.
+
+    Args:
+        data: UTF-8 bytes or text.
+        max_bytes: largest accepted size in bytes (text is measured as UTF-8).
+        max_depth: deepest accepted nesting of arrays and objects.
+
+    Returns:
+        The parsed value.
+
+    Raises:
+        CodecError: with code ``too_large``, ``invalid_encoding``, ``malformed_json``,
+            ``not_finite``, ``duplicate_key`` or ``too_deep``.
+    """
+    size = len(data) if isinstance(data, bytes) else len(data) * 4
+    if size > max_bytes and (isinstance(data, bytes) or len(data.encode("utf-8")) > max_bytes):
+        raise CodecError(CodecErrorCode.TOO_LARGE, f"message exceeds {max_bytes} bytes")
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError(CodecErrorCode.INVALID_ENCODING, "not valid UTF-8") from None
+    else:
+        text = data
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except CodecError:
+        raise
+    except RecursionError:
+        raise CodecError(CodecErrorCode.TOO_DEEP, f"nesting deeper than {max_depth}") from None
+    except ValueError as exc:  # JSONDecodeError, and int() refusing a 5,000-digit number
+        raise CodecError(CodecErrorCode.MALFORMED_JSON, str(exc)) from None
+    _check_depth(value, max_depth)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Timestamps (google.protobuf.Timestamp in proto3 JSON)
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_timestamp(text: str) -> tuple[int, int]:
+    """Parse an RFC 3339 timestamp into (seconds since the epoch, nanoseconds).
+
+    Raises:
+        ValueError: not an RFC 3339 timestamp within 0001-01-01 and 9999-12-31.
+    """
+    match = _TIMESTAMP.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not an RFC 3339 timestamp")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, offset = match.group(7), match.group(8)
+    base = dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.UTC)
+    seconds = (base - _EPOCH) // dt.timedelta(seconds=1)
+    if offset not in ("Z", "z"):
+        sign = 1 if offset[0] == "+" else -1
+        seconds -= sign * (int(offset[1:3]) * 3600 + int(offset[4:6]) * 60)
+    if not _MIN_TS <= seconds <= _MAX_TS:
+        raise ValueError(f"{text!r} is outside the Timestamp range")
+    nanos = int((fraction or "").ljust(9, "0"))
+    return seconds, nanos
+
+
+def format_timestamp(seconds: int, nanos: int = 0) -> str:
+    """Format a timestamp as canonical proto3 JSON: UTC, 'Z', 0/3/6/9 fractional digits."""
+    moment = _EPOCH + dt.timedelta(seconds=seconds)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if len(text) < 19:  # years below 1000 lose their zero padding on some platforms
+        text = text.zfill(19)
+    if nanos == 0:
+        return text + "Z"
+    if nanos % 1_000_000 == 0:
+        return f"{text}.{nanos // 1_000_000:03d}Z"
+    if nanos % 1_000 == 0:
+        return f"{text}.{nanos // 1_000:06d}Z"
+    return f"{text}.{nanos:09d}Z"
+
+
+def datetime_to_timestamp(moment: dt.datetime) -> str:
+    """Canonical proto3 JSON of an aware datetime (microsecond precision)."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: give a timezone")
+    delta = moment - _EPOCH
+    seconds = delta.days * 86400 + delta.seconds
+    return format_timestamp(seconds, delta.microseconds * 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# proto3 JSON against betterproto metadata
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Field:
+    name: str  # python attribute name
+    json_name: str
+    proto_type: str
+    repeated: bool
+    message_cls: type[betterproto.Message] | None
+    enum_cls: type[betterproto.Enum] | None
+    group: str | None
+    well_known: str | None  # "timestamp" | "struct" | None
+
+
+_SCHEMAS: dict[type[betterproto.Message], dict[str, _Field]] = {}
+
+
+def _schema(cls: type[betterproto.Message]) -> dict[str, _Field]:
+    """Fields of a message by every accepted JSON name (lowerCamelCase and proto name)."""
+    cached = _SCHEMAS.get(cls)
+    if cached is not None:
+        return cached
+    meta = cast(Any, cls)._betterproto  # betterproto's own metadata
+    by_name: dict[str, _Field] = {}
+    type_hints = {f.name: f.type for f in dataclasses.fields(cast(Any, cls))}
+    for name, field_meta in meta.meta_by_field_name.items():
+        py_type = meta.cls_by_field[name]
+        hint = str(type_hints.get(name, ""))
+        repeated = hint.startswith(("List[", "list[", "typing.List["))
+        message_cls = None
+        enum_cls = None
+        well_known = None
+        if field_meta.proto_type == "message":
+            if py_type is dt.datetime:
+                well_known = "timestamp"
+            elif py_type.__name__ == "Struct":
+                well_known = "struct"
+            else:
+                message_cls = py_type
+        elif field_meta.proto_type == "enum":
+            enum_cls = py_type
+        elif field_meta.proto_type == "map":
+            raise TypeError(f"{cls.__name__}.{name}: map fields are not supported")
+        spec = _Field(
+            name=name,
+            json_name=camel_case(name),
+            proto_type=field_meta.proto_type,
+            repeated=repeated,
+            message_cls=message_cls,
+            enum_cls=enum_cls,
+            group=field_meta.group,
+            well_known=well_known,
+        )
+        by_name[spec.json_name] = spec
+        by_name[name] = spec
+    _SCHEMAS[cls] = by_name
+    return by_name
+
+
+def _type_error(path: str, expected: str, value: Any) -> CodecError:
+    return CodecError(
+        CodecErrorCode.WRONG_TYPE, f"expected {expected}, got {type(value).__name__}", path=path
+    )
+
+
+def _read_scalar(spec: _Field, value: Any, path: str) -> Any:
+    kind = spec.proto_type
+    if kind == "string":
+        if not isinstance(value, str):
+            raise _type_error(path, "a string", value)
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _type_error(path, "true or false", value)
+        return value
+    if kind in _INT_RANGES:
+        if isinstance(value, bool):
+            raise _type_error(path, "an integer", value)
+        if isinstance(value, str):
+            if not _INT_TEXT.fullmatch(value):
+                raise _type_error(path, "an integer", value)
+            number = int(value)
+        elif isinstance(value, int):
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        else:
+            raise _type_error(path, "an integer", value)
+        low, high = _INT_RANGES[kind]
+        if not low <= number <= high:
+            raise CodecError(CodecErrorCode.OUT_OF_RANGE, f"{number} is outside {kind}", path=path)
+        return str(number) if kind in _INT64_TYPES else number
+    if kind in ("double", "float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _type_error(path, "a number", value)
+        return value
+    if kind == "bytes":
+        if not isinstance(value, str):
+            raise _type_error(path, "base64 text", value)
+        return value
+    if kind == "enum":
+        assert spec.enum_cls is not None
+        if isinstance(value, str):
+            names = {member.name for member in spec.enum_cls}
+            if value in names:
+                return value
+            raise CodecError(
+                CodecErrorCode.OUT_OF_RANGE,
+                f"{value!r} is not a {spec.enum_cls.__name__}",
+                path=path,
+            )
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                return spec.enum_cls(value).name
+            except ValueError:
+                raise CodecError(
+                    CodecErrorCode.OUT_OF_RANGE,
+                    f"{value} is not a {spec.enum_cls.__name__}",
+                    path=path,
+                ) from None
+        raise _type_error(path, "an enum name", value)
+    raise TypeError(f"unsupported proto type {kind}")  # pragma: no cover - schema bug
+
+
+def _is_default(spec: _Field, value: Any) -> bool:
+    if spec.enum_cls is not None:
+        return bool(spec.enum_cls[value].value == 0)
+    return value in ("", 0, False, "0") or value in ([], {})
+
+
+def _read_value(spec: _Field, value: Any, path: str) -> Any:
+    if spec.message_cls is not None:
+        return read_message(spec.message_cls, value, path=path)
+    if spec.well_known == "timestamp":
+        if not isinstance(value, str):
+            raise _type_error(path, "an RFC 3339 timestamp", value)
+        try:
+            return format_timestamp(*parse_timestamp(value))
+        except ValueError as exc:
+            raise CodecError(CodecErrorCode.WRONG_TYPE, str(exc), path=path) from None
+    if spec.well_known == "struct":
+        if not isinstance(value, dict):
+            raise _type_error(path, "an object", value)
+        return value
+    return _read_scalar(spec, value, path)
+
+
+def read_message(cls: type[betterproto.Message], obj: Any, *, path: str = "") -> JsonObject:
+    """Validate proto3 JSON against a message class; return its canonical proto3 JSON.
+
+    Accepts lowerCamelCase and original field names, numbers for 64-bit integers, enum numbers;
+    returns lowerCamelCase names, 64-bit integers as strings, enum names, canonical timestamps,
+    and omits fields at their default value (except ``optional`` fields set explicitly,
+    members of a ``oneof`` and message fields, whose presence is meaningful).
+
+    Args:
+        cls: the betterproto message class (from :mod:`oa_sync_core.contracts.v1`).
+        obj: the parsed JSON value.
+        path: prefix for error paths.
+
+    Raises:
+        CodecError: ``wrong_type``, ``unknown_field`` or ``out_of_range``, with the path.
+    """
+    if not isinstance(obj, dict):
+        raise _type_error(path or cls.__name__, "an object", obj)
+    schema = _schema(cls)
+    meta_by_name = cast(Any, cls)._betterproto.meta_by_field_name
+    out: JsonObject = {}
+    groups: dict[str, str] = {}
+    for key, raw in obj.items():
+        spec = schema.get(key)
+        where = f"{path}.{key}" if path else key
+        if spec is None:
+            raise CodecError(
+                CodecErrorCode.UNKNOWN_FIELD, f"{cls.__name__} has no field {key!r}", path=where
+            )
+        if spec.json_name in out:
+            raise CodecError(CodecErrorCode.DUPLICATE_KEY, "field given twice", path=where)
+        if raw is None:  # proto3 JSON: null means "default" for every field but Value
+            continue
+        if spec.group is not None:
+            if spec.group in groups:
+                raise CodecError(
+                    CodecErrorCode.WRONG_TYPE,
+                    f"oneof {spec.group!r} has both {groups[spec.group]!r} and {spec.json_name!r}",
+                    path=where,
+                )
+            groups[spec.group] = spec.json_name
+        if spec.repeated:
+            if not isinstance(raw, list):
+                raise _type_error(where, "an array", raw)
+            items = [_read_value(spec, item, f"{where}[{i}]") for i, item in enumerate(raw)]
+            if items:
+                out[spec.json_name] = items
+            continue
+        value = _read_value(spec, raw, where)
+        keep = (
+            spec.group is not None
+            or spec.message_cls is not None
+            or spec.well_known is not None
+            or meta_by_name[spec.name].optional
+            or not _is_default(spec, value)
+        )
+        if keep:
+            out[spec.json_name] = value
+    return out

@@ -1,0 +1,230 @@
+"""The sans-IO projection engine.
+
+Theory of operation: the caller reads a batch of committed events (in position order), asks
+:meth:`ProjectionEngine.route` which documents they touch, loads those documents' checkpoints
+and bodies, and hands everything to :meth:`ProjectionEngine.apply`. The engine folds each event
+into its document unless the document's checkpoint already covers it (same projector version
+and ``last_position`` at or past the event), and returns the document updates and checkpoint
+advances to write — in one transaction — with no I/O of its own.
+
+A checkpoint written by another projector version does not count: the document restarts from
+``initial`` and the caller is expected to feed the whole log (see :mod:`oa_sync_core.replay`);
+:meth:`ProjectionEngine.stale_projections` tells a caller when that is due.
+
+Everything here is deterministic: the same events and states give the same updates, bytes
+and hashes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+
+from oa_sync_core.checkpoints import Checkpoint, DocId
+from oa_sync_core.codec import JsonObject, canonical_json, content_hash
+from oa_sync_core.errors import ProjectionError
+from oa_sync_core.events import Event
+from oa_sync_core.projector import Projector
+from oa_sync_core.sinks import DocumentUpdate, StoredDocument
+
+__all__ = ["DocumentState", "ProjectionEngine", "ProjectionResult"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DocumentState:
+    """A document as it stands before a batch.
+
+    Attributes:
+        checkpoint: its checkpoint, or None if it was never folded.
+        body: its current body, or None if absent (the fold starts from ``initial``).
+        version: its current version (0 if absent).
+    """
+
+    checkpoint: Checkpoint | None = None
+    body: JsonObject | None = None
+    version: int = 0
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint | None, document: StoredDocument | None) -> DocumentState:
+        """Combine a stored checkpoint and document into a state."""
+        if document is None:
+            return cls(checkpoint=checkpoint)
+        return cls(checkpoint=checkpoint, body=document.body, version=document.version)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ProjectionResult:
+    """What one batch changes.
+
+    Attributes:
+        updates: one per changed document, in order of each document's last event.
+        checkpoints: the matching checkpoint advances.
+        applied: events folded into some document.
+        skipped: events already covered by a checkpoint.
+        ignored: events no projector routes anywhere.
+        last_position: the highest position in the batch (0 for an empty batch).
+    """
+
+    updates: tuple[DocumentUpdate, ...]
+    checkpoints: tuple[Checkpoint, ...]
+    applied: int
+    skipped: int
+    ignored: int
+    last_position: int
+
+
+class ProjectionEngine:
+    """Folds batches of events through a set of projectors.
+
+    Args:
+        projectors: the projectors; names must be unique.
+
+    Raises:
+        ValueError: two projectors share a name.
+    """
+
+    def __init__(self, projectors: Iterable[Projector]) -> None:
+        self.projectors: dict[str, Projector] = {}
+        for projector in projectors:
+            if projector.name in self.projectors:
+                raise ValueError(f"two projectors are named {projector.name!r}")
+            self.projectors[projector.name] = projector
+
+    def __repr__(self) -> str:
+        return f"ProjectionEngine({list(self.projectors.values())!r})"
+
+    def select(self, projection: str | None = None, doc_key: str | None = None) -> ProjectionEngine:
+        """An engine limited to one projection (and, if given, one document's projection).
+
+        Raises:
+            KeyError: no projector has that name.
+        """
+        if doc_key is not None:
+            name = doc_key.partition(":")[0]
+            if projection is not None and projection != name:
+                raise KeyError(f"{doc_key!r} does not belong to {projection!r}")
+            projection = name
+        if projection is None:
+            return self
+        if projection not in self.projectors:
+            raise KeyError(f"no projector named {projection!r}")
+        return ProjectionEngine([self.projectors[projection]])
+
+    def route(self, events: Iterable[Event]) -> list[DocId]:
+        """The documents a batch touches, in order of first touch, without repeats."""
+        seen: dict[DocId, None] = {}
+        for event in events:
+            for projector in self.projectors.values():
+                key = projector.doc_key(event)
+                if key is not None:
+                    seen.setdefault((projector.name, key), None)
+        return list(seen)
+
+    def stale_projections(self, checkpoints: Iterable[Checkpoint]) -> set[str]:
+        """Projections with a checkpoint written by another projector version."""
+        stale: set[str] = set()
+        for checkpoint in checkpoints:
+            projector = self.projectors.get(checkpoint.projection)
+            if projector is not None and checkpoint.projector_version != projector.version:
+                stale.add(checkpoint.projection)
+        return stale
+
+    def apply(
+        self, events: Sequence[Event], states: Mapping[DocId, DocumentState]
+    ) -> ProjectionResult:
+        """Fold a batch of events.
+
+        Args:
+            events: committed events in increasing position order.
+            states: the state of (at least) every document :meth:`route` names for them;
+                a missing one counts as never folded.
+
+        Returns:
+            The updates and checkpoint advances to write in one transaction.
+
+        Raises:
+            ProjectionError: events out of order, or a projector broke its contract.
+        """
+        working: dict[DocId, tuple[JsonObject, int, int, Checkpoint | None]] = {}
+        touched: dict[DocId, None] = {}
+        applied = skipped = ignored = 0
+        last_position = 0
+        for event in events:
+            if event.position <= last_position:
+                raise ProjectionError(
+                    f"event {event.position} follows {last_position}: batch out of order",
+                    projection="*",
+                    position=event.position,
+                )
+            last_position = event.position
+            routed = False
+            for projector in self.projectors.values():
+                key = projector.doc_key(event)
+                if key is None:
+                    continue
+                routed = True
+                doc_id = (projector.name, key)
+                current = working.get(doc_id)
+                if current is None:
+                    state = states.get(doc_id) or DocumentState()
+                    checkpoint = state.checkpoint
+                    fresh = checkpoint is None or checkpoint.projector_version != projector.version
+                    if fresh or state.body is None:
+                        current = (projector.initial(key), 0, 0, None)
+                    else:
+                        assert checkpoint is not None
+                        current = (state.body, state.version, checkpoint.last_position, checkpoint)
+                body, version, covered, _ = current
+                if event.position <= covered:
+                    skipped += 1
+                    working[doc_id] = current
+                    continue
+                new_body = projector.apply(body, event)
+                if new_body is body:
+                    raise ProjectionError(
+                        f"apply() returned its input for {event.type}; return a new document",
+                        projection=projector.name,
+                        position=event.position,
+                    )
+                working[doc_id] = (new_body, version + 1, event.position, current[3])
+                touched.pop(doc_id, None)
+                touched[doc_id] = None
+                applied += 1
+            if not routed:
+                ignored += 1
+        updates: list[DocumentUpdate] = []
+        checkpoints: list[Checkpoint] = []
+        for doc_id in touched:
+            body, version, covered, _ = working[doc_id]
+            projection, key = doc_id
+            canonical = canonical_json(body)
+            digest = content_hash(canonical)
+            updates.append(
+                DocumentUpdate(
+                    projection=projection,
+                    doc_key=key,
+                    version=version,
+                    body=body,
+                    canonical=canonical,
+                    content_hash=digest,
+                    last_position=covered,
+                )
+            )
+            checkpoints.append(
+                Checkpoint(
+                    projection=projection,
+                    doc_key=key,
+                    last_position=covered,
+                    projector_version=self.projectors[projection].version,
+                    content_hash=digest,
+                    version=version,
+                )
+            )
+        return ProjectionResult(
+            updates=tuple(updates),
+            checkpoints=tuple(checkpoints),
+            applied=applied,
+            skipped=skipped,
+            ignored=ignored,
+            last_position=last_position,
+        )

@@ -1,0 +1,211 @@
+"""Events: what runtime services append, and what the log hands back.
+
+:class:`NewEvent` is an event to append; :func:`validate_new_event` checks it completely
+(stream id, type, payload against its proto in ``events.proto``) and returns it normalised to
+canonical proto3 JSON, so a bad event is refused before anything is written. :class:`Event` is
+an event the log has recorded, with its global ``position`` and per-stream ``stream_seq``.
+
+This module knows the event vocabulary (:data:`EVENT_PAYLOADS`) but not how events are stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from typing import Final, Protocol
+
+import betterproto
+
+from oa_sync_core.codec import JsonObject, canonical_json, read_message
+from oa_sync_core.contracts import v1
+from oa_sync_core.errors import CodecError, EventValidationError
+
+__all__ = [
+    "EVENT_PAYLOADS",
+    "MAX_PAYLOAD_BYTES",
+    "Event",
+    "EventSource",
+    "NewEvent",
+    "validate_new_event",
+]
+
+EVENT_PAYLOADS: Final[Mapping[str, type[betterproto.Message]]] = {
+    "run.created": v1.RunCreated,
+    "run.started": v1.RunStarted,
+    "run.step": v1.RunStep,
+    "run.tool_call": v1.RunToolCall,
+    "run.completed": v1.RunCompleted,
+    "run.failed": v1.RunFailed,
+    "run.canceled": v1.RunCanceled,
+    "worker.started": v1.WorkerStarted,
+    "worker.heartbeat": v1.WorkerHeartbeat,
+    "worker.request_received": v1.WorkerRequestReceived,
+    "worker.request_completed": v1.WorkerRequestCompleted,
+    "worker.request_failed": v1.WorkerRequestFailed,
+    "worker.stopped": v1.WorkerStopped,
+    "worker.failed": v1.WorkerFailed,
+}
+"""Payload message of every event type the projectors understand (DESIGN.md vocabulary)."""
+
+_STREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*:[A-Za-z0-9._\-:@/]{1,200}")
+_EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
+MAX_PAYLOAD_BYTES: Final = 256 * 1024
+"""Largest canonical payload accepted for one event."""
+MAX_IDEMPOTENCY_KEY: Final = 200
+_ID_FIELDS: Final = {"run": "runId", "worker": "workerId"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class NewEvent:
+    """An event to append.
+
+    Attributes:
+        stream_id: ``<kind>:<id>``, e.g. ``run:r1``.
+        type: dotted lowercase type, e.g. ``run.started``.
+        payload: proto3 JSON object of the type's message (any object for unknown types).
+        expected_seq: if set, the stream's last ``stream_seq`` must equal it (0: empty stream).
+        idempotency_key: if set, a second append with the same key returns the original
+            position and writes nothing.
+    """
+
+    stream_id: str
+    type: str
+    payload: JsonObject
+    expected_seq: int | None = None
+    idempotency_key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """An event recorded in the log.
+
+    Attributes:
+        position: global position in the log, unique and increasing (with holes).
+        stream_id: the stream.
+        stream_seq: 1-based sequence number within the stream, gap-free.
+        type: the event type.
+        payload: canonical proto3 JSON of the payload.
+        recorded_at: when the log recorded it (timezone-aware, UTC).
+    """
+
+    position: int
+    stream_id: str
+    stream_seq: int
+    type: str
+    payload: JsonObject
+    recorded_at: dt.datetime
+
+    def __post_init__(self) -> None:
+        if self.position < 1:
+            raise ValueError(f"position must be >= 1, got {self.position}")
+        if self.stream_seq < 1:
+            raise ValueError(f"stream_seq must be >= 1, got {self.stream_seq}")
+        if self.recorded_at.tzinfo is None:
+            raise ValueError("recorded_at must be timezone-aware")
+
+
+def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent:
+    """Check an event completely and return it with its payload normalised.
+
+    Known event types must carry the proto3 JSON of their message, and the id inside it
+    (``runId`` / ``workerId``) must match the stream's id. Unknown types need only a JSON
+    object payload.
+
+    Args:
+        event: the event to check.
+        index: its place in a batch, for the error message.
+
+    Returns:
+        A copy whose payload is canonical proto3 JSON.
+
+    Raises:
+        EventValidationError: anything is wrong; names the field.
+    """
+    # Callers are often untyped (HTTP bodies, CLI lines): check types at run time too.
+    fields: dict[str, object] = {
+        "stream_id": event.stream_id,
+        "type": event.type,
+        "expected_seq": event.expected_seq,
+        "idempotency_key": event.idempotency_key,
+        "payload": event.payload,
+    }
+    if not isinstance(fields["stream_id"], str) or not _STREAM_ID.fullmatch(event.stream_id):
+        raise EventValidationError(
+            f"stream_id {event.stream_id!r} is not '<kind>:<id>' of safe characters",
+            index=index,
+            field="stream_id",
+        )
+    if not isinstance(fields["type"], str) or len(event.type) > 100:
+        raise EventValidationError("type must be a string", index=index, field="type")
+    if not _EVENT_TYPE.fullmatch(event.type):
+        raise EventValidationError(
+            f"type {event.type!r} is not dotted lowercase (e.g. 'run.started')",
+            index=index,
+            field="type",
+        )
+    seq = fields["expected_seq"]
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
+        raise EventValidationError(
+            "expected_seq must be a non-negative integer", index=index, field="expected_seq"
+        )
+    key = fields["idempotency_key"]
+    if key is not None and (
+        not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or "\x00" in key
+    ):
+        raise EventValidationError(
+            f"idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} characters without NUL",
+            index=index,
+            field="idempotency_key",
+        )
+    if not isinstance(fields["payload"], dict):
+        raise EventValidationError("payload must be a JSON object", index=index, field="payload")
+    message_cls = EVENT_PAYLOADS.get(event.type)
+    try:
+        if message_cls is not None:
+            payload = read_message(message_cls, event.payload, path="payload")
+        else:
+            payload = event.payload
+        encoded = canonical_json(payload)
+    except CodecError as exc:
+        raise EventValidationError(str(exc), index=index, field=exc.path or "payload") from None
+    except (TypeError, ValueError) as exc:  # non-JSON values in a hand-built payload
+        raise EventValidationError(
+            f"payload is not JSON: {exc}", index=index, field="payload"
+        ) from None
+    if b"\\u0000" in encoded:
+        # Postgres jsonb cannot store NUL in text; refuse it up front, clearly.
+        raise EventValidationError("payload contains a NUL character", index=index, field="payload")
+    if len(encoded) > MAX_PAYLOAD_BYTES:
+        raise EventValidationError(
+            f"payload exceeds {MAX_PAYLOAD_BYTES} bytes", index=index, field="payload"
+        )
+    kind, _, stream_key = event.stream_id.partition(":")
+    id_field = _ID_FIELDS.get(event.type.partition(".")[0])
+    if message_cls is not None and id_field is not None:
+        if kind != event.type.partition(".")[0]:
+            raise EventValidationError(
+                f"{event.type} belongs on a '{event.type.partition('.')[0]}:' stream",
+                index=index,
+                field="stream_id",
+            )
+        if payload.get(id_field) != stream_key:
+            raise EventValidationError(
+                f"payload.{id_field} must equal the stream id {stream_key!r}",
+                index=index,
+                field=f"payload.{id_field}",
+            )
+    return dataclasses.replace(event, payload=payload)
+
+
+class EventSource(Protocol):
+    """Reads committed events from a log, in position order.
+
+    Implementations must be gap-safe: an event is returned only once no event with a lower
+    position can still commit (DESIGN.md rule 1).
+    """
+
+    async def read_after(self, position: int, limit: int) -> Sequence[Event]:
+        """Up to ``limit`` committed events with a position above ``position``, ascending."""
+        ...

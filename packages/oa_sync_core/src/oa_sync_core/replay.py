@@ -1,0 +1,169 @@
+"""Reprojection: refold documents from the log and repair what differs.
+
+:func:`fold_log` is the reference fold: every event from the start of the log through a fresh
+engine, giving the state each document *should* have. :func:`plan_reprojection` compares that
+with a read model and lists the documents to rewrite; rewriting only what differs makes
+reprojection idempotent (a healthy read model gets no writes and no spurious changes). The
+caller applies the plan in one transaction — :func:`apply_plan` does so for the in-memory
+adapters; the Postgres adapters apply it under the projector lease.
+
+This module holds no state and does no I/O beyond the ports it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from oa_sync_core.checkpoints import Checkpoint, CheckpointStore, DocId
+from oa_sync_core.engine import DocumentState, ProjectionEngine
+from oa_sync_core.events import EventSource
+from oa_sync_core.memory import MemoryCheckpointStore
+from oa_sync_core.sinks import DocumentReader, DocumentUpdate, MemorySink, StoredDocument
+
+__all__ = [
+    "FoldResult",
+    "ReprojectionPlan",
+    "apply_plan",
+    "fold_log",
+    "plan_reprojection",
+]
+
+Progress = Callable[[int], None]
+"""Called with the number of events folded so far, after each batch."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class FoldResult:
+    """The reference state of every document, folded from the whole log.
+
+    Attributes:
+        documents: latest update per document.
+        checkpoints: the matching checkpoints.
+        events: events read from the log.
+        last_position: the last position read.
+    """
+
+    documents: dict[DocId, DocumentUpdate]
+    checkpoints: dict[DocId, Checkpoint]
+    events: int
+    last_position: int
+
+
+async def fold_log(
+    source: EventSource,
+    engine: ProjectionEngine,
+    *,
+    doc_key: str | None = None,
+    batch_size: int = 5_000,
+    progress: Progress | None = None,
+) -> FoldResult:
+    """Fold the whole log from scratch, in memory.
+
+    Args:
+        source: the log.
+        engine: the projectors to fold with (see :meth:`ProjectionEngine.select`).
+        doc_key: keep only this document.
+        batch_size: events per read.
+        progress: called after each batch with the events read so far.
+    """
+    states: dict[DocId, DocumentState] = {}
+    documents: dict[DocId, DocumentUpdate] = {}
+    checkpoints: dict[DocId, Checkpoint] = {}
+    after = 0
+    count = 0
+    while True:
+        events = await source.read_after(after, batch_size)
+        if not events:
+            break
+        result = engine.apply(events, states)
+        for update, checkpoint in zip(result.updates, result.checkpoints, strict=True):
+            if doc_key is not None and update.doc_key != doc_key:
+                continue
+            documents[update.id] = update
+            checkpoints[update.id] = checkpoint
+            states[update.id] = DocumentState(
+                checkpoint=checkpoint, body=update.body, version=update.version
+            )
+        after = events[-1].position
+        count += len(events)
+        if progress is not None:
+            progress(count)
+    return FoldResult(
+        documents=documents, checkpoints=checkpoints, events=count, last_position=after
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ReprojectionPlan:
+    """What a reprojection would write.
+
+    Attributes:
+        rewrites: documents (with their checkpoints) that differ from the read model.
+        unchanged: documents already equal to the fold.
+        events: events folded to make the plan.
+    """
+
+    rewrites: tuple[tuple[DocumentUpdate, Checkpoint], ...]
+    unchanged: int
+    events: int
+
+
+def _same(stored: StoredDocument | None, checkpoint: Checkpoint | None, ref: Checkpoint) -> bool:
+    return (
+        stored is not None
+        and checkpoint is not None
+        and stored.version == ref.version
+        and stored.content_hash == ref.content_hash
+        and checkpoint == ref
+    )
+
+
+async def plan_reprojection(
+    source: EventSource,
+    engine: ProjectionEngine,
+    documents: DocumentReader,
+    checkpoints: CheckpointStore,
+    *,
+    projection: str | None = None,
+    doc_key: str | None = None,
+    progress: Progress | None = None,
+) -> ReprojectionPlan:
+    """Refold and compare with a read model; nothing is written.
+
+    Args:
+        source: the log.
+        engine: all projectors (narrowed here by ``projection`` / ``doc_key``).
+        documents: the read model.
+        checkpoints: its checkpoints.
+        projection: only this projection.
+        doc_key: only this document.
+        progress: called after each batch.
+
+    Raises:
+        KeyError: no projector for ``projection`` / ``doc_key``.
+    """
+    selected = engine.select(projection, doc_key)
+    folded = await fold_log(source, selected, doc_key=doc_key, progress=progress)
+    ids = list(folded.documents)
+    stored = await documents.get_documents(ids)
+    held = await checkpoints.get_many(ids)
+    rewrites: list[tuple[DocumentUpdate, Checkpoint]] = []
+    unchanged = 0
+    for doc_id, update in folded.documents.items():
+        reference = folded.checkpoints[doc_id]
+        if _same(stored.get(doc_id), held.get(doc_id), reference):
+            unchanged += 1
+        else:
+            rewrites.append((update, reference))
+    return ReprojectionPlan(rewrites=tuple(rewrites), unchanged=unchanged, events=folded.events)
+
+
+async def apply_plan(
+    plan: ReprojectionPlan, sink: MemorySink, checkpoints: MemoryCheckpointStore
+) -> None:
+    """Apply a plan to the in-memory adapters, overwriting whatever they hold."""
+    for update, _ in plan.rewrites:
+        sink.documents.pop(update.id, None)
+        await sink.publish([update])
+    await checkpoints.put_many(checkpoint for _, checkpoint in plan.rewrites)

@@ -1,0 +1,1 @@
+"""Shared pytest configuration. Database fixtures live in the ``tests.pg`` plugin."""
