@@ -1,6 +1,6 @@
 """The sans-IO projection engine.
 
-Theory of operation: the caller reads a batch of committed events (in position order), asks
+Theory of operation: the caller reads a batch of committed events (in log order), asks
 :meth:`ProjectionEngine.route` which documents they touch, loads those documents' checkpoints
 and bodies, and hands everything to :meth:`ProjectionEngine.apply`. The engine folds each event
 into its document unless the document's checkpoint already covers it (same projector version
@@ -63,6 +63,7 @@ class ProjectionResult:
         skipped: events already covered by a checkpoint.
         ignored: events no projector routes anywhere.
         last_position: the highest position in the batch (0 for an empty batch).
+
     """
 
     updates: tuple[DocumentUpdate, ...]
@@ -135,7 +136,9 @@ class ProjectionEngine:
         """Fold a batch of events.
 
         Args:
-            events: committed events in increasing position order.
+            events: committed events in log order. Positions may interleave across streams
+                (Postgres log order is by transaction), but increase within each document,
+                which is what makes ``last_position`` a valid checkpoint.
             states: the state of (at least) every document :meth:`route` names for them;
                 a missing one counts as never folded.
 
@@ -143,20 +146,14 @@ class ProjectionEngine:
             The updates and checkpoint advances to write in one transaction.
 
         Raises:
-            ProjectionError: events out of order, or a projector broke its contract.
+            ProjectionError: a projector broke its contract.
         """
         working: dict[DocId, tuple[JsonObject, int, int, Checkpoint | None]] = {}
         touched: dict[DocId, None] = {}
         applied = skipped = ignored = 0
         last_position = 0
         for event in events:
-            if event.position <= last_position:
-                raise ProjectionError(
-                    f"event {event.position} follows {last_position}: batch out of order",
-                    projection="*",
-                    position=event.position,
-                )
-            last_position = event.position
+            last_position = max(last_position, event.position)
             routed = False
             for projector in self.projectors.values():
                 key = projector.doc_key(event)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Final, Protocol
 
 import betterproto
@@ -200,12 +200,13 @@ def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent
 
 
 class EventSource(Protocol):
-    """Reads committed events from a log, in position order.
+    """Reads every committed event of a log, in log order, batch by batch.
 
-    Implementations must be gap-safe: an event is returned only once no event with a lower
-    position can still commit (DESIGN.md rule 1).
+    Log order is the order in which events became final: position order for the in-memory
+    log, (transaction id, position) for Postgres (DESIGN.md rule 1). Within one stream, log
+    order is always ``stream_seq`` order, and positions increase with it.
     """
 
-    async def read_after(self, position: int, limit: int) -> Sequence[Event]:
-        """Up to ``limit`` committed events with a position above ``position``, ascending."""
+    def batches(self, *, batch_size: int) -> AsyncIterator[Sequence[Event]]:
+        """Every committed event in log order, ``batch_size`` at a time."""
         ...

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 from oa_sync_core.checkpoints import Checkpoint, DocId
 from oa_sync_core.errors import ConcurrencyError
@@ -87,8 +87,16 @@ class MemoryEventLog:
         return positions
 
     async def read_after(self, position: int, limit: int) -> Sequence[Event]:
+        """Up to ``limit`` events with a position above ``position``, ascending."""
         start = bisect.bisect_right(self._positions, position)
         return self.events[start : start + limit]
+
+    async def batches(self, *, batch_size: int) -> AsyncIterator[Sequence[Event]]:
+        """Every event in position order, ``batch_size`` at a time."""
+        after = 0
+        while batch := await self.read_after(after, batch_size):
+            yield batch
+            after = batch[-1].position
 
 
 class MemoryCheckpointStore:

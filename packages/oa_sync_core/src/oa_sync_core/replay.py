@@ -41,7 +41,7 @@ class FoldResult:
         documents: latest update per document.
         checkpoints: the matching checkpoints.
         events: events read from the log.
-        last_position: the last position read.
+        last_position: the highest position read.
     """
 
     documents: dict[DocId, DocumentUpdate]
@@ -72,10 +72,7 @@ async def fold_log(
     checkpoints: dict[DocId, Checkpoint] = {}
     after = 0
     count = 0
-    while True:
-        events = await source.read_after(after, batch_size)
-        if not events:
-            break
+    async for events in source.batches(batch_size=batch_size):
         result = engine.apply(events, states)
         for update, checkpoint in zip(result.updates, result.checkpoints, strict=True):
             if doc_key is not None and update.doc_key != doc_key:
@@ -85,7 +82,7 @@ async def fold_log(
             states[update.id] = DocumentState(
                 checkpoint=checkpoint, body=update.body, version=update.version
             )
-        after = events[-1].position
+        after = max(after, result.last_position)
         count += len(events)
         if progress is not None:
             progress(count)
