@@ -110,6 +110,5 @@ def serve(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmarks in bench/ and write bench/results/*.json."""
-    _install(session, "test")
-    session.install("-r", "bench/requirements.txt")
+    _install(session, "bench")
     session.run("python", "bench/run_all.py", *session.posargs)
