@@ -1,0 +1,51 @@
+"""Engines: one place that turns a Postgres URL into a SQLAlchemy async engine on psycopg 3.
+
+``postgresql://`` and ``postgres://`` URLs are normalised to ``postgresql+psycopg://``. What
+this is not: configuration loading (``oa_sync_server.config``) or schema creation (alembic).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+__all__ = ["create_engine", "normalise_url"]
+
+_PREFIXES = ("postgresql+psycopg://", "postgresql://", "postgres://")
+
+
+def normalise_url(url: str) -> str:
+    """Return ``url`` with the ``postgresql+psycopg`` driver.
+
+    Args:
+        url: a ``postgresql://``, ``postgres://`` or ``postgresql+psycopg://`` URL.
+
+    Returns:
+        The same URL naming the psycopg 3 driver.
+
+    Raises:
+        ValueError: the URL is not a Postgres URL (the message never shows the URL).
+    """
+    for prefix in _PREFIXES:
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    raise ValueError("database URL must start with postgresql:// or postgresql+psycopg://")
+
+
+def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An async engine on psycopg 3 for ``url``.
+
+    Args:
+        url: a Postgres URL (normalised by :func:`normalise_url`).
+        **kwargs: passed to :func:`sqlalchemy.ext.asyncio.create_async_engine`
+            (``pool_size``, ``poolclass``...).
+
+    Returns:
+        The engine; dispose of it with ``await engine.dispose()``.
+
+    Raises:
+        ValueError: the URL is not a Postgres URL.
+    """
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_async_engine(normalise_url(url), **kwargs)

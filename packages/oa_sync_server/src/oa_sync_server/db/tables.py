@@ -1,0 +1,126 @@
+"""SQLAlchemy Core descriptions of the ``oa_sync`` tables, for building queries.
+
+The tables are created only by the alembic migrations (``alembic/versions``); this metadata
+must match them but is never used to create anything. What this is not: an ORM.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import UserDefinedType
+
+__all__ = [
+    "SCHEMA",
+    "Xid8",
+    "changes",
+    "checkpoints",
+    "documents",
+    "events",
+    "leases",
+    "metadata",
+    "sync_meta",
+]
+
+SCHEMA: Final = "oa_sync"
+
+
+class Xid8(UserDefinedType[int]):
+    """Postgres ``xid8`` (a 64-bit transaction id), read and written as a Python ``int``."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "xid8"
+
+    def bind_expression(self, bindvalue: Any) -> Any:
+        return sa.cast(sa.cast(bindvalue, sa.Text), XID8_LITERAL)
+
+    def column_expression(self, colexpr: Any) -> Any:
+        return sa.cast(sa.cast(colexpr, sa.Text), sa.BigInteger)
+
+
+class _Xid8Literal(UserDefinedType[str]):
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "xid8"
+
+
+XID8_LITERAL: Final = _Xid8Literal()
+
+metadata = sa.MetaData(schema=SCHEMA)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("position", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+    sa.Column("stream_id", sa.Text, nullable=False),
+    sa.Column("stream_seq", sa.BigInteger, nullable=False),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("payload", JSONB(none_as_null=True), nullable=False),
+    sa.Column("idempotency_key", sa.Text, nullable=True),
+    sa.Column("tx_id", Xid8, nullable=False, server_default=sa.text("pg_current_xact_id()")),
+    sa.Column(
+        "recorded_at",
+        sa.DateTime(timezone=True),
+        nullable=False,
+        server_default=sa.text("clock_timestamp()"),
+    ),
+)
+
+checkpoints = sa.Table(
+    "projection_checkpoints",
+    metadata,
+    sa.Column("projection", sa.Text, primary_key=True),
+    sa.Column("doc_key", sa.Text, primary_key=True),
+    sa.Column("last_position", sa.BigInteger, nullable=False),
+    sa.Column("projector_version", sa.Integer, nullable=False),
+    sa.Column("content_hash", sa.Text, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+documents = sa.Table(
+    "documents",
+    metadata,
+    sa.Column("doc_key", sa.Text, primary_key=True),
+    sa.Column("projection", sa.Text, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("watermark", sa.BigInteger, nullable=False),
+    sa.Column("content_hash", sa.Text, nullable=False),
+    sa.Column("body", JSONB(none_as_null=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+changes = sa.Table(
+    "changes",
+    metadata,
+    sa.Column("watermark", sa.BigInteger, primary_key=True),
+    sa.Column("doc_key", sa.Text, nullable=False),
+    sa.Column("projection", sa.Text, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("content_hash", sa.Text, nullable=False),
+    sa.Column("committed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+leases = sa.Table(
+    "projector_leases",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("holder", sa.Text, nullable=True),
+    sa.Column("epoch", sa.BigInteger, nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("cursor_tx_id", Xid8, nullable=False),
+    sa.Column("cursor_position", sa.BigInteger, nullable=False),
+)
+
+sync_meta = sa.Table(
+    "sync_meta",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
