@@ -65,8 +65,9 @@ class EmbeddedPostgres:
             # pgserver then uses /tmp/runtime-<uid>, which is what we want.
             warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
             import pgserver  # noqa: PLC0415 - heavy import, only when the embedded server is used
-        self._server, self._url = await asyncio.to_thread(self._start_blocking, pgserver)
-        return self._url
+        self._server, url = await asyncio.to_thread(self._start_blocking, pgserver)
+        self._url = url
+        return url
 
     def _start_blocking(self, pgserver: Any) -> tuple[Any, str]:
         pgdata = self.data_dir / "pg"
