@@ -38,6 +38,7 @@ __all__ = [
     "JsonObject",
     "JsonValue",
     "canonical_json",
+    "check_json",
     "content_hash",
     "format_timestamp",
     "loads_strict",
@@ -149,11 +150,53 @@ def _check_depth(value: JsonValue, limit: int) -> None:
         stack.extend((child, depth + 1) for child in children)
 
 
-def _check_text(text: str) -> None:
+def _check_text(text: str, path: str = "") -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise CodecError(CodecErrorCode.INVALID_ENCODING, "string holds a lone surrogate") from None
+        raise CodecError(
+            CodecErrorCode.INVALID_ENCODING, "string holds a lone surrogate", path=path
+        ) from None
+
+
+def check_json(value: JsonValue, *, max_depth: int = MAX_DEPTH, path: str = "") -> None:
+    """Check that a Python value is plain JSON data, as :func:`loads_strict` would return it.
+
+    Args:
+        value: dicts with ``str`` keys, lists, ``str``, ``int``, finite ``float``, ``bool``,
+            ``None``.
+        max_depth: deepest accepted nesting of arrays and objects.
+        path: prefix for error paths.
+
+    Raises:
+        CodecError: ``wrong_type`` (another type, e.g. a tuple, bytes or a non-string key),
+            ``not_finite``, ``too_deep`` or ``invalid_encoding`` (a lone surrogate).
+    """
+    stack: list[tuple[Any, int, str]] = [(value, 1, path)]
+    while stack:
+        item, depth, where = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                raise CodecError(
+                    CodecErrorCode.TOO_DEEP, f"nesting deeper than {max_depth}", path=where
+                )
+            if isinstance(item, list):
+                stack.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(item))
+                continue
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise _type_error(where, "string keys", key)
+                _check_text(key, where)
+                stack.append((child, depth + 1, f"{where}.{key}" if where else key))
+        elif isinstance(item, str):
+            _check_text(item, where)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise CodecError(
+                    CodecErrorCode.NOT_FINITE, "number out of double range", path=where
+                )
+        elif item is not None and not isinstance(item, int):  # bool is an int
+            raise _type_error(where, "a JSON value", item)
 
 
 def loads_strict(data: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> JsonValue:
@@ -372,9 +415,18 @@ def _read_scalar(spec: _Field, value: Any, path: str) -> Any:
 
 
 def _is_default(spec: _Field, value: Any) -> bool:
+    # By proto type: a string field holding "0" is not at its default, a 64-bit integer is.
     if spec.enum_cls is not None:
         return bool(spec.enum_cls[value].value == 0)
-    return value in ("", 0, False, "0") or value in ([], {})
+    if spec.proto_type in ("string", "bytes"):
+        return bool(value == "")
+    if spec.proto_type == "bool":
+        return value is False
+    if spec.proto_type in _INT64_TYPES:
+        return bool(value == "0")
+    if spec.proto_type in _INT_RANGES or spec.proto_type in ("double", "float"):
+        return bool(value == 0)
+    return False
 
 
 def _read_value(spec: _Field, value: Any, path: str) -> Any:
@@ -416,6 +468,7 @@ def read_message(cls: type[betterproto.Message], obj: Any, *, path: str = "") ->
     meta_by_name = cast(Any, cls)._betterproto.meta_by_field_name
     out: JsonObject = {}
     groups: dict[str, str] = {}
+    seen: set[str] = set()
     for key, raw in obj.items():
         spec = schema.get(key)
         where = f"{path}.{key}" if path else key
@@ -423,8 +476,9 @@ def read_message(cls: type[betterproto.Message], obj: Any, *, path: str = "") ->
             raise CodecError(
                 CodecErrorCode.UNKNOWN_FIELD, f"{cls.__name__} has no field {key!r}", path=where
             )
-        if spec.json_name in out:
+        if spec.json_name in seen:  # e.g. both "runId" and "run_id", even if one is a default
             raise CodecError(CodecErrorCode.DUPLICATE_KEY, "field given twice", path=where)
+        seen.add(spec.json_name)
         if raw is None:  # proto3 JSON: null means "default" for every field but Value
             continue
         if spec.group is not None:

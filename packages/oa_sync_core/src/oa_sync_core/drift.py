@@ -185,6 +185,14 @@ class DriftDetector:
                 items.append(
                     item(kind=DriftKind.HASH_MISMATCH, detail="content differs from the fold")
                 )
+            elif (
+                checkpoint.content_hash != ref.content_hash
+                or checkpoint.version != ref.version
+                or checkpoint.last_position != ref.last_position
+            ):
+                items.append(
+                    item(kind=DriftKind.HASH_MISMATCH, detail="checkpoint differs from the fold")
+                )
         return DriftReport(
             items=tuple(items),
             documents_checked=len(set(folded.documents) | set(stored)),

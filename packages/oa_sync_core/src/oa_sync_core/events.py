@@ -18,7 +18,7 @@ from typing import Final, Protocol
 
 import betterproto
 
-from oa_sync_core.codec import JsonObject, canonical_json, read_message
+from oa_sync_core.codec import JsonObject, JsonValue, canonical_json, check_json, read_message
 from oa_sync_core.contracts import v1
 from oa_sync_core.errors import CodecError, EventValidationError
 
@@ -163,6 +163,7 @@ def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent
         raise EventValidationError("payload must be a JSON object", index=index, field="payload")
     message_cls = EVENT_PAYLOADS.get(event.type)
     try:
+        check_json(event.payload, path="payload")
         if message_cls is not None:
             payload = read_message(message_cls, event.payload, path="payload")
         else:
@@ -174,7 +175,7 @@ def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent
         raise EventValidationError(
             f"payload is not JSON: {exc}", index=index, field="payload"
         ) from None
-    if b"\\u0000" in encoded:
+    if _holds_nul(payload):
         # Postgres jsonb cannot store NUL in text; refuse it up front, clearly.
         raise EventValidationError("payload contains a NUL character", index=index, field="payload")
     if len(encoded) > MAX_PAYLOAD_BYTES:
@@ -197,6 +198,22 @@ def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent
                 field=f"payload.{id_field}",
             )
     return dataclasses.replace(event, payload=payload)
+
+
+def _holds_nul(value: JsonValue) -> bool:
+    """Whether any string (key or value) in a JSON value contains U+0000."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class EventSource(Protocol):

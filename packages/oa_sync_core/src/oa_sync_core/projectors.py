@@ -13,7 +13,7 @@ fold depends on the log alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Final
 
 from oa_sync_core.codec import JsonObject, datetime_to_timestamp
 from oa_sync_core.events import Event
@@ -38,16 +38,27 @@ def _at(event: Event) -> str:
     return occurred if isinstance(occurred, str) else datetime_to_timestamp(event.recorded_at)
 
 
-def _put(doc: JsonObject, key: str, value: Any) -> None:
-    """Set a field, or drop it when it is the proto3 default (canonical JSON omits defaults)."""
-    if value in ("", 0, "0", None) and value is not False:
+_UINT64_MAX: Final = 2**64 - 1
+
+
+def _put(doc: JsonObject, key: str, value: str | int | None) -> None:
+    """Set a string or 32-bit field, or drop it at its proto3 default ("" or 0).
+
+    Canonical JSON omits defaults. A string "0" is a value, not a default.
+    """
+    if value is None or value == "" or (isinstance(value, int) and value == 0):
         doc.pop(key, None)
     else:
         doc[key] = value
 
 
 def _bump64(doc: JsonObject, key: str, by: int = 1) -> None:
-    _put(doc, key, str(int(doc.get(key, "0")) + by))
+    """Add to a uint64 counter (a decimal string in proto3 JSON), saturating at 2**64 - 1."""
+    total = min(int(doc.get(key, "0")) + by, _UINT64_MAX)
+    if total:
+        doc[key] = str(total)
+    else:
+        doc.pop(key, None)
 
 
 def _stamp(doc: JsonObject, event: Event) -> None:

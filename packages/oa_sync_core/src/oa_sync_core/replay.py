@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable
 
 from oa_sync_core.checkpoints import Checkpoint, CheckpointStore, DocId
+from oa_sync_core.codec import canonical_json, content_hash
 from oa_sync_core.engine import DocumentState, ProjectionEngine
 from oa_sync_core.events import EventSource
 from oa_sync_core.memory import MemoryCheckpointStore
@@ -107,12 +108,14 @@ class ReprojectionPlan:
 
 
 def _same(stored: StoredDocument | None, checkpoint: Checkpoint | None, ref: Checkpoint) -> bool:
+    # The body is hashed too: a corrupted body under an intact stored hash must be rewritten.
     return (
         stored is not None
         and checkpoint is not None
         and stored.version == ref.version
         and stored.content_hash == ref.content_hash
         and checkpoint == ref
+        and content_hash(canonical_json(stored.body)) == ref.content_hash
     )
 
 
