@@ -1,0 +1,149 @@
+"""Logging: structlog configured once for the server, with secrets redacted from every line.
+
+:func:`configure_logging` sets up structlog and routes the standard library's loggers (aiohttp,
+alembic, asyncio) through the same processors, so every line — ours or a library's — passes
+:func:`redact` and is rendered as console text (development) or one JSON object per line
+(``OA_SYNC_LOG_FORMAT=json``). Events are snake_case, past tense (``token_refused``), with
+keyword fields.
+
+:func:`redact` masks:
+
+* the value of any key whose name contains ``token``, ``authorization``, ``secret``,
+  ``password``, ``passwd``, ``cookie`` or ``api_key`` (case-insensitive), at any depth;
+* in every string, anything shaped like a JWT (three base64url segments), a bearer credential,
+  and the password of a ``scheme://user:password@`` URL.
+
+What this is not: a place that decides what to log. The core does not log at all; the server
+modules call ``structlog.get_logger(__name__)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping
+from typing import IO, Any, Final
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from oa_sync_server.config import LogFormat, redact_dsn
+
+__all__ = ["REDACTED", "configure_logging", "redact", "scrub"]
+
+REDACTED: Final = "[redacted]"
+_SENSITIVE_KEY = re.compile(r"token|authorization|secret|password|passwd|cookie|api_?key", re.I)
+# A JWT: a header segment (always starts "eyJ" when produced by a JSON encoder, but be wide),
+# then two more base64url segments. Short dotted words (hostnames, event types) do not match.
+_JWT = re.compile(
+    r"(?:eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*|[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{4,})"
+    r"\.[A-Za-z0-9_-]*"
+)
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+_MAX_DEPTH: Final = 8
+_HANDLER_NAME: Final = "oa_sync"
+
+
+def scrub(text: str) -> str:
+    """Mask JWTs, bearer credentials and URL passwords inside a string."""
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    text = _JWT.sub(REDACTED, text)
+    return redact_dsn(text)
+
+
+def _clean(value: Any, depth: int) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if depth >= _MAX_DEPTH:
+        return value if isinstance(value, int | float | bool | None) else REDACTED
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED if isinstance(k, str) and _SENSITIVE_KEY.search(k) else _clean(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_clean(v, depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return scrub(bytes(value).decode("utf-8", "replace"))
+    if isinstance(value, int | float | bool | None):
+        return value
+    return scrub(repr(value) if not isinstance(value, BaseException) else str(value))
+
+
+def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: mask secrets in keys and values (see the module docstring)."""
+    for key in list(event_dict):
+        if key in ("exc_info", "stack_info"):
+            continue  # rendered to text by format_exc_info before this processor runs
+        if _SENSITIVE_KEY.search(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _clean(event_dict[key], 0)
+    return event_dict
+
+
+def _drop_color_message(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
+def configure_logging(
+    log_format: LogFormat | str = LogFormat.CONSOLE,
+    level: str = "info",
+    *,
+    stream: IO[str] | None = None,
+) -> None:
+    """Configure structlog and the standard library's logging for the server.
+
+    Safe to call again (tests do): it replaces the handler it installed before.
+
+    Args:
+        log_format: ``console`` or ``json``.
+        level: the least severe level written (``debug`` ... ``critical``).
+        stream: where lines go (default: standard error).
+
+    Raises:
+        ValueError: an unknown format or level.
+    """
+    fmt = LogFormat(log_format)
+    numeric = logging.getLevelNamesMapping().get(level.upper())
+    if numeric is None:
+        raise ValueError(f"unknown log level {level!r}")
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        _drop_color_message,
+        redact,
+    ]
+    renderer: Processor = (
+        structlog.processors.JSONRenderer()
+        if fmt is LogFormat.JSON
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)
