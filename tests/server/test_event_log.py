@@ -1,0 +1,189 @@
+"""PostgresEventLog against real Postgres: appends, idempotency, expected_seq, gap-safe reads."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from oa_sync_core import ConcurrencyError, EventValidationError, NewEvent
+from oa_sync_core.testing import new_event
+from oa_sync_server.db.event_log import (
+    EVENTS_CHANNEL,
+    LogCursor,
+    PostgresEventLog,
+    StreamOrderConflict,
+    read_committed,
+)
+from oa_sync_server.db.tables import events
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+async def _count(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int(
+            (await conn.execute(sa.select(sa.func.count()).select_from(events))).scalar_one()
+        )
+
+
+async def _read_all(engine: AsyncEngine) -> list[int]:
+    async with engine.connect() as conn:
+        found, _ = await read_committed(conn, LogCursor(), 10_000)
+    return [e.position for e in found]
+
+
+async def test_append_assigns_positions_and_stream_seqs(engine: AsyncEngine) -> None:
+    """A batch gets increasing positions and gap-free per-stream sequence numbers."""
+    log = PostgresEventLog(engine)
+    positions = await log.append(
+        [
+            new_event("run.created", "r1"),
+            new_event("worker.started", "w1"),
+            new_event("run.started", "r1"),
+        ]
+    )
+    assert positions == sorted(positions)
+    assert len(set(positions)) == 3
+    run = await log.stream("run:r1")
+    assert [(e.stream_seq, e.type) for e in run] == [(1, "run.created"), (2, "run.started")]
+    assert run[0].payload == {"runId": "r1"}
+    assert await log.append([]) == []
+
+
+async def test_idempotency_key_replay_returns_original_position(engine: AsyncEngine) -> None:
+    """A key seen before (or repeated in the batch) gives the original position, no new row."""
+    log = PostgresEventLog(engine)
+    first = await log.append([new_event("run.created", "r1", idempotency_key="k1")])
+    again = await log.append(
+        [
+            new_event("run.created", "r1", idempotency_key="k1"),
+            new_event("run.started", "r1", idempotency_key="k2"),
+            new_event("run.started", "r1", idempotency_key="k2"),
+        ]
+    )
+    assert again[0] == first[0]
+    assert again[1] == again[2] != first[0]
+    assert await _count(engine) == 2
+
+
+async def test_expected_seq_conflict_writes_nothing(engine: AsyncEngine) -> None:
+    """A mismatching expected_seq raises ConcurrencyError and the whole batch is discarded."""
+    log = PostgresEventLog(engine)
+    await log.append([new_event("run.created", "r1", expected_seq=0)])
+    with pytest.raises(ConcurrencyError) as info:
+        await log.append(
+            [
+                new_event("worker.started", "w1"),
+                new_event("run.started", "r1", expected_seq=0),
+            ]
+        )
+    assert (info.value.stream_id, info.value.actual_seq) == ("run:r1", 1)
+    assert await _count(engine) == 1
+    await log.append([new_event("run.started", "r1", expected_seq=1)])
+    assert await _count(engine) == 2
+
+
+async def test_invalid_event_is_refused_before_writing(engine: AsyncEngine) -> None:
+    """A payload that does not match its proto is refused, naming the event, with no write."""
+    log = PostgresEventLog(engine)
+    bad = NewEvent(stream_id="run:r1", type="run.step", payload={"runId": "r1", "nope": 1})
+    with pytest.raises(EventValidationError):
+        await log.append([new_event("run.created", "r1"), bad])
+    assert await _count(engine) == 0
+
+
+async def test_append_in_callers_transaction_is_atomic_with_it(engine: AsyncEngine) -> None:
+    """The outbox pattern: events roll back with the caller's transaction and commit with it."""
+    log = PostgresEventLog(engine)
+    async with engine.connect() as conn:
+        async with conn.begin() as tx:
+            await log.append([new_event("run.created", "r1")], conn=conn)
+            await tx.rollback()
+        assert await _count(engine) == 0
+        async with conn.begin():
+            await log.append([new_event("run.created", "r2")], conn=conn)
+    assert await _count(engine) == 1
+
+
+async def test_reads_stop_below_an_open_transaction(engine: AsyncEngine) -> None:
+    """An event committed after an older, still open append stays unread until that commits."""
+    log = PostgresEventLog(engine)
+    async with engine.connect() as a:
+        await a.begin()
+        [first] = await log.append([new_event("run.created", "ra")], conn=a)
+        [second] = await log.append([new_event("run.created", "rb")])
+        assert second > first
+        assert await _read_all(engine) == []
+        await a.commit()
+    assert await _read_all(engine) == [first, second]
+
+
+async def test_rolled_back_appends_leave_holes_that_do_not_block(engine: AsyncEngine) -> None:
+    """Positions taken by a rolled-back append are never read and never hold the cursor."""
+    log = PostgresEventLog(engine)
+    [p1] = await log.append([new_event("run.created", "r1")])
+    async with engine.connect() as conn, conn.begin() as tx:
+        await log.append([new_event("run.created", "hole")], conn=conn)
+        await tx.rollback()
+    [p3] = await log.append([new_event("run.created", "r3")])
+    assert p3 > p1 + 1
+    assert await _read_all(engine) == [p1, p3]
+
+
+async def test_cursor_reads_in_log_order_batch_by_batch(engine: AsyncEngine) -> None:
+    """batches() yields every event once, in (tx_id, position) order."""
+    log = PostgresEventLog(engine)
+    for i in range(5):
+        await log.append([new_event("run.created", f"r{i}"), new_event("run.started", f"r{i}")])
+    seen = [e.position async for batch in log.batches(batch_size=3) for e in batch]
+    assert seen == sorted(seen)
+    assert len(seen) == 10
+
+
+async def test_older_transaction_cannot_append_behind_a_newer_one(engine: AsyncEngine) -> None:
+    """The per-stream order guard: an older open transaction appending after a newer commit."""
+    log = PostgresEventLog(engine)
+    async with engine.connect() as a:
+        await a.begin()
+        await log.append([new_event("worker.started", "w-old")], conn=a)  # takes an xid now
+        await log.append([new_event("run.created", "r1")])  # a newer transaction commits
+        with pytest.raises(StreamOrderConflict):
+            await log.append([new_event("run.started", "r1")], conn=a)
+        await a.rollback()
+    # the log's own transaction retries and succeeds
+    await log.append([new_event("run.started", "r1")])
+    assert [e.stream_seq for e in await log.stream("run:r1")] == [1, 2]
+
+
+async def test_concurrent_appends_to_one_stream_are_gap_free(engine: AsyncEngine) -> None:
+    """Appenders racing on one stream serialise: stream_seq 1..N with no duplicates."""
+    log = PostgresEventLog(engine)
+    await log.append([new_event("run.created", "r1")])
+
+    async def writer(n: int) -> None:
+        for i in range(10):
+            await log.append([new_event("run.step", "r1", description=f"{n}-{i}")])
+
+    await asyncio.gather(*(writer(n) for n in range(4)))
+    seqs = [e.stream_seq for e in await log.stream("run:r1")]
+    assert seqs == list(range(1, 42))
+    positions = [e.position for e in await log.stream("run:r1")]
+    assert positions == sorted(positions)
+
+
+async def test_append_notifies_on_commit(engine: AsyncEngine, database_url: str) -> None:
+    """A committed append sends the oa_sync_events hint; a rolled-back one sends nothing."""
+    log = PostgresEventLog(engine)
+    listener = await psycopg.AsyncConnection.connect(
+        database_url.replace("+psycopg", ""), autocommit=True
+    )
+    async with listener:
+        await listener.execute("LISTEN oa_sync_events")
+        async with engine.connect() as conn, conn.begin() as tx:
+            await log.append([new_event("run.created", "hole")], conn=conn)
+            await tx.rollback()
+        await log.append([new_event("run.created", "r1")])
+        gen = listener.notifies(timeout=10, stop_after=1)
+        got = [n async for n in gen]
+    assert [n.channel for n in got] == [EVENTS_CHANNEL]
