@@ -23,7 +23,8 @@ from typing import Any
 import psutil
 import psycopg
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("OA_SYNC_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
+"""Where result files go (``OA_SYNC_BENCH_RESULTS`` overrides, e.g. for the smoke test)."""
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -35,10 +36,16 @@ def admin_url() -> str:
     )
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (other work on a shared machine shows here)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def machine(conn_url: str | None = None) -> dict[str, Any]:
-    """Facts about the machine a figure was measured on."""
+    """Facts about the machine a figure was measured on (load average taken at call time)."""
     facts: dict[str, Any] = {
         "cores": os.cpu_count(),
+        "load_average": load_average(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
