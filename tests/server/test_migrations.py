@@ -16,6 +16,9 @@ TABLES = {
     "changes",
     "projector_leases",
     "sync_meta",
+    "http_sink_checkpoints",
+    "http_sink_parity",
+    "http_sink_dead_letters",
 }
 
 
