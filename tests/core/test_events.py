@@ -1,0 +1,222 @@
+"""Events: validation refuses bad input before anything is written; the memory log appends."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from oa_sync_core.errors import ConcurrencyError, EventValidationError
+from oa_sync_core.events import MAX_PAYLOAD_BYTES, Event, NewEvent, validate_new_event
+from oa_sync_core.memory import MemoryEventLog
+from oa_sync_core.testing import FIXED_EPOCH, FixedClock, event_sequences, new_event
+
+
+def _ev(stream_id: str = "run:r1", type_: str = "run.started", **payload: Any) -> NewEvent:
+    return NewEvent(stream_id=stream_id, type=type_, payload=payload or {"runId": "r1"})
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BAD_EVENTS: list[tuple[str, NewEvent, str]] = [
+    ("no kind", _ev(stream_id="r1"), "stream_id"),
+    ("empty id", _ev(stream_id="run:"), "stream_id"),
+    ("space", _ev(stream_id="run:r 1"), "stream_id"),
+    ("NUL in stream", _ev(stream_id="run:r\x001"), "stream_id"),
+    ("slash kind", _ev(stream_id="a/b:r1"), "stream_id"),
+    ("too long id", _ev(stream_id="run:" + "r" * 201), "stream_id"),
+    ("non-str stream", NewEvent(stream_id=1, type="x.y", payload={}), "stream_id"),  # type: ignore[arg-type]
+    ("upper type", _ev(type_="Run.Started"), "type"),
+    ("undotted type", _ev(type_="started"), "type"),
+    ("trailing dot", _ev(type_="run."), "type"),
+    ("long type", _ev(type_="a." + "b" * 100), "type"),
+    ("non-str type", NewEvent(stream_id="run:r1", type=None, payload={}), "type"),  # type: ignore[arg-type]
+    ("mismatched runId", _ev(runId="r2"), "payload.runId"),
+    ("missing runId", _ev(stream_id="run:r1", type_="run.step", stepIndex=1), "payload.runId"),
+    ("run type on worker stream", _ev(stream_id="worker:r1", runId="r1"), "stream_id"),
+    ("worker type on run stream", _ev(type_="worker.started", workerId="r1"), "stream_id"),
+    ("unknown field", _ev(runId="r1", colour="red"), "payload.colour"),
+    ("wrong type", _ev(runId="r1", workerId=7), "payload.workerId"),
+    ("NUL in known payload", _ev(runId="r1", workerId="w\x00"), "payload"),
+    ("NUL in unknown payload", _ev(type_="run.annotated", note="a\x00b"), "payload"),
+    ("NUL in unknown key", NewEvent(stream_id="a:b", type="a.b", payload={"k\x00": 1}), "payload"),
+    ("lone surrogate", _ev(type_="run.annotated", note="\ud800"), "payload.note"),
+    ("NaN", _ev(type_="run.annotated", note=float("nan")), "payload.note"),
+    ("tuple", _ev(type_="run.annotated", note=(1, 2)), "payload.note"),
+    ("too deep", _ev(type_="run.annotated", note=_nested(32)), "payload.note" + "[0]" * 31),
+    ("oversize", _ev(type_="run.annotated", note="x" * MAX_PAYLOAD_BYTES), "payload"),
+    ("payload list", NewEvent(stream_id="run:r1", type="a.b", payload=[]), "payload"),  # type: ignore[arg-type]
+    ("negative seq", dataclasses.replace(_ev(), expected_seq=-1), "expected_seq"),
+    ("bool seq", dataclasses.replace(_ev(), expected_seq=True), "expected_seq"),
+    ("str seq", dataclasses.replace(_ev(), expected_seq="1"), "expected_seq"),  # type: ignore[arg-type]
+    ("empty key", dataclasses.replace(_ev(), idempotency_key=""), "idempotency_key"),
+    ("long key", dataclasses.replace(_ev(), idempotency_key="k" * 201), "idempotency_key"),
+    ("NUL key", dataclasses.replace(_ev(), idempotency_key="a\x00"), "idempotency_key"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "event", "field"), BAD_EVENTS, ids=[c[0] for c in BAD_EVENTS])
+def test_validate_new_event_refuses_and_names_the_field(
+    case: str, event: NewEvent, field: str
+) -> None:
+    """Each malformed event is refused with an EventValidationError naming the field."""
+    with pytest.raises(EventValidationError) as info:
+        validate_new_event(event, index=3)
+    assert info.value.field == field, case
+    assert info.value.index == 3
+    assert str(info.value).startswith("event 3: ")
+
+
+@pytest.mark.parametrize(("case", "event", "field"), BAD_EVENTS, ids=[c[0] for c in BAD_EVENTS])
+async def test_a_bad_event_leaves_the_memory_log_unchanged(
+    case: str, event: NewEvent, field: str
+) -> None:
+    """A batch holding one bad event writes nothing, not even the good events before it."""
+    log = MemoryEventLog(clock=FixedClock())
+    await log.append([new_event("run.created", "r0")])
+    before = list(log.events)
+    with pytest.raises(EventValidationError) as info:
+        await log.append([new_event("run.created", "r1"), event])
+    assert info.value.index == 1
+    assert log.events == before
+    assert await log.append([new_event("run.started", "r1", expected_seq=0)]) == [2]
+
+
+def test_validate_normalises_payload_to_canonical_proto3_json() -> None:
+    """Snake-case names, numeric int64, default values and offsets normalise canonically."""
+    event = validate_new_event(
+        NewEvent(
+            stream_id="worker:w1",
+            type="worker.request_completed",
+            payload={
+                "worker_id": "w1",
+                "durationMs": 1500,
+                "requestId": "",
+                "occurredAt": "2026-01-01T02:00:00.250+02:00",
+            },
+        )
+    )
+    assert event.payload == {
+        "workerId": "w1",
+        "durationMs": "1500",
+        "occurredAt": "2026-01-01T00:00:00.250Z",
+    }
+
+
+def test_unknown_types_need_only_a_json_object() -> None:
+    """An event type no projector knows is accepted with any plain JSON object payload."""
+    payload = {"anything": [1, "two", None, {"x": True}], "0": 1.5}
+    event = validate_new_event(NewEvent(stream_id="audit:a1", type="audit.note", payload=payload))
+    assert event.payload == payload
+
+
+def test_payload_size_limit_is_inclusive() -> None:
+    """A payload whose canonical bytes are exactly the limit is accepted."""
+    overhead = len(b'{"n":""}')
+    note = "x" * (MAX_PAYLOAD_BYTES - overhead)
+    validate_new_event(NewEvent(stream_id="a:b", type="a.b", payload={"n": note}))
+
+
+@given(event_sequences(max_size=10))
+def test_validation_is_idempotent(events: list[NewEvent]) -> None:
+    """Validating an already validated event returns an equal event."""
+    for event in events:
+        assert validate_new_event(event) == event
+
+
+def test_event_checks_its_own_fields() -> None:
+    """Recorded events need a positive position and seq and an aware timestamp."""
+    good: dict[str, Any] = {
+        "position": 1,
+        "stream_id": "run:r1",
+        "stream_seq": 1,
+        "type": "run.started",
+        "payload": {},
+        "recorded_at": FIXED_EPOCH,
+    }
+    Event(**good)
+    for change in ({"position": 0}, {"stream_seq": 0}, {"recorded_at": dt.datetime(2026, 1, 1)}):
+        with pytest.raises(ValueError, match=r"position|stream_seq|timezone"):
+            Event(**(good | change))
+
+
+async def test_memory_log_assigns_positions_and_stream_seqs() -> None:
+    """Positions are global and increasing; stream_seq counts per stream from 1."""
+    clock = FixedClock(step=dt.timedelta(seconds=1))
+    log = MemoryEventLog(clock=clock)
+    assert await log.append(
+        [new_event("run.created", "r1"), new_event("worker.started", "w1")]
+    ) == [1, 2]
+    assert await log.append([new_event("run.started", "r1")]) == [3]
+    assert [(e.position, e.stream_id, e.stream_seq) for e in log.events] == [
+        (1, "run:r1", 1),
+        (2, "worker:w1", 1),
+        (3, "run:r1", 2),
+    ]
+    # One batch shares one recorded_at.
+    assert log.events[0].recorded_at == log.events[1].recorded_at == FIXED_EPOCH
+    assert log.events[2].recorded_at == FIXED_EPOCH + dt.timedelta(seconds=1)
+    assert [e.position for e in await log.read_after(1, 10)] == [2, 3]
+    batches = [[e.position for e in b] async for b in log.batches(batch_size=2)]
+    assert batches == [[1, 2], [3]]
+
+
+async def test_memory_log_idempotency_keys_return_the_original_position() -> None:
+    """A repeated idempotency key, in a later batch or the same one, writes nothing new."""
+    log = MemoryEventLog(clock=FixedClock())
+    first = await log.append([new_event("run.created", "r1", idempotency_key="k1")])
+    again = await log.append(
+        [
+            new_event("run.created", "r1", idempotency_key="k1"),
+            new_event("run.started", "r1", idempotency_key="k2"),
+            new_event("run.started", "r1", idempotency_key="k2"),
+        ]
+    )
+    assert first == [1]
+    assert again == [1, 2, 2]
+    assert len(log.events) == 2
+
+
+async def test_memory_log_expected_seq_conflict_is_atomic() -> None:
+    """A stale expected_seq raises ConcurrencyError and nothing in the batch is written."""
+    log = MemoryEventLog(clock=FixedClock())
+    await log.append([new_event("run.created", "r1", expected_seq=0)])
+    with pytest.raises(ConcurrencyError) as info:
+        await log.append(
+            [new_event("run.created", "r2"), new_event("run.started", "r1", expected_seq=0)]
+        )
+    assert (info.value.stream_id, info.value.expected_seq, info.value.actual_seq) == (
+        "run:r1",
+        0,
+        1,
+    )
+    assert len(log.events) == 1
+    assert await log.append([new_event("run.started", "r1", expected_seq=1)]) == [2]
+    # A conflict is checked against seqs planned earlier in the same batch.
+    assert await log.append(
+        [new_event("run.step", "r1", expected_seq=2), new_event("run.step", "r1", expected_seq=3)]
+    ) == [3, 4]
+
+
+@given(st.lists(st.sampled_from(["r1", "r2", "w1"]), max_size=12))
+async def test_memory_log_stream_seqs_are_gap_free(idents: list[str]) -> None:
+    """Within every stream, stream_seq is 1, 2, 3... in log order."""
+    log = MemoryEventLog(clock=FixedClock())
+    for ident in idents:
+        kind = "worker" if ident.startswith("w") else "run"
+        await log.append(
+            [new_event(f"{kind}.{'heartbeat' if kind == 'worker' else 'step'}", ident)]
+        )
+    seen: dict[str, list[int]] = {}
+    for event in log.events:
+        seen.setdefault(event.stream_id, []).append(event.stream_seq)
+    for seqs in seen.values():
+        assert seqs == list(range(1, len(seqs) + 1))
