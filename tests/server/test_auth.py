@@ -580,3 +580,20 @@ async def test_jwks_skips_unusable_keys(
     await assert_refused(verifier, weak_token, AuthFailure.UNKNOWN_KEY)
     for kid in ("enc", "junk", "mislabelled"):
         await assert_refused(verifier, signed(rsa_key, kid), AuthFailure.UNKNOWN_KEY)
+
+
+async def test_refusals_are_counted_by_reason() -> None:
+    """With metrics given, each refused token counts once under its reason label."""
+    from oa_sync_server.metrics import Metrics
+
+    metrics = Metrics()
+    verifier = TokenVerifier(
+        JwtSettings(hs256_secret=Secret(SECRET)), clock=FakeClock(NOW), metrics=metrics
+    )
+    await assert_refused(verifier, hs256(claims(exp=int(NOW) - 100)), AuthFailure.EXPIRED)
+    await assert_refused(verifier, hs256(claims(exp=int(NOW) - 100)), AuthFailure.EXPIRED)
+    await assert_refused(verifier, "a.b", AuthFailure.MALFORMED)
+    await verifier.verify(hs256(claims()))
+    sample = metrics.registry.get_sample_value
+    assert sample("oa_sync_auth_failures_total", {"reason": "expired"}) == 2
+    assert sample("oa_sync_auth_failures_total", {"reason": "malformed"}) == 1

@@ -50,6 +50,7 @@ from oa_sync_core.topics import Grant
 
 from oa_sync_server.config import MIN_HS256_SECRET_BYTES, MIN_RSA_BITS, JwtSettings, Secret
 from oa_sync_server.errors import AuthError, AuthFailure
+from oa_sync_server.metrics import Metrics
 
 __all__ = [
     "MAX_TOKEN_BYTES",
@@ -296,6 +297,7 @@ class TokenVerifier:
             :meth:`close`) when a JWKS URL is configured and none is given.
         clock: wall clock in seconds since the epoch, for ``exp``/``nbf``/``iat``.
         monotonic: monotonic clock for the JWKS cache.
+        metrics: when given, every refused token counts in ``auth_failures`` by reason.
     """
 
     def __init__(
@@ -305,8 +307,10 @@ class TokenVerifier:
         session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ):
         self._settings = settings
+        self._metrics = metrics
         self._clock = clock
         self._leeway = min(settings.leeway_s, 60.0)
         self._owned_session: aiohttp.ClientSession | None = None
@@ -348,6 +352,15 @@ class TokenVerifier:
             AuthError: always with a reason, for every way a token can be wrong; never any
                 other exception.
         """
+        try:
+            return await self._verify(token)
+        except AuthError as exc:
+            if self._metrics is not None:
+                self._metrics.auth_failures.labels(reason=exc.reason.value).inc()
+            _log.debug("token_refused", reason=exc.reason.value, claim=exc.claim)
+            raise
+
+    async def _verify(self, token: object) -> Principal:
         if not isinstance(token, str) or not token:
             raise AuthError(AuthFailure.MISSING, "no token")
         if len(token) > MAX_TOKEN_BYTES:

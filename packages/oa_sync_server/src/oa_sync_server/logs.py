@@ -11,7 +11,11 @@ keyword fields.
 * the value of any key whose name contains ``token``, ``authorization``, ``secret``,
   ``password``, ``passwd``, ``cookie`` or ``api_key`` (case-insensitive), at any depth;
 * in every string, anything shaped like a JWT (three base64url segments), a bearer credential,
-  and the password of a ``scheme://user:password@`` URL.
+  the value of a ``token=`` / ``access_token=`` / ``secret=`` query or form parameter, and the
+  password of a ``scheme://user:password@`` URL (also a libpq ``password=...`` keyword).
+
+:func:`build_formatter` is the stdlib formatter of that pipeline, for any extra handler that
+must see exactly what the server writes (the test suite's log guard uses it).
 
 What this is not: a place that decides what to log. The core does not log at all; the server
 modules call ``structlog.get_logger(__name__)``.
@@ -30,7 +34,14 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from oa_sync_server.config import LogFormat, redact_dsn
 
-__all__ = ["REDACTED", "configure_logging", "redact", "scrub"]
+__all__ = [
+    "REDACTED",
+    "build_formatter",
+    "configure_logging",
+    "quiet_libraries",
+    "redact",
+    "scrub",
+]
 
 REDACTED: Final = "[redacted]"
 _SENSITIVE_KEY = re.compile(r"token|authorization|secret|password|passwd|cookie|api_?key", re.I)
@@ -41,15 +52,21 @@ _JWT = re.compile(
     r"\.[A-Za-z0-9_-]*"
 )
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+_PARAM = re.compile(
+    r"(?i)(?P<name>\b(?:access_token|id_token|refresh_token|token|secret|password|passwd)=)"
+    r"(?P<value>[^&\s'\"]+)"
+)
 _MAX_DEPTH: Final = 8
 _HANDLER_NAME: Final = "oa_sync"
+_QUIET: Final = ("sqlalchemy",)
 
 
 def scrub(text: str) -> str:
     """Mask JWTs, bearer credentials and URL passwords inside a string."""
     text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _JWT.sub(REDACTED, text)
-    return redact_dsn(text)
+    text = redact_dsn(text)
+    return _PARAM.sub(lambda m: m.group("name") + REDACTED, text)
 
 
 def _clean(value: Any, depth: int) -> Any:
@@ -88,6 +105,43 @@ def _drop_color_message(_logger: WrappedLogger, _method: str, event_dict: EventD
     return event_dict
 
 
+def _shared_processors() -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        _drop_color_message,
+        redact,
+    ]
+
+
+def build_formatter(log_format: LogFormat | str = LogFormat.CONSOLE) -> logging.Formatter:
+    """The formatter of :func:`configure_logging`'s handler: every record redacted, rendered.
+
+    It renders both structlog events (routed through the standard library by
+    :func:`configure_logging`) and plain ``logging`` records of libraries.
+
+    Args:
+        log_format: ``console`` or ``json``.
+
+    Raises:
+        ValueError: an unknown format.
+    """
+    fmt = LogFormat(log_format)
+    renderer: Processor = (
+        structlog.processors.JSONRenderer()
+        if fmt is LogFormat.JSON
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+
+
 def configure_logging(
     log_format: LogFormat | str = LogFormat.CONSOLE,
     level: str = "info",
@@ -106,38 +160,19 @@ def configure_logging(
     Raises:
         ValueError: an unknown format or level.
     """
-    fmt = LogFormat(log_format)
+    formatter = build_formatter(log_format)
     numeric = logging.getLevelNamesMapping().get(level.upper())
     if numeric is None:
         raise ValueError(f"unknown log level {level!r}")
-    shared: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.StackInfoRenderer(),
-        structlog.processors.format_exc_info,
-        _drop_color_message,
-        redact,
-    ]
-    renderer: Processor = (
-        structlog.processors.JSONRenderer()
-        if fmt is LogFormat.JSON
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
-            *shared,
+            *_shared_processors(),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
-    )
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.set_name(_HANDLER_NAME)
@@ -147,3 +182,16 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep SQLAlchemy's loggers at WARNING whatever the root level.
+
+    SQLAlchemy logs every statement with its bound parameters (event payloads) as soon as its
+    logger is enabled for INFO, and result rows at DEBUG: too much, and data, not diagnostics.
+    """
+    for name in _QUIET:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)

@@ -1,0 +1,161 @@
+"""Log redaction (oa_sync_server.logs) and the suite-wide log guard (tests/log_guard.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from multidict import CIMultiDict
+from oa_sync_server.auth import mint_token
+from oa_sync_server.config import Secret, Settings
+from oa_sync_server.logs import REDACTED, configure_logging, redact, scrub
+
+from tests.log_guard import LeakDetector, guard
+
+SECRET = "log-test-secret-" + "z" * 24
+
+
+@pytest.fixture
+def token() -> str:
+    return mint_token(SECRET, subject="logger", topics=["*"])
+
+
+@pytest.fixture
+def lines() -> Iterator[io.StringIO]:
+    """Logging configured as the server does it, into a buffer; the session's set-up after."""
+    stream = io.StringIO()
+    configure_logging("json", "debug", stream=stream)
+    yield stream
+    configure_logging("json", "debug", stream=_Discard())
+    guard.attach()
+
+
+class _Discard(io.StringIO):
+    def write(self, s: str) -> int:
+        return len(s)
+
+
+def test_scrub_masks_tokens_bearers_params_and_dsn_passwords(token: str) -> None:
+    """JWTs, bearer credentials, token query parameters and URL passwords are masked in text."""
+    text = (
+        f"got {token} with Authorization: Bearer opaque-credential-123 "
+        f"from /v1/stream?topic=a&access_token=opaque-query-token&x=1 "
+        "db postgresql://app:hunter2-password@db:5432/khala "
+        "libpq host=db password=libpq-password-9 user=app"
+    )
+    clean = scrub(text)
+    for secret in (
+        token,
+        "opaque-credential-123",
+        "opaque-query-token",
+        "hunter2-password",
+        "libpq-password-9",
+    ):
+        assert secret not in clean
+    assert "postgresql://app:***@db:5432/khala" in clean
+    assert "topic=a" in clean
+    assert "x=1" in clean
+
+
+def test_redact_masks_sensitive_keys_at_any_depth(token: str) -> None:
+    """Authorization headers (also in a case-insensitive multidict), tokens and secrets by key."""
+    headers = CIMultiDict({"authorization": f"Bearer {token}", "Accept": "text/plain"})
+    event: dict[str, Any] = {
+        "event": "request_received",
+        "headers": headers,
+        "nested": {"deeper": [{"api_key": "key-value-12345", "ok": 1}]},
+        "access_token": "opaque",
+        "client_secret": "cs",
+        "Password": "pw",
+        "exc": ValueError(f"refused {token}"),
+        "raw": f"token={token}".encode(),
+    }
+    out = redact(None, "info", event)
+    rendered = json.dumps(out, default=str)
+    assert token not in rendered
+    assert "key-value-12345" not in rendered
+    assert out["headers"]["authorization"] == REDACTED
+    assert out["headers"]["Accept"] == "text/plain"
+    assert out["access_token"] == REDACTED
+    assert out["client_secret"] == REDACTED
+    assert out["Password"] == REDACTED
+    assert out["nested"]["deeper"][0]["ok"] == 1
+
+
+def test_configured_logging_never_writes_a_token(lines: io.StringIO, token: str) -> None:
+    """structlog and stdlib records at DEBUG, exceptions included, come out redacted JSON."""
+    log = structlog.get_logger("oa_sync_server.test")
+    log.debug("token_seen", token=token, note=f"Bearer {token}")
+    log.info("connected", dsn="postgresql://u:dsn-password-xyz@h/db")
+    try:
+        raise RuntimeError(f"bad token {token}")
+    except RuntimeError:
+        log.exception("handler_failed")
+    logging.getLogger("aiohttp.access").debug(
+        "GET /v1/stream?token=%s HTTP/1.1", "opaque-access-value"
+    )
+    logging.getLogger("some.library").warning("authorization: Bearer %s", token)
+    text = lines.getvalue()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert [r["event"] for r in records[:3]] == ["token_seen", "connected", "handler_failed"]
+    assert records[0]["level"] == "debug"
+    assert "RuntimeError" in records[2]["exception"]
+    for secret in (token, "dsn-password-xyz", "opaque-access-value", token.split(".")[2]):
+        assert secret not in text
+
+
+def test_sqlalchemy_is_kept_quiet_at_debug(lines: io.StringIO) -> None:
+    """At root level DEBUG, SQLAlchemy's loggers stay at WARNING (no statements, no rows)."""
+    assert logging.getLogger().level == logging.DEBUG
+    assert not logging.getLogger("sqlalchemy.engine.Engine").isEnabledFor(logging.INFO)
+
+
+def test_settings_repr_masks_secrets() -> None:
+    """Settings and Secret reprs show neither the JWT secret nor the database password."""
+    settings = Settings.from_env(
+        {
+            "OA_SYNC_JWT_HS256_SECRET": SECRET,
+            "OA_SYNC_DATABASE_URL": "postgresql://app:repr-password-1@db/khala",
+        }
+    )
+    text = repr(settings) + str(settings.jwt.hs256_secret) + repr(Secret(SECRET))
+    assert SECRET not in text
+    assert "repr-password-1" not in text
+
+
+def test_leak_detector_finds_each_kind_and_ignores_masks(token: str) -> None:
+    """The guard's detector flags raw JWTs, unmasked passwords and registered secrets only."""
+    detector = LeakDetector()
+    detector.register("registered-secret-value")
+    detector.register("short")  # too short to search for without false positives
+    assert detector.kinds(f"x {token} y") == ["jwt"]
+    assert detector.kinds("postgresql://u:pw@h/db") == ["password"]
+    assert detector.kinds("host=h password=abc user=u") == ["password"]
+    assert detector.kinds("a registered-secret-value b") == ["secret"]
+    for clean in (
+        scrub(f"x {token} y"),
+        "postgresql://u:***@h/db",
+        "postgresql://u@h/db",
+        f"password={REDACTED}",
+        "a short b",
+        "runtime/run_summary:r1 version 3 watermark 9",
+    ):
+        assert detector.kinds(clean) == [], clean
+    detector.check(f"x {token}", "t")
+    assert [(leak.test, leak.kind) for leak in detector.leaks] == [("t", "jwt")]
+
+
+def test_session_guard_sees_debug_lines_and_registered_secrets(token: str) -> None:
+    """The session guard is on the root logger at DEBUG and knows every Secret made."""
+    before = guard.detector.lines
+    leaks = len(guard.detector.leaks)
+    structlog.get_logger("oa_sync_server.test").debug("guard_probe", bearer=f"Bearer {token}")
+    assert guard.detector.lines > before
+    assert len(guard.detector.leaks) == leaks  # redacted before the guard saw it
+    Secret("freshly-made-secret-" + "q" * 12)
+    assert "freshly-made-secret-" + "q" * 12 in guard.detector.secrets
