@@ -113,7 +113,7 @@ def plan_sinks(settings: Settings, environ: Mapping[str, str]) -> SinkPlan:
         )
     base = _number(environ, "HTTP_SINK_BACKOFF_BASE_S", 0.5, 0.0, 3600.0)
     cap = _number(environ, "HTTP_SINK_BACKOFF_CAP_S", max(30.0, base), base, 86400.0)
-    attempts = _number(environ, "HTTP_SINK_MAX_ATTEMPTS", 8, 1, 1000)
+    attempts = _number(environ, "HTTP_SINK_MAX_ATTEMPTS", 8.0, 1.0, 1000.0)
     if not attempts.is_integer():
         raise ConfigError(ENV_PREFIX + "HTTP_SINK_MAX_ATTEMPTS", "must be an integer")
     options = HttpSinkOptions(
