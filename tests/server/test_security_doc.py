@@ -33,8 +33,7 @@ def all_mappings() -> list[ErrorMapping]:
     for value in vars(errors).values():
         candidates = value.values() if isinstance(value, dict) else [value]
         found.extend(v for v in candidates if isinstance(v, ErrorMapping))
-    for kind in LimitKind:
-        found.append(errors.classify(errors.LimitExceededError(kind, 1)))
+    found.extend(errors.classify(errors.LimitExceededError(kind, 1)) for kind in LimitKind)
     return found
 
 
