@@ -65,6 +65,7 @@ from oa_sync_core.sinks import (
     TeeSink,
 )
 from oa_sync_core.topics import Grant, Topic, parse_topic
+from oa_sync_core.wire import EncodedUpdate, WireError, WireFormat
 
 try:
     __version__ = version("oa-sync-core")
@@ -90,6 +91,7 @@ __all__ = [
     "DriftItem",
     "DriftKind",
     "DriftReport",
+    "EncodedUpdate",
     "Event",
     "EventSource",
     "EventValidationError",
@@ -113,6 +115,8 @@ __all__ = [
     "StoredDocument",
     "TeeSink",
     "Topic",
+    "WireError",
+    "WireFormat",
     "__version__",
     "apply_plan",
     "canonical_json",
