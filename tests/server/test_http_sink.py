@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from aiohttp import web
 from oa_sync_core.codec import canonical_json, content_hash
 from oa_sync_core.projectors import RUN_SUMMARY, WORKER_SUMMARY
+from oa_sync_core.sinks import DocumentUpdate
 from oa_sync_server.cli import main
 from oa_sync_server.config import Secret, Settings, SinkKind
 from oa_sync_server.db.tables import changes, documents
@@ -37,6 +38,12 @@ from oa_sync_server.sinks import (
     list_dead_letters,
     plan_sinks,
     start_sink,
+)
+from oa_sync_server.sinks.http import (
+    DeliveryRejectedError,
+    HttpSink,
+    is_retryable_status,
+    parse_retry_after,
 )
 from oa_sync_server.sinks.parity import ParityMetrics
 from oa_sync_server.sinks.signing import signature_headers, verify_signature
@@ -409,3 +416,82 @@ async def test_start_sink_delivers_in_the_background_and_stops(
     assert receiver.effect_count == 1
     async with start_sink(Settings.from_env({}), engine) as idle:
         assert idle.loop is None
+
+
+async def test_exhausted_retries_block_the_pass_until_the_receiver_recovers(
+    engine: AsyncEngine, receiver: Receiver
+) -> None:
+    """503s past the budget stop the pass before that change; the next pass delivers it."""
+    first = await put_document(engine, "runtime/run_summary:d1", 1)
+    await put_document(engine, "runtime/run_summary:d2", 1)
+    receiver.script = ["ok"] + ["status:503"] * 3
+    result = await deliver(engine, receiver.url, retry=RetryPolicy(base_s=0.001, max_attempts=3))
+    assert result.delivered == 1
+    assert result.blocked is not None
+    assert "HTTP 503" in result.blocked
+    assert await checkpoint(engine) == first
+    (divergence,) = (await compute_parity(engine)).divergences
+    assert (divergence.doc_key, divergence.last_error) == ("runtime/run_summary:d2", "HTTP 503")
+    again = await deliver(engine, receiver.url)
+    assert (again.delivered, again.blocked) == (1, None)
+    assert (await compute_parity(engine)).in_parity
+    assert receiver.effect_count == 2
+
+
+async def test_one_deliverer_per_sink(engine: AsyncEngine, receiver: Receiver) -> None:
+    """While one pass holds the sink's lock, a second loop's pass does nothing."""
+    await put_document(engine, "runtime/run_summary:e", 1)
+    receiver.script = ["429:1"]
+    async with HttpDeliveryClient(options(receiver.url)) as client:
+        holder = asyncio.create_task(HttpDeliveryLoop(engine, client).deliver_pending())
+        await receiver.wait_for(1)
+        second = await HttpDeliveryLoop(engine, client).deliver_pending()
+        assert second.locked_out
+        assert (await holder).delivered == 1
+    assert receiver.effect_count == 1
+
+
+def test_retry_after_parsing_and_backoff_bounds() -> None:
+    """Retry-After in seconds or as an HTTP date; backoff stays within its jittered ceiling."""
+    assert parse_retry_after("2", now=0.0) == 2.0
+    assert parse_retry_after("Thu, 01 Jan 1970 00:00:10 GMT", now=4.0) == 6.0
+    assert parse_retry_after("soon", now=0.0) is None
+    assert parse_retry_after(None, now=0.0) is None
+    policy = RetryPolicy(base_s=0.5, cap_s=4.0)
+    rng = random.Random(1)
+    for attempt in range(1, 10):
+        assert 0.0 <= policy.delay(attempt, None, rng) <= min(4.0, 0.5 * 2 ** (attempt - 1))
+    assert policy.delay(1, 2.0, rng) >= 2.0
+    assert policy.delay(1, 10_000.0, rng) == policy.max_retry_after_s
+    assert not is_retryable_status(404)
+    assert all(is_retryable_status(s) for s in (408, 429, 500, 503))
+
+
+async def test_library_http_sink_publishes_core_updates_once(receiver: Receiver) -> None:
+    """The core-Sink wrapper POSTs new versions, skips replays, and raises on a refusal."""
+    body = {"runId": "lib"}
+    canonical = canonical_json(body)
+
+    def update(version: int) -> DocumentUpdate:
+        return DocumentUpdate(
+            projection=RUN_SUMMARY,
+            doc_key="runtime/run_summary:lib",
+            version=version,
+            body=body,
+            canonical=canonical,
+            content_hash=content_hash(canonical),
+            last_position=version,
+        )
+
+    async with HttpDeliveryClient(options(receiver.url)) as client:
+        sink = HttpSink(client)
+        await sink.publish([update(1), update(2)])
+        await sink.publish([update(2)])
+        assert [a.key for a in receiver.attempts] == [
+            "runtime/run_summary:lib:1",
+            "runtime/run_summary:lib:2",
+        ]
+        receiver.script = ["status:422"]
+        with pytest.raises(DeliveryRejectedError) as caught:
+            await sink.publish([update(3)])
+    assert (caught.value.status, caught.value.body) == (422, "refused 422")
