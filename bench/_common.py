@@ -151,6 +151,7 @@ def bar_plot(
     for i, v in enumerate(values):
         ax.annotate(f"{v:,.0f}", (i, v), ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.png"
     fig.savefig(path)
     plt.close(fig)

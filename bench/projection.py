@@ -77,7 +77,7 @@ async def project(url: str, batch_size: int) -> dict[str, Any]:
 
 def main() -> int:
     """Run the baselines, the append and the projection; write bench/results/projection.json."""
-    total, streams = (20_000, 1_000) if quick() else (200_000, 10_000)
+    total, streams = (4_000, 400) if quick() else (200_000, 10_000)
     append_batch, project_batch = 1_000, 1_000
     admin = admin_url()
     facts = machine(admin)
