@@ -1,0 +1,346 @@
+"""The Postgres write side of the read model: checkpoints, documents and the change log.
+
+Two layers:
+
+* connection-level functions (:func:`load_states`, :func:`write_updates`,
+  :func:`put_checkpoints`) that run inside a transaction the caller owns — the projector worker
+  and reprojection call these so documents, checkpoints, change rows and the lease cursor
+  commit together (DESIGN.md rule 2);
+* the port adapters :class:`PostgresCheckpointStore` (a core ``CheckpointStore``) and
+  :class:`PostgresDocumentSink` (a core ``Sink`` and ``DocumentReader``), built on an engine
+  (each call is its own transaction) or on a connection (each call joins its transaction).
+
+Watermarks (rule 4). Every writer of documents takes the transaction-scoped advisory lock
+:data:`WATERMARK_LOCK` before reading the highest watermark, so watermarks are handed out one
+writer at a time, ``last + 1`` onwards with no gap, and in commit order (the lock is released
+only at commit, after which the next writer's statements see the new rows). Each document
+update gets exactly one change row; ``documents.watermark`` is the watermark of the document's
+latest change. An update whose version is not newer than the stored one is dropped before any
+watermark is assigned (a replayed batch writes nothing).
+
+Bulk writes go through ``unnest`` of typed arrays: one statement and a handful of bound
+parameters per table and batch, whatever the batch size.
+
+What this is not: the read side used by the sync server (:mod:`oa_sync_server.db.read_model`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import sqlalchemy as sa
+from oa_sync_core import Checkpoint, DocId, DocumentState, DocumentUpdate, StoredDocument
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from oa_sync_server.db.tables import checkpoints, documents
+
+__all__ = [
+    "CHANGES_CHANNEL",
+    "WATERMARK_LOCK",
+    "PostgresCheckpointStore",
+    "PostgresDocumentSink",
+    "Written",
+    "load_checkpoints",
+    "load_documents",
+    "load_states",
+    "lock_watermarks",
+    "put_checkpoints",
+    "write_updates",
+]
+
+CHANGES_CHANNEL: Final = "oa_sync_changes"
+"""NOTIFY channel carrying the new highest watermark after a commit (a hint, no data)."""
+
+WATERMARK_LOCK: Final = 0x6F615F73796E63  # "oa_sync"
+"""Advisory lock key serialising watermark allocation across every document writer."""
+
+_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
+_LAST_WATERMARK = sa.text(
+    "SELECT greatest("
+    "(SELECT max(watermark) FROM oa_sync.changes), "
+    "(SELECT max(watermark) FROM oa_sync.documents), 0)"
+)
+_UPSERT_DOCUMENTS = sa.text(
+    "INSERT INTO oa_sync.documents "
+    "(doc_key, projection, version, watermark, content_hash, body, updated_at) "
+    "SELECT k, p, v, w, h, CAST(b AS jsonb), clock_timestamp() FROM unnest("
+    "CAST(:keys AS text[]), CAST(:projections AS text[]), CAST(:versions AS bigint[]), "
+    "CAST(:watermarks AS bigint[]), CAST(:hashes AS text[]), CAST(:bodies AS text[])"
+    ") AS u(k, p, v, w, h, b) "
+    "ON CONFLICT (doc_key) DO UPDATE SET projection = EXCLUDED.projection, "
+    "version = EXCLUDED.version, watermark = EXCLUDED.watermark, "
+    "content_hash = EXCLUDED.content_hash, body = EXCLUDED.body, "
+    "updated_at = EXCLUDED.updated_at"
+)
+_INSERT_CHANGES = sa.text(
+    "INSERT INTO oa_sync.changes (watermark, doc_key, projection, version, content_hash) "
+    "SELECT * FROM unnest(CAST(:watermarks AS bigint[]), CAST(:keys AS text[]), "
+    "CAST(:projections AS text[]), CAST(:versions AS bigint[]), CAST(:hashes AS text[]))"
+)
+_UPSERT_CHECKPOINTS = sa.text(
+    "INSERT INTO oa_sync.projection_checkpoints "
+    "(projection, doc_key, last_position, projector_version, content_hash, version, updated_at) "
+    "SELECT p, k, l, pv, h, v, clock_timestamp() FROM unnest("
+    "CAST(:projections AS text[]), CAST(:keys AS text[]), CAST(:positions AS bigint[]), "
+    "CAST(:projector_versions AS integer[]), CAST(:hashes AS text[]), "
+    "CAST(:versions AS bigint[])) AS u(p, k, l, pv, h, v) "
+    "ON CONFLICT (projection, doc_key) DO UPDATE SET last_position = EXCLUDED.last_position, "
+    "projector_version = EXCLUDED.projector_version, content_hash = EXCLUDED.content_hash, "
+    "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at"
+)
+_VERSIONS = sa.text(
+    "SELECT doc_key, version FROM oa_sync.documents WHERE doc_key = ANY(CAST(:keys AS text[]))"
+)
+
+
+async def lock_watermarks(conn: AsyncConnection) -> int:
+    """Take the watermark lock for the rest of the transaction; returns the last watermark."""
+    await conn.execute(_LOCK, {"key": WATERMARK_LOCK})
+    return int((await conn.execute(_LAST_WATERMARK)).scalar_one())
+
+
+def _checkpoint(row: Any) -> Checkpoint:
+    return Checkpoint(
+        projection=row[0],
+        doc_key=row[1],
+        last_position=row[2],
+        projector_version=row[3],
+        content_hash=row[4],
+        version=row[5],
+    )
+
+
+_CHECKPOINT_COLUMNS: Final = (
+    checkpoints.c.projection,
+    checkpoints.c.doc_key,
+    checkpoints.c.last_position,
+    checkpoints.c.projector_version,
+    checkpoints.c.content_hash,
+    checkpoints.c.version,
+)
+_DOCUMENT_COLUMNS: Final = (
+    documents.c.projection,
+    documents.c.doc_key,
+    documents.c.version,
+    documents.c.content_hash,
+    documents.c.body,
+    documents.c.watermark,
+)
+
+
+def _document(row: Any) -> StoredDocument:
+    return StoredDocument(
+        projection=row[0],
+        doc_key=row[1],
+        version=row[2],
+        content_hash=row[3],
+        body=row[4],
+        watermark=row[5],
+    )
+
+
+def _keys(keys: Iterable[str]) -> Any:
+    array: Any = ARRAY(sa.Text)
+    return sa.bindparam("keys", sorted(keys), type_=array)
+
+
+async def load_checkpoints(conn: AsyncConnection, ids: Iterable[DocId]) -> dict[DocId, Checkpoint]:
+    """The stored checkpoints of ``ids`` (absent ones left out)."""
+    wanted = set(ids)
+    if not wanted:
+        return {}
+    query = sa.select(*_CHECKPOINT_COLUMNS).where(
+        checkpoints.c.doc_key == sa.any_(_keys({key for _, key in wanted}))
+    )
+    found = (_checkpoint(r) for r in await conn.execute(query))
+    return {c.id: c for c in found if c.id in wanted}
+
+
+async def load_documents(
+    conn: AsyncConnection, ids: Iterable[DocId]
+) -> dict[DocId, StoredDocument]:
+    """The stored documents among ``ids`` (absent ones left out)."""
+    wanted = set(ids)
+    if not wanted:
+        return {}
+    query = sa.select(*_DOCUMENT_COLUMNS).where(
+        documents.c.doc_key == sa.any_(_keys({key for _, key in wanted}))
+    )
+    found = (_document(r) for r in await conn.execute(query))
+    return {d.id: d for d in found if d.id in wanted}
+
+
+async def load_states(conn: AsyncConnection, ids: Sequence[DocId]) -> dict[DocId, DocumentState]:
+    """Checkpoint and stored body of each document, as the projection engine wants them."""
+    held = await load_checkpoints(conn, ids)
+    stored = await load_documents(conn, ids)
+    return {i: DocumentState.of(held.get(i), stored.get(i)) for i in ids}
+
+
+async def put_checkpoints(conn: AsyncConnection, advances: Iterable[Checkpoint]) -> None:
+    """Upsert checkpoints (one statement), replacing those of the same documents."""
+    latest = {c.id: c for c in advances}
+    if not latest:
+        return
+    rows = list(latest.values())
+    await conn.execute(
+        _UPSERT_CHECKPOINTS,
+        {
+            "projections": [c.projection for c in rows],
+            "keys": [c.doc_key for c in rows],
+            "positions": [c.last_position for c in rows],
+            "projector_versions": [c.projector_version for c in rows],
+            "hashes": [c.content_hash for c in rows],
+            "versions": [c.version for c in rows],
+        },
+    )
+
+
+class Written:
+    """What :func:`write_updates` wrote.
+
+    Attributes:
+        updates: the updates written, each with its watermark, in watermark order.
+        last_watermark: the highest watermark after the write (unchanged if nothing written).
+    """
+
+    __slots__ = ("last_watermark", "updates")
+
+    def __init__(self, updates: list[tuple[DocumentUpdate, int]], last_watermark: int) -> None:
+        self.updates = updates
+        self.last_watermark = last_watermark
+
+
+async def write_updates(
+    conn: AsyncConnection,
+    updates: Sequence[DocumentUpdate],
+    *,
+    only_newer: bool = True,
+    locked_at: int | None = None,
+) -> Written:
+    """Upsert documents and append one change row each, with gap-free watermarks.
+
+    Must run inside the caller's transaction; takes :data:`WATERMARK_LOCK` unless the caller
+    already did (``locked_at``: the last watermark :func:`lock_watermarks` returned).
+
+    Args:
+        conn: a connection in a transaction.
+        updates: the new document states; for a document named twice the last one counts.
+        only_newer: drop updates whose version is not above the stored one (a sink's rule);
+            ``False`` overwrites whatever is stored (reprojection repairing a corrupted row).
+        locked_at: see above.
+
+    Returns:
+        The updates written with their watermarks, and the new last watermark.
+    """
+    last = await lock_watermarks(conn) if locked_at is None else locked_at
+    latest: dict[str, DocumentUpdate] = {}
+    for update in updates:
+        latest.pop(update.doc_key, None)
+        latest[update.doc_key] = update
+    if only_newer and latest:
+        found = await conn.execute(_VERSIONS, {"keys": list(latest)})
+        held = {row[0]: row[1] for row in found}
+        latest = {k: u for k, u in latest.items() if u.version > held.get(k, 0)}
+    if not latest:
+        return Written([], last)
+    rows = list(latest.values())
+    watermarks = list(range(last + 1, last + 1 + len(rows)))
+    keys = [u.doc_key for u in rows]
+    projections = [u.projection for u in rows]
+    versions = [u.version for u in rows]
+    hashes = [u.content_hash for u in rows]
+    await conn.execute(
+        _UPSERT_DOCUMENTS,
+        {
+            "keys": keys,
+            "projections": projections,
+            "versions": versions,
+            "watermarks": watermarks,
+            "hashes": hashes,
+            "bodies": [u.canonical.decode() for u in rows],
+        },
+    )
+    await conn.execute(
+        _INSERT_CHANGES,
+        {
+            "watermarks": watermarks,
+            "keys": keys,
+            "projections": projections,
+            "versions": versions,
+            "hashes": hashes,
+        },
+    )
+    return Written(list(zip(rows, watermarks, strict=True)), watermarks[-1])
+
+
+@asynccontextmanager
+async def _transaction(source: AsyncEngine | AsyncConnection) -> AsyncIterator[AsyncConnection]:
+    """A connection in a transaction: the engine's own, or the caller's connection as is."""
+    if isinstance(source, AsyncConnection):
+        yield source
+        return
+    async with source.begin() as conn:
+        yield conn
+
+
+class PostgresCheckpointStore:
+    """Checkpoints in ``oa_sync.projection_checkpoints``; a core ``CheckpointStore``.
+
+    Args:
+        source: an engine (each call is its own transaction) or a connection (calls join the
+            caller's transaction and see its uncommitted writes).
+    """
+
+    def __init__(self, source: AsyncEngine | AsyncConnection) -> None:
+        self.source = source
+
+    async def get_many(self, ids: Iterable[DocId]) -> Mapping[DocId, Checkpoint]:
+        async with _transaction(self.source) as conn:
+            return await load_checkpoints(conn, ids)
+
+    async def put_many(self, checkpoints: Iterable[Checkpoint]) -> None:
+        async with _transaction(self.source) as conn:
+            await put_checkpoints(conn, checkpoints)
+
+    async def all(self, projection: str | None = None) -> list[Checkpoint]:
+        query = sa.select(*_CHECKPOINT_COLUMNS).order_by(checkpoints.c.doc_key)
+        if projection is not None:
+            query = query.where(checkpoints.c.projection == projection)
+        async with _transaction(self.source) as conn:
+            return [_checkpoint(r) for r in await conn.execute(query)]
+
+
+class PostgresDocumentSink:
+    """The Postgres read model (``documents`` + ``changes``); a ``Sink`` and ``DocumentReader``.
+
+    :meth:`publish` writes documents and change rows with fresh watermarks and ignores updates
+    not newer than the stored version. It does not write checkpoints or send NOTIFY: the
+    projector worker does both in its own batch transaction (see :mod:`oa_sync_server.worker`).
+
+    Args:
+        source: an engine or a connection, as for :class:`PostgresCheckpointStore`.
+    """
+
+    def __init__(self, source: AsyncEngine | AsyncConnection) -> None:
+        self.source = source
+
+    async def publish(self, updates: Sequence[DocumentUpdate]) -> None:
+        if not updates:
+            return
+        async with _transaction(self.source) as conn:
+            await write_updates(conn, updates)
+
+    async def get_documents(self, ids: Iterable[DocId]) -> Mapping[DocId, StoredDocument]:
+        async with _transaction(self.source) as conn:
+            return await load_documents(conn, ids)
+
+    async def all_documents(self, projection: str | None = None) -> list[StoredDocument]:
+        query = sa.select(*_DOCUMENT_COLUMNS).order_by(documents.c.doc_key)
+        if projection is not None:
+            query = query.where(documents.c.projection == projection)
+        async with _transaction(self.source) as conn:
+            return [_document(r) for r in await conn.execute(query)]

@@ -1,0 +1,394 @@
+"""The single-writer projector worker: folds the Postgres event log into the read model.
+
+Theory of operation. One row of ``oa_sync.projector_leases`` per worker ``name`` holds the
+lease: ``holder`` (who), ``epoch`` (the fencing token, raised by every acquisition) and
+``expires_at``, plus the worker's log cursor ``(cursor_tx_id, cursor_position)``. A worker
+acquires the lease when it is free, expired, or already its own, which raises the epoch; it
+renews it on every batch and while idle.
+
+Each batch is one transaction in two phases:
+
+1. *read* (no locks): the lease row's cursor, then up to ``batch_size`` final events after it
+   in log order (:func:`oa_sync_server.db.event_log.read_committed`: only below the snapshot
+   xmin, so nothing still in flight is ever passed — DESIGN.md rule 1);
+2. *write*: ``SELECT ... FOR UPDATE`` on the lease row; if ``holder``/``epoch`` changed the
+   lease was taken over and the batch aborts with :class:`LeaseLost` (rule 3: a paused old
+   leader cannot commit); if the cursor moved the batch is stale and is redone. Then the
+   watermark lock, the documents' checkpoints and bodies, the pure fold
+   (:class:`oa_sync_core.ProjectionEngine`), and the writes: documents, checkpoints, change
+   rows (watermarks ``last + 1`` onwards, gap-free), the lease cursor and renewal, and
+   ``pg_notify('oa_sync_changes', <new watermark>)`` — all committed together (rule 2), the
+   NOTIFY delivered only on commit (rule 5).
+
+A crash anywhere before the commit leaves nothing; after a restart the batch is read again.
+Events at or below a document's checkpoint are skipped by the engine, so nothing is applied
+twice even if a cursor were ever behind the checkpoints.
+
+Why the lease row and not a session advisory lock: an advisory lock belongs to a connection,
+so a pooled connection (or one that the server still thinks is alive after a network
+partition) could keep or lose it independently of the transactions that write; fencing has to
+be checked *inside* each write transaction anyway. The row lock taken by ``FOR UPDATE`` in
+the batch transaction is both the mutual exclusion and the fencing check, and it is released
+exactly when the writes commit or abort. The only advisory lock is the transaction-scoped
+watermark lock (:data:`oa_sync_server.db.stores.WATERMARK_LOCK`) shared with reprojection.
+
+:meth:`ProjectorWorker.run` is the long-running loop: it LISTENs on ``oa_sync_events`` for
+append hints, polls as a fallback, re-acquires the lease after losing it, and backs off on
+database errors. What this is not: the read side or the fan-out of changes to clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from typing import Final, NoReturn
+
+import psycopg
+import sqlalchemy as sa
+import structlog
+from oa_sync_core import DEFAULT_PROJECTORS, ProjectionEngine, Projector
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from oa_sync_server.db.event_log import LogCursor, read_committed
+from oa_sync_server.db.stores import (
+    load_states,
+    lock_watermarks,
+    put_checkpoints,
+    write_updates,
+)
+from oa_sync_server.errors import ServerError
+
+__all__ = [
+    "LeaseBusyError",
+    "LeaseError",
+    "LeaseLost",
+    "ProjectorWorker",
+    "default_holder",
+    "libpq_url",
+]
+
+log = structlog.get_logger(__name__)
+
+_ACQUIRE = sa.text(
+    "INSERT INTO oa_sync.projector_leases AS l (name, holder, epoch, heartbeat_at, expires_at) "
+    "VALUES (:name, :holder, 1, clock_timestamp(), "
+    "clock_timestamp() + make_interval(secs => :ttl)) "
+    "ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, epoch = l.epoch + 1, "
+    "heartbeat_at = EXCLUDED.heartbeat_at, expires_at = EXCLUDED.expires_at "
+    "WHERE l.holder IS NULL OR l.holder = EXCLUDED.holder OR l.expires_at IS NULL "
+    "OR l.expires_at < clock_timestamp() "
+    "RETURNING epoch"
+)
+_RENEW = sa.text(
+    "UPDATE oa_sync.projector_leases SET heartbeat_at = clock_timestamp(), "
+    "expires_at = clock_timestamp() + make_interval(secs => :ttl) "
+    "WHERE name = :name AND holder = :holder AND epoch = :epoch"
+)
+_RELEASE = sa.text(
+    "UPDATE oa_sync.projector_leases SET holder = NULL, expires_at = NULL "
+    "WHERE name = :name AND holder = :holder AND epoch = :epoch"
+)
+_CURSOR = sa.text(
+    "SELECT holder, epoch, CAST(CAST(cursor_tx_id AS text) AS bigint) AS tx, cursor_position "
+    "FROM oa_sync.projector_leases WHERE name = :name"
+)
+_LOCK_LEASE = sa.text(
+    "SELECT holder, epoch, CAST(CAST(cursor_tx_id AS text) AS bigint) AS tx, cursor_position "
+    "FROM oa_sync.projector_leases WHERE name = :name FOR UPDATE"
+)
+_ADVANCE = sa.text(
+    "UPDATE oa_sync.projector_leases SET "
+    "cursor_tx_id = CAST(CAST(:tx AS text) AS xid8), cursor_position = :pos, "
+    "heartbeat_at = clock_timestamp(), "
+    "expires_at = clock_timestamp() + make_interval(secs => :ttl) "
+    "WHERE name = :name"
+)
+_HORIZON = sa.text("SELECT CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint)")
+_PASSED = sa.text(
+    "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= CAST(CAST(:target AS text) AS xid8)"
+)
+_NOTIFY = sa.text("SELECT pg_notify('oa_sync_changes', :watermark)")
+
+DEFAULT_LEASE_TTL_S: Final = 10.0
+
+
+class LeaseError(ServerError):
+    """The projector lease is not ours. Attributes: ``name`` (the worker name)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class LeaseLost(LeaseError):  # noqa: N818 - the name says what happened
+    """Another holder took the lease over (a higher epoch); nothing of this batch committed."""
+
+
+class LeaseBusyError(LeaseError):
+    """The lease is held by another live holder; this worker stands by."""
+
+
+def default_holder() -> str:
+    """A holder id unique to this process: ``<host>:<pid>:<random>``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def libpq_url(engine: AsyncEngine) -> str:
+    """The engine's URL as libpq takes it (for the raw psycopg LISTEN connection)."""
+    url = engine.url.set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
+
+
+class ProjectorWorker:
+    """Projects the event log into documents, checkpoints and changes under a fenced lease.
+
+    Args:
+        engine: the async engine.
+        projectors: the projectors to run (names unique).
+        name: the lease (one writer per name; different names may run different projectors).
+        holder: this worker's identity (default: :func:`default_holder`).
+        batch_size: most events per batch transaction.
+        lease_ttl_s: how long the lease lasts without renewal.
+        poll_interval_s: wake-up interval when no NOTIFY hint arrives.
+
+    Attributes:
+        epoch: the fencing epoch of the lease we hold (0: none).
+        watermark: the highest watermark this worker committed (0 before any).
+        applied: events read and folded (or skipped) since start.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        projectors: Iterable[Projector] = DEFAULT_PROJECTORS,
+        name: str = "default",
+        holder: str | None = None,
+        batch_size: int = 1000,
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+        poll_interval_s: float = 1.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if lease_ttl_s <= 0 or poll_interval_s <= 0:
+            raise ValueError("lease_ttl_s and poll_interval_s must be > 0")
+        self.engine = engine
+        self.projection = ProjectionEngine(projectors)
+        self.name = name
+        self.holder = holder or default_holder()
+        self.batch_size = batch_size
+        self.lease_ttl_s = lease_ttl_s
+        self.poll_interval_s = poll_interval_s
+        self.epoch = 0
+        self.watermark = 0
+        self.applied = 0
+        self._hint = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"ProjectorWorker(name={self.name!r}, holder={self.holder!r}, epoch={self.epoch})"
+
+    # -- lease -------------------------------------------------------------------------------
+
+    async def acquire(self) -> bool:
+        """Take the lease if it is free, expired or ours; True when we now hold it."""
+        async with self.engine.begin() as conn:
+            epoch = (
+                await conn.execute(
+                    _ACQUIRE, {"name": self.name, "holder": self.holder, "ttl": self.lease_ttl_s}
+                )
+            ).scalar_one_or_none()
+        if epoch is None:
+            self.epoch = 0
+            return False
+        if epoch != self.epoch:
+            log.info("projector_lease_acquired", name=self.name, holder=self.holder, epoch=epoch)
+        self.epoch = int(epoch)
+        return True
+
+    async def renew(self) -> None:
+        """Extend the lease. Raises :class:`LeaseLost` if it was taken over."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(_RENEW, self._lease_params())
+        if result.rowcount != 1:
+            self._lost()
+
+    async def release(self) -> None:
+        """Give the lease up (if still ours) so a standby takes over without waiting."""
+        if not self.epoch:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(_RELEASE, self._lease_params())
+        self.epoch = 0
+
+    def _lease_params(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "holder": self.holder,
+            "epoch": self.epoch,
+            "ttl": self.lease_ttl_s,
+        }
+
+    def _lost(self) -> NoReturn:
+        epoch, self.epoch = self.epoch, 0
+        log.warning("projector_lease_lost", name=self.name, holder=self.holder, epoch=epoch)
+        raise LeaseLost(self.name, f"projector lease {self.name!r} was taken over")
+
+    # -- batches -----------------------------------------------------------------------------
+
+    async def _pause(self, stage: str, conn: AsyncConnection) -> None:
+        """A seam for fault tests: called at ``read``, ``locked`` and ``written``."""
+
+    async def run_once(self) -> int:
+        """Project one batch in one transaction.
+
+        Acquires the lease first if this worker holds none.
+
+        Returns:
+            Events consumed (folded, skipped or ignored); 0 when caught up.
+
+        Raises:
+            LeaseLost: the lease was taken over; nothing of the batch was committed.
+            LeaseBusyError: the lease is held by another live worker.
+            sqlalchemy.exc.DBAPIError: the database failed; nothing of the batch committed.
+        """
+        if not self.epoch and not await self.acquire():
+            raise LeaseBusyError(self.name, f"projector lease {self.name!r} is held elsewhere")
+        while True:
+            consumed = await self._batch()
+            if consumed is not None:
+                return consumed
+
+    async def _batch(self) -> int | None:
+        async with self.engine.begin() as conn:
+            lease = (await conn.execute(_CURSOR, {"name": self.name})).one_or_none()
+            if lease is None or lease.holder != self.holder or lease.epoch != self.epoch:
+                self._lost()
+            cursor = LogCursor(tx_id=lease.tx, position=lease.cursor_position)
+            events, after = await read_committed(conn, cursor, self.batch_size)
+            await self._pause("read", conn)
+            locked = (await conn.execute(_LOCK_LEASE, {"name": self.name})).one()
+            if locked.holder != self.holder or locked.epoch != self.epoch:
+                self._lost()
+            if (locked.tx, locked.cursor_position) != (cursor.tx_id, cursor.position):
+                return None  # our own earlier incarnation moved it; read again
+            if not events:
+                await conn.execute(_RENEW, self._lease_params())
+                return 0
+            last = await lock_watermarks(conn)
+            await self._pause("locked", conn)
+            states = await load_states(conn, self.projection.route(events))
+            result = self.projection.apply(events, states)
+            written = await write_updates(conn, result.updates, only_newer=False, locked_at=last)
+            await put_checkpoints(conn, result.checkpoints)
+            await conn.execute(
+                _ADVANCE,
+                {
+                    "tx": after.tx_id,
+                    "pos": after.position,
+                    "name": self.name,
+                    "ttl": self.lease_ttl_s,
+                },
+            )
+            if written.updates:
+                await conn.execute(_NOTIFY, {"watermark": str(written.last_watermark)})
+            await self._pause("written", conn)
+        if written.updates:
+            self.watermark = written.last_watermark
+        self.applied += len(events)
+        return len(events)
+
+    async def catch_up(self, *, wait_s: float | None = 60.0) -> int:
+        """Run batches until every event committed before this call is projected.
+
+        Transaction ids are cluster-wide, so a transaction still open anywhere on the server
+        (even in another database) can hold the read horizon back; this waits for every
+        transaction in flight at the call to end, then drains the log.
+
+        Args:
+            wait_s: most seconds to wait for those transactions (``None``: no limit).
+
+        Returns:
+            The events consumed in total.
+
+        Raises:
+            TimeoutError: transactions in flight at the call were still open after ``wait_s``.
+            LeaseLost, LeaseBusyError: as for :meth:`run_once`.
+        """
+        async with self.engine.connect() as conn:
+            target = (await conn.execute(_HORIZON)).scalar_one()
+        total = 0
+        async with asyncio.timeout(wait_s):
+            while True:
+                consumed = await self.run_once()
+                total += consumed
+                if consumed:
+                    continue
+                async with self.engine.connect() as conn:
+                    if (await conn.execute(_PASSED, {"target": target})).scalar_one():
+                        break
+                await asyncio.sleep(0.01)  # an open transaction elsewhere holds the horizon
+        while consumed := await self.run_once():
+            total += consumed
+        return total
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Project until ``stop`` is set: lease, LISTEN hint, poll fallback, back-off.
+
+        Stands by while another worker holds the lease; releases it on the way out.
+        """
+        listener = asyncio.create_task(self._listen(stop), name=f"projector-listen-{self.name}")
+        backoff = 0.1
+        renew_every = self.lease_ttl_s / 3
+        try:
+            while not stop.is_set():
+                try:
+                    if not self.epoch and not await self.acquire():
+                        await self._wait(stop, min(renew_every, self.poll_interval_s))
+                        continue
+                    self._hint.clear()
+                    if await self.run_once():
+                        backoff = 0.1
+                        continue
+                    await self._wait(stop, min(renew_every, self.poll_interval_s))
+                except LeaseError:
+                    continue
+                except (DBAPIError, OSError) as exc:
+                    log.warning("projector_batch_failed", name=self.name, error=type(exc).__name__)
+                    await self._wait(stop, backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            with contextlib.suppress(DBAPIError, OSError):
+                await self.release()
+
+    async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
+        """Until a hint arrives, ``stop`` is set, or ``seconds`` pass."""
+        waiters = [asyncio.ensure_future(self._hint.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """LISTEN for append hints; reconnect (and wake the loop) after any failure."""
+        url = libpq_url(self.engine)
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                    await conn.execute("LISTEN oa_sync_events")
+                    self._hint.set()  # anything appended while we were not listening
+                    async for _ in conn.notifies():
+                        self._hint.set()
+            except (psycopg.Error, OSError) as exc:
+                log.warning("projector_listen_failed", name=self.name, error=type(exc).__name__)
+                await self._wait(stop, self.poll_interval_s)

@@ -1,0 +1,199 @@
+"""The projector worker against real Postgres: exactly-once, gap-free, lease, NOTIFY."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from oa_sync_core import NewEvent
+from oa_sync_core.testing import new_event
+from oa_sync_server.db.event_log import PostgresEventLog
+from oa_sync_server.db.stores import PostgresCheckpointStore, PostgresDocumentSink
+from oa_sync_server.db.tables import changes, documents
+from oa_sync_server.worker import LeaseBusyError, LeaseLost, ProjectorWorker
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.server.pg_projection import assert_matches_fold, expire_lease, read_model, wait_until
+
+
+def _run_events(run: str, steps: int) -> list[NewEvent]:
+    return [
+        new_event("run.created", run),
+        new_event("run.started", run),
+        *(new_event("run.step", run, description=f"s{i}") for i in range(steps)),
+    ]
+
+
+async def test_catch_up_equals_a_pure_fold(engine: AsyncEngine) -> None:
+    """Documents, checkpoints and changes after catch-up equal a fold of the log."""
+    log = PostgresEventLog(engine)
+    await log.append([*_run_events("r1", 3), new_event("worker.started", "w1")])
+    await log.append([new_event("audit.note", "x", stream_kind="audit"), *_run_events("r2", 1)])
+    worker = ProjectorWorker(engine, batch_size=3)
+    assert await worker.catch_up() == 10
+    model = await assert_matches_fold(engine)
+    assert model["documents"]["runtime/run_summary:r1"][0] == 5
+    assert worker.watermark == len(model["changes"])
+    assert await worker.catch_up() == 0
+    assert await read_model(engine) == model
+
+
+async def test_out_of_order_commit_is_applied_once_in_order(engine: AsyncEngine) -> None:
+    """A appends and stays open, B commits, the projector ticks, A commits: both applied once."""
+    log = PostgresEventLog(engine)
+    worker = ProjectorWorker(engine)
+    async with engine.connect() as a:
+        await a.begin()
+        [pa] = await log.append([new_event("run.created", "ra")], conn=a)
+        [pb] = await log.append([new_event("run.created", "rb")])
+        assert pb > pa
+        assert await worker.run_once() == 0  # B is past A's open transaction: not yet
+        await a.commit()
+    assert await worker.catch_up() == 2
+    model = await assert_matches_fold(engine)
+    assert {k: v[0] for k, v in model["documents"].items()} == {
+        "runtime/run_summary:ra": 1,
+        "runtime/run_summary:rb": 1,
+    }
+    assert [r[1] for r in model["changes"]] == ["runtime/run_summary:ra", "runtime/run_summary:rb"]
+
+
+async def test_rolled_back_appends_never_stall_the_projector(engine: AsyncEngine) -> None:
+    """Holes left by rolled-back appends are passed at once, without any clock."""
+    log = PostgresEventLog(engine)
+    worker = ProjectorWorker(engine)
+    for i in range(3):
+        async with engine.connect() as conn:
+            await conn.begin()
+            await log.append([new_event("run.created", f"hole{i}")], conn=conn)
+            await conn.rollback()
+        await log.append([new_event("run.created", f"r{i}")])
+        assert await worker.catch_up() == 1
+    await assert_matches_fold(engine)
+
+
+async def test_changes_notify_carries_the_new_watermark(
+    engine: AsyncEngine, database_url: str
+) -> None:
+    """Each committed batch sends the new watermark on oa_sync_changes."""
+    listener = await psycopg.AsyncConnection.connect(
+        database_url.replace("+psycopg", ""), autocommit=True
+    )
+    async with listener:
+        await listener.execute("LISTEN oa_sync_changes")
+        await PostgresEventLog(engine).append(_run_events("r1", 0) + _run_events("r2", 0))
+        worker = ProjectorWorker(engine)
+        await worker.catch_up()
+        got = [n.payload async for n in listener.notifies(timeout=10, stop_after=1)]
+    assert got == ["2"]
+
+
+async def test_lease_is_exclusive_and_fenced(engine: AsyncEngine) -> None:
+    """A second worker stands by while the lease is live; takeover fences the old holder."""
+    log = PostgresEventLog(engine)
+    await log.append(_run_events("r1", 0))
+    first = ProjectorWorker(engine, holder="first")
+    second = ProjectorWorker(engine, holder="second")
+    assert await first.catch_up() == 2
+    with pytest.raises(LeaseBusyError):
+        await second.run_once()
+    await expire_lease(engine)
+    assert await second.acquire()
+    assert (first.epoch, second.epoch) == (1, 2)
+    await log.append([new_event("run.step", "r1")])
+    with pytest.raises(LeaseLost):
+        await first.run_once()
+    assert first.epoch == 0
+    with pytest.raises(LeaseLost):
+        await first.renew()
+    assert await second.catch_up() == 1
+    await assert_matches_fold(engine)
+
+
+async def test_sink_and_checkpoint_store_ports(engine: AsyncEngine) -> None:
+    """The port adapters read what the worker wrote; a stale publish writes nothing."""
+    await PostgresEventLog(engine).append(_run_events("r1", 1))
+    await ProjectorWorker(engine).catch_up()
+    sink = PostgresDocumentSink(engine)
+    store = PostgresCheckpointStore(engine)
+    [doc] = await sink.all_documents("runtime/run_summary")
+    [cp] = await store.all()
+    assert (doc.version, doc.content_hash, doc.watermark) == (3, cp.content_hash, 1)
+    assert await sink.get_documents([doc.id]) == {doc.id: doc}
+    assert await store.get_many([cp.id]) == {cp.id: cp}
+    before = await read_model(engine)
+    from oa_sync_core import DocumentUpdate, canonical_json, content_hash
+
+    old = DocumentUpdate(
+        projection=doc.projection,
+        doc_key=doc.doc_key,
+        version=2,
+        body={"runId": "r1"},
+        canonical=canonical_json({"runId": "r1"}),
+        content_hash=content_hash(canonical_json({"runId": "r1"})),
+        last_position=1,
+    )
+    await sink.publish([old])
+    assert await read_model(engine) == before
+
+
+async def test_four_appenders_2000_events_exactly_once_gap_free(engine: AsyncEngine) -> None:
+    """Four concurrent appenders x 2,000 events with a live worker: every event once, no gap."""
+    log = PostgresEventLog(engine)
+    worker = ProjectorWorker(engine, batch_size=500, poll_interval_s=0.05)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(worker.run(stop))
+    rng = random.Random(7)
+
+    async def appender(n: int) -> None:
+        runs = [f"a{n}-{i}" for i in range(20)]
+        for run in runs:
+            await log.append([new_event("run.created", run)])
+        sent = len(runs)
+        while sent < 2000:
+            size = min(rng.randint(1, 40), 2000 - sent)
+            await log.append(
+                [new_event("run.step", rng.choice(runs), description="x") for _ in range(size)]
+            )
+            sent += size
+
+    try:
+        await asyncio.gather(*(appender(n) for n in range(4)))
+
+        async def done() -> bool:
+            async with engine.connect() as conn:
+                total = await conn.execute(sa.select(sa.func.sum(documents.c.version)))
+                return total.scalar_one() == 8000
+
+        await wait_until(done, within=60, what="8000 events projected")
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 30)
+    model = await assert_matches_fold(engine)
+    assert len(model["documents"]) == 80
+    async with engine.connect() as conn:
+        count = (await conn.execute(sa.select(sa.func.count()).select_from(changes))).scalar_one()
+    assert count == len(model["changes"])
+    assert worker.applied == 8000
+
+
+async def test_run_loop_wakes_on_append_and_releases_on_stop(engine: AsyncEngine) -> None:
+    """run() projects appends as they come and hands the lease back when stopped."""
+    worker = ProjectorWorker(engine, poll_interval_s=30)  # only the LISTEN hint can wake it
+    stop = asyncio.Event()
+    runner = asyncio.create_task(worker.run(stop))
+    log = PostgresEventLog(engine)
+    for i in range(3):
+        await log.append([new_event("run.created", f"r{i}")])
+
+        async def projected(n: int = i + 1) -> bool:
+            return worker.watermark == n
+
+        await wait_until(projected, within=20, what=f"watermark {i + 1}")
+    stop.set()
+    await asyncio.wait_for(runner, 20)
+    standby = ProjectorWorker(engine, holder="standby")
+    assert await standby.acquire()
