@@ -1,0 +1,280 @@
+"""The read side of the Postgres read model: documents, the coalesced catch-up, sync meta.
+
+Every reader of projected documents — the WebSocket session, ``GET /v1/docs``,
+``GET /v1/changes``, SSE and the fan-out hub — goes through these functions, so "which
+documents does a topic list cover under a grant" and "what changed after watermark W" are
+answered in one place.
+
+Coalesced catch-up. ``documents.watermark`` is the watermark of the document's latest change,
+so ``documents WHERE watermark > W ORDER BY watermark`` yields every document changed after
+``W`` exactly once, at its latest version, in watermark order. Paging with ``after`` = the last
+row's watermark never misses a document: one that changes between two pages moves to a higher
+watermark and is found by a later page.
+
+Topics and grants. A subscription topic only ever reaches documents inside the token's grant:
+each (topic, grant pattern) pair is narrowed to the narrower of the two (topics are exact keys
+or prefixes, so the intersection of two overlapping patterns is always one of them), and only
+those narrowed patterns reach SQL, as bound parameters (``LIKE`` with escaping for prefixes).
+
+What this is not: the write side (the projector worker and ``db.stores``) or an ORM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import sqlalchemy as sa
+from oa_sync_core.codec import canonical_json
+from oa_sync_core.topics import Grant, Topic
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oa_sync_server.db.tables import changes, documents, sync_meta
+
+__all__ = [
+    "DocRow",
+    "SyncMeta",
+    "changed_after",
+    "document",
+    "documents_after",
+    "documents_matching",
+    "effective_topics",
+    "read_meta",
+]
+
+MAX_LIMIT: Final = 10_000
+"""Largest page any read returns."""
+
+_COLUMNS: Final = (
+    documents.c.doc_key,
+    documents.c.projection,
+    documents.c.version,
+    documents.c.watermark,
+    documents.c.content_hash,
+    documents.c.body,
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SyncMeta:
+    """Where the change log stands.
+
+    Attributes:
+        epoch: the log epoch; changes whenever watermarks restart (rebuild, restore).
+        watermark: the highest committed watermark (0 when nothing was projected yet).
+        retained_from: every change with a watermark above this is still in ``changes``; a
+            resume from a lower watermark must be answered with a reset.
+    """
+
+    epoch: str
+    watermark: int
+    retained_from: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DocRow:
+    """One projected document as stored.
+
+    Attributes:
+        doc_key: the document key, e.g. ``runtime/run_summary:r1``.
+        projection: the projection that owns it.
+        version: number of events folded into it.
+        watermark: watermark of its latest change.
+        content_hash: SHA-256 of ``body``.
+        body: the canonical JSON bytes of the document
+            (:func:`oa_sync_core.codec.canonical_json` of the stored jsonb).
+    """
+
+    doc_key: str
+    projection: str
+    version: int
+    watermark: int
+    content_hash: str
+    body: bytes
+
+
+def _row(row: Any) -> DocRow:
+    return DocRow(
+        doc_key=row.doc_key,
+        projection=row.projection,
+        version=int(row.version),
+        watermark=int(row.watermark),
+        content_hash=row.content_hash,
+        body=canonical_json(row.body),
+    )
+
+
+def _check_limit(limit: int) -> int:
+    if not 1 <= int(limit) <= MAX_LIMIT:
+        raise ValueError(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return limit
+
+
+async def read_meta(conn: AsyncConnection) -> SyncMeta:
+    """The current epoch, highest watermark and retention horizon, in one statement.
+
+    Args:
+        conn: any connection.
+
+    Returns:
+        The :class:`SyncMeta`.
+
+    Raises:
+        LookupError: ``sync_meta`` lacks its rows (the schema was not migrated).
+    """
+    epoch_q = sa.select(sync_meta.c.value).where(sync_meta.c.key == "epoch").scalar_subquery()
+    retained_q = (
+        sa.select(sync_meta.c.value).where(sync_meta.c.key == "retained_from").scalar_subquery()
+    )
+    watermark_q = sa.select(
+        sa.func.greatest(
+            sa.select(sa.func.coalesce(sa.func.max(documents.c.watermark), 0)).scalar_subquery(),
+            sa.select(sa.func.coalesce(sa.func.max(changes.c.watermark), 0)).scalar_subquery(),
+        )
+    ).scalar_subquery()
+    row = (
+        await conn.execute(
+            sa.select(
+                epoch_q.label("epoch"),
+                retained_q.label("retained_from"),
+                watermark_q.label("watermark"),
+            )
+        )
+    ).one()
+    if row.epoch is None or row.retained_from is None:
+        raise LookupError("oa_sync.sync_meta has no epoch / retained_from (run migrations)")
+    return SyncMeta(
+        epoch=str(row.epoch), watermark=int(row.watermark), retained_from=int(row.retained_from)
+    )
+
+
+def _narrow(topic: Topic, pattern: Topic) -> Topic | None:
+    if topic.within(pattern):
+        return topic
+    if pattern.within(topic):
+        return pattern
+    return None
+
+
+def effective_topics(topics: Iterable[Topic], grant: Grant) -> list[Topic]:
+    """The patterns a subscription may actually read: each topic narrowed by the grant.
+
+    Args:
+        topics: the requested topics.
+        grant: what the token grants.
+
+    Returns:
+        Distinct patterns, each inside both a requested topic and the grant; empty when the
+        topics and the grant share no document.
+    """
+    out: dict[str, Topic] = {}
+    for topic in topics:
+        for pattern in grant.topics:
+            narrowed = _narrow(topic, pattern)
+            if narrowed is not None:
+                out.setdefault(narrowed.text, narrowed)
+    # A pattern inside another wildcard adds nothing.
+    return [
+        t
+        for t in out.values()
+        if not any(
+            o is not t and o.wildcard and t.within(o) and o.text != t.text for o in out.values()
+        )
+    ]
+
+
+def _topic_filter(patterns: Sequence[Topic]) -> sa.ColumnElement[bool]:
+    exact = [t.prefix for t in patterns if not t.wildcard]
+    clauses: list[sa.ColumnElement[bool]] = []
+    if exact:
+        clauses.append(documents.c.doc_key.in_(exact))
+    for t in patterns:
+        if t.wildcard and t.prefix:
+            clauses.append(documents.c.doc_key.startswith(t.prefix, autoescape=True))
+        elif t.wildcard:
+            clauses.append(sa.true())
+    return sa.or_(*clauses)
+
+
+async def documents_matching(
+    conn: AsyncConnection,
+    topics: Sequence[Topic],
+    grant: Grant,
+    *,
+    after: int | None,
+    limit: int,
+) -> list[DocRow]:
+    """Documents covered by ``topics`` and ``grant``, in watermark order.
+
+    Args:
+        conn: any connection.
+        topics: requested topics.
+        grant: the token's grant; nothing outside it is ever returned.
+        after: ``None`` for a snapshot of every matching document; a watermark ``W`` for the
+            coalesced catch-up (documents whose latest change is above ``W``).
+        limit: most rows to return (1 to :data:`MAX_LIMIT`); page on with ``after`` set to
+            the last row's watermark.
+
+    Returns:
+        Up to ``limit`` documents ordered by watermark.
+
+    Raises:
+        ValueError: ``limit`` out of range.
+    """
+    _check_limit(limit)
+    patterns = effective_topics(topics, grant)
+    if not patterns:
+        return []
+    query = sa.select(*_COLUMNS).where(_topic_filter(patterns))
+    if after is not None:
+        query = query.where(documents.c.watermark > after)
+    query = query.order_by(documents.c.watermark).limit(limit)
+    return [_row(r) for r in (await conn.execute(query)).all()]
+
+
+async def document(conn: AsyncConnection, doc_key: str) -> DocRow | None:
+    """One document by key, or ``None`` when it does not exist."""
+    row = (await conn.execute(sa.select(*_COLUMNS).where(documents.c.doc_key == doc_key))).first()
+    return None if row is None else _row(row)
+
+
+async def documents_after(conn: AsyncConnection, after: int, limit: int) -> list[DocRow]:
+    """Every document whose latest change is above ``after``, in watermark order.
+
+    This is the fan-out hub's read: no topic or grant filter (each feed filters).
+
+    Args:
+        conn: any connection.
+        after: the watermark already seen.
+        limit: most rows to return (1 to :data:`MAX_LIMIT`).
+
+    Raises:
+        ValueError: ``limit`` out of range.
+    """
+    _check_limit(limit)
+    query = (
+        sa.select(*_COLUMNS)
+        .where(documents.c.watermark > after)
+        .order_by(documents.c.watermark)
+        .limit(limit)
+    )
+    return [_row(r) for r in (await conn.execute(query)).all()]
+
+
+async def changed_after(
+    conn: AsyncConnection, after: int, limit: int
+) -> list[tuple[DocRow, float]]:
+    """Like :func:`documents_after`, each row with its commit time (seconds since the epoch).
+
+    The time is the document's ``updated_at`` (set by the projector's transaction); the
+    fan-out uses it for the commit-to-send latency metric.
+    """
+    _check_limit(limit)
+    query = (
+        sa.select(*_COLUMNS, sa.func.extract("epoch", documents.c.updated_at).label("at"))
+        .where(documents.c.watermark > after)
+        .order_by(documents.c.watermark)
+        .limit(limit)
+    )
+    return [(_row(r), float(r.at)) for r in (await conn.execute(query)).all()]

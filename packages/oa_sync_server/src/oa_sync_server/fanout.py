@@ -1,0 +1,327 @@
+"""Live fan-out: one LISTEN connection per process, one read per change, many feeds.
+
+Theory of operation. The projector worker commits a batch, then ``pg_notify('oa_sync_changes',
+<watermark>)``. A notification is only a *hint* (DESIGN.md rule 5): the :class:`Hub` never
+trusts its payload. Two tasks run per hub:
+
+* the **listener** holds a dedicated psycopg connection (outside the engine's pool) that
+  ``LISTEN``s on ``oa_sync_changes``; every notification sets the wake flag. When the
+  connection dies (network, restart, ``pg_terminate_backend``) it reconnects, re-``LISTEN``s
+  and *then* sets the wake flag, so changes committed while it was deaf are re-read.
+* the **reader** waits for the wake flag or the poll interval (the fallback when hints are
+  lost), then reads ``documents WHERE watermark > hub.watermark ORDER BY watermark`` page by
+  page (the coalesced catch-up of :mod:`oa_sync_server.db.read_model`), builds each row's
+  :class:`~oa_sync_core.wire.EncodedUpdate` once, hands the same :class:`LiveDoc` to every
+  attached :class:`Feed`, and advances ``hub.watermark``.
+
+Each :class:`Feed` has a bounded queue. A feed whose queue is full is *overflowed*: it stops
+receiving and its iteration ends, and its owner closes the connection (4429) — one slow
+consumer never holds back the hub or the other feeds. A feed yields every change (it does not
+filter by topic); the session that owns it filters against its subscriptions.
+
+Epoch. Each pass also reads the log epoch. When it changes (a rebuild restarted watermarks),
+the hub jumps to the new log's watermark and ends every feed with ``feed.epoch_changed`` set:
+their sessions must reset their clients.
+
+What this is not: the projector, or a per-connection reader; nothing here writes to sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Final
+
+import psycopg
+import sqlalchemy as sa
+import structlog
+from oa_sync_core.wire import EncodedUpdate
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from oa_sync_server.db.read_model import DocRow, changed_after, read_meta
+from oa_sync_server.db.tables import sync_meta
+from oa_sync_server.metrics import Metrics
+
+__all__ = ["CHANGES_CHANNEL", "Feed", "Hub", "LiveDoc"]
+
+CHANGES_CHANNEL: Final = "oa_sync_changes"
+"""NOTIFY channel on which the projector hints at a new watermark (payload: the watermark)."""
+
+_LISTEN = "LISTEN oa_sync_changes"
+_RECONNECT_DELAY_S: Final = 0.2
+_MAX_RECONNECT_DELAY_S: Final = 5.0
+
+_log = structlog.get_logger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LiveDoc:
+    """One change as the hub delivers it to every feed.
+
+    Attributes:
+        row: the document at its new version.
+        update: its wire encoding, built once and shared by every feed.
+        committed_at: when the projector wrote it (seconds since the epoch), for the
+            commit-to-send latency metric.
+        cache: other encodings of this change (e.g. the SSE event), built on first use by
+            whichever transport needs them and shared by all its connections.
+    """
+
+    row: DocRow
+    update: EncodedUpdate
+    committed_at: float = 0.0
+    cache: dict[str, bytes] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+
+class Feed:
+    """One consumer's view of the hub: an async iterator of :class:`LiveDoc` in watermark order.
+
+    Create with :meth:`Hub.attach`. Iteration ends when the feed is closed, overflows
+    (``overflowed``) or the log epoch changes (``epoch_changed``).
+    """
+
+    def __init__(self, hub: Hub, max_queue: int) -> None:
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        self._hub = hub
+        self._queue: asyncio.Queue[LiveDoc] = asyncio.Queue(max_queue)
+        self._waiter: asyncio.Future[None] | None = None
+        self.overflowed = False
+        """True once the bounded queue overflowed; the owner should close with 4429."""
+        self.epoch_changed = False
+        """True once the log epoch changed; the owner should reset its subscriptions."""
+        self.closed = False
+        """True once the feed no longer receives anything."""
+
+    def __aiter__(self) -> AsyncIterator[LiveDoc]:
+        return self
+
+    async def __anext__(self) -> LiveDoc:
+        while True:
+            if self.closed:
+                raise StopAsyncIteration
+            try:
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                pass
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    @property
+    def pending(self) -> int:
+        """Changes queued and not yet taken."""
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        """Stop receiving; a pending iteration ends. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._hub._detach(self)
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _offer(self, live: LiveDoc) -> None:
+        if self.closed:
+            return
+        try:
+            self._queue.put_nowait(live)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self.close()
+            return
+        self._wake()
+
+
+class Hub:
+    """The process's single reader of live changes. See the module docstring.
+
+    Args:
+        engine: the database engine (the reader borrows a pooled connection per pass).
+        poll_interval_s: longest time between two reads when no hint arrives.
+        page_size: rows per read.
+        metrics: where to count listener reconnects, if anywhere.
+        listen_url: libpq URL of the LISTEN connection (default: the engine's URL).
+
+    Use :meth:`start` and :meth:`stop` (the app does so in a cleanup context).
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        poll_interval_s: float = 1.0,
+        page_size: int = 1000,
+        metrics: Metrics | None = None,
+        listen_url: str | None = None,
+    ) -> None:
+        self._engine = engine
+        self._poll_interval_s = poll_interval_s
+        self._page_size = page_size
+        self._metrics = metrics
+        self._listen_url = listen_url or engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        self._feeds: list[Feed] = []
+        self._wake_flag = asyncio.Event()
+        self._advanced = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.watermark = 0
+        """The highest watermark read and delivered to the feeds."""
+        self.epoch = ""
+        """The log epoch the hub is following."""
+        self.listener_pid: int | None = None
+        """Backend pid of the LISTEN connection while it is up (tests terminate it)."""
+        self.listening = asyncio.Event()
+        """Set while the LISTEN connection is up."""
+
+    async def start(self) -> None:
+        """Read the current watermark and epoch, then start listening and reading.
+
+        Live delivery begins after the watermark current at start: older changes are the
+        business of snapshots and catch-up reads.
+        """
+        async with self._engine.connect() as conn:
+            meta = await read_meta(conn)
+        self.watermark = meta.watermark
+        self.epoch = meta.epoch
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="oa-sync-hub-listener"),
+            asyncio.create_task(self._read_loop(), name="oa-sync-hub-reader"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop both tasks and close every feed."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for feed in list(self._feeds):
+            feed.close()
+
+    def attach(self, max_queue: int) -> Feed:
+        """A new feed receiving every change read from now on.
+
+        Args:
+            max_queue: changes it may hold before it counts as overflowed.
+        """
+        feed = Feed(self, max_queue)
+        self._feeds.append(feed)
+        return feed
+
+    @property
+    def feeds(self) -> int:
+        """Number of attached feeds."""
+        return len(self._feeds)
+
+    def wake(self) -> None:
+        """Ask for a read now (as a NOTIFY hint would)."""
+        self._wake_flag.set()
+
+    async def wait_for(self, watermark: int, within_s: float) -> None:
+        """Wait until the hub has delivered ``watermark``.
+
+        Raises:
+            TimeoutError: not reached within ``within_s`` seconds.
+        """
+        async with asyncio.timeout(within_s):
+            while self.watermark < watermark:
+                self.wake()
+                await self._advanced.wait()
+
+    def _detach(self, feed: Feed) -> None:
+        with contextlib.suppress(ValueError):
+            self._feeds.remove(feed)
+
+    # -- listener ---------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        delay = _RECONNECT_DELAY_S
+        first = True
+        while True:
+            if not first and self._metrics is not None:
+                self._metrics.listener_reconnects.inc()
+            first = False
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._listen_url, autocommit=True)
+                async with conn:
+                    await conn.execute(_LISTEN)
+                    self.listener_pid = conn.info.backend_pid
+                    self.listening.set()
+                    delay = _RECONNECT_DELAY_S
+                    self.wake()  # re-read whatever was committed while not listening
+                    async for _ in conn.notifies():
+                        self.wake()
+            except (psycopg.Error, OSError) as exc:
+                _log.warning("listener_lost", error=type(exc).__name__)
+            finally:
+                self.listening.clear()
+                self.listener_pid = None
+            self.wake()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_RECONNECT_DELAY_S)
+
+    # -- reader -----------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_interval_s):
+                    await self._wake_flag.wait()
+            self._wake_flag.clear()
+            try:
+                await self._read_pass()
+            except (sa.exc.SQLAlchemyError, psycopg.Error, OSError) as exc:
+                _log.warning("fanout_read_failed", error=type(exc).__name__)
+
+    async def _read_pass(self) -> None:
+        async with self._engine.connect() as conn:
+            epoch = (
+                await conn.execute(sa.select(sync_meta.c.value).where(sync_meta.c.key == "epoch"))
+            ).scalar_one_or_none()
+            if epoch is not None and epoch != self.epoch:
+                meta = await read_meta(conn)
+                _log.info("epoch_changed", old=self.epoch, new=meta.epoch)
+                self.epoch = meta.epoch
+                self.watermark = meta.watermark
+                for feed in list(self._feeds):
+                    feed.epoch_changed = True
+                    feed.close()
+                self._signal()
+                return
+            while True:
+                rows = await changed_after(conn, self.watermark, self._page_size)
+                for row, committed_at in rows:
+                    live = LiveDoc(row=row, update=_encode(row), committed_at=committed_at)
+                    for feed in list(self._feeds):
+                        feed._offer(live)
+                    self.watermark = row.watermark
+                if rows:
+                    self._signal()
+                if len(rows) < self._page_size:
+                    break
+                await conn.commit()  # end the read's transaction between pages
+
+    def _signal(self) -> None:
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
+
+def _encode(row: DocRow) -> EncodedUpdate:
+    return EncodedUpdate(
+        doc_key=row.doc_key,
+        projection=row.projection,
+        version=row.version,
+        watermark=row.watermark,
+        content_hash=row.content_hash,
+        body=row.body,
+    )
