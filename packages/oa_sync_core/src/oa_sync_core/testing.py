@@ -18,6 +18,7 @@ dependency of the core) is imported only inside the strategy functions.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -313,6 +314,16 @@ def payloads(event_type: str, ident: str) -> SearchStrategy[JsonObject]:
     Known types get their message's fields (each present or not, ``occurredAt`` optional);
     unknown types get a small JSON object.
     """
+    body = _payload_fields(event_type)
+    id_field = _ID_FIELD.get(event_type.partition(".")[0])
+    if event_type not in EVENT_PAYLOADS or id_field is None:
+        return body
+    return body.map(lambda fields: {id_field: ident, **fields})
+
+
+@functools.cache
+def _payload_fields(event_type: str) -> SearchStrategy[JsonObject]:
+    """Payloads of one type without the id field; built once per type (building is slow)."""
     from hypothesis import strategies as st  # noqa: PLC0415 - optional, imported lazily
 
     uint32 = st.integers(0, 2**32 - 1)
@@ -346,9 +357,8 @@ def payloads(event_type: str, ident: str) -> SearchStrategy[JsonObject]:
             st.one_of(json_leaf, st.lists(json_leaf, max_size=3)),
             max_size=3,
         )
-    id_field = _ID_FIELD[event_type.partition(".")[0]]
     optional.update(fields[event_type])
-    return st.fixed_dictionaries({id_field: st.just(ident)}, optional=optional)
+    return st.fixed_dictionaries({}, optional=optional)
 
 
 def event_sequences(
