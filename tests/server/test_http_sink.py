@@ -414,8 +414,16 @@ async def test_start_sink_delivers_in_the_background_and_stops(
         await receiver.wait_for(1)
     assert runtime.loop is not None
     assert receiver.effect_count == 1
+    assert runtime.parity is not None
+    text = metrics.render()[0].decode()
+    assert f'oa_sync_parity_documents{{lane="shadow",projection="{RUN_SUMMARY}"}} 1.0' in text
     async with start_sink(Settings.from_env({}), engine) as idle:
         assert idle.loop is None
+    with pytest.raises(ConfigError, match=r"^OA_SYNC_HTTP_SINK_CONNECT_TIMEOUT_S: "):
+        async with start_sink(
+            settings, engine, environ={"OA_SYNC_HTTP_SINK_CONNECT_TIMEOUT_S": "0"}
+        ):
+            pass
 
 
 async def test_exhausted_retries_block_the_pass_until_the_receiver_recovers(

@@ -108,9 +108,15 @@ async def start_sink(
     """Run the configured sink beside the Postgres read model for the duration of the block.
 
     For ``http`` and ``tee`` a background task runs :meth:`HttpDeliveryLoop.run`; on exit it is
-    stopped (a backoff wait ends at once) and awaited. With ``metrics``, the parity gauges
-    (:class:`ParityMetrics`) are registered on ``metrics.registry`` and refreshed after a pass
-    at most every ``parity_refresh_s``. For ``postgres`` and ``noop`` nothing runs.
+    stopped (a backoff wait ends at once) and awaited. In ``tee`` mode with ``metrics``, the
+    parity gauges (:class:`ParityMetrics`) are registered on ``metrics.registry`` and refreshed
+    after a pass at most every ``parity_refresh_s``. For ``postgres`` and ``noop`` nothing runs.
+
+    Hook for ``create_app`` (one cleanup context)::
+
+        async def sink_context(app: web.Application) -> AsyncIterator[None]:
+            async with start_sink(settings, engine, metrics=metrics):
+                yield
 
     Args:
         settings: validated settings (``sink``, ``http_sink``, ``poll_interval_s``).
@@ -131,7 +137,7 @@ async def start_sink(
         _log.info("sink_selected", sink=plan.kind.value, http_lane=False)
         yield SinkRuntime(plan=plan)
         return
-    parity = ParityMetrics(metrics.registry) if metrics is not None else None
+    parity = ParityMetrics(metrics.registry) if metrics and plan.is_parity_run else None
     refreshed_at = float("-inf")
 
     async def after_pass(done: DeliveryPass) -> None:
