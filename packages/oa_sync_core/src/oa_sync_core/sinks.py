@@ -90,6 +90,7 @@ class Sink(Protocol):
         ...
 
 
+@runtime_checkable
 class DocumentReader(Protocol):
     """Reads documents back from a read model (for folding and drift checks)."""
 
@@ -143,12 +144,14 @@ class MemorySink:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ParityRecord:
-    """What each lane of a :class:`TeeSink` last received for one document.
+    """What each lane of a :class:`TeeSink` holds for one document after its last publish.
+
+    For a lane that cannot be read back (not a :class:`DocumentReader`), what it was last sent.
 
     Attributes:
         doc_key: the document.
-        primary_version, primary_hash: delivered to the primary lane.
-        shadow_version, shadow_hash: delivered to the shadow lane (0 / "" if never).
+        primary_version, primary_hash: held by the primary lane (0 / "" if absent).
+        shadow_version, shadow_hash: held by the shadow lane (0 / "" if never delivered).
         shadow_error: the shadow's last failure, if its last publish failed.
     """
 
@@ -169,11 +172,28 @@ class ParityRecord:
         )
 
 
+async def _holdings(sink: Sink, updates: Sequence[DocumentUpdate]) -> dict[DocId, tuple[int, str]]:
+    """(version, hash) of each updated document as the lane holds it after a publish.
+
+    A lane that can be read back (a :class:`DocumentReader`) reports what it stores, so a lane
+    that dropped or diverged from an update shows up; another lane is taken at its word.
+    """
+    if isinstance(sink, DocumentReader):
+        held = await sink.get_documents([u.id for u in updates])
+        return {
+            u.id: (held[u.id].version, held[u.id].content_hash) if u.id in held else (0, "")
+            for u in updates
+        }
+    return {u.id: (u.version, u.content_hash) for u in updates}
+
+
 class TeeSink:
     """Publishes to a primary and a shadow sink and records parity per document.
 
     The primary's failure propagates (the batch is not done); the shadow's is recorded in the
-    parity table and swallowed, so a broken shadow never stops the primary lane.
+    parity table and swallowed, so a broken shadow never stops the primary lane. A lane that
+    is also a :class:`DocumentReader` is read back after publishing, so parity compares what
+    each lane holds, not only what it was sent.
     """
 
     def __init__(self, primary: Sink, shadow: Sink) -> None:
@@ -183,23 +203,24 @@ class TeeSink:
 
     async def publish(self, updates: Sequence[DocumentUpdate]) -> None:
         await self.primary.publish(updates)
+        primary = await _holdings(self.primary, updates)
         error: str | None = None
+        shadow: dict[DocId, tuple[int, str]] = {}
         try:
             await self.shadow.publish(updates)
+            shadow = await _holdings(self.shadow, updates)
         except Exception as exc:  # noqa: BLE001 - the shadow lane must never stop the primary
             error = f"{type(exc).__name__}: {exc}"
         for update in updates:
             before = self.parity.get(update.doc_key)
+            kept = (before.shadow_version, before.shadow_hash) if before else (0, "")
+            shadow_version, shadow_hash = shadow.get(update.id, kept)
             self.parity[update.doc_key] = ParityRecord(
                 doc_key=update.doc_key,
-                primary_version=update.version,
-                primary_hash=update.content_hash,
-                shadow_version=update.version
-                if error is None
-                else (before.shadow_version if before else 0),
-                shadow_hash=update.content_hash
-                if error is None
-                else (before.shadow_hash if before else ""),
+                primary_version=primary[update.id][0],
+                primary_hash=primary[update.id][1],
+                shadow_version=shadow_version,
+                shadow_hash=shadow_hash,
                 shadow_error=error,
             )
 
