@@ -1,0 +1,322 @@
+"""Fan-out latency and throughput: WebSocket subscribers, paced appends, same-run bare baseline.
+
+Topology: ``subscribers`` sockets, each subscribed to ``per_doc`` exact run-summary keys so
+that every document has ``per_doc`` subscribers (2,000 appends/s x 5 = the issue's 10,000
+deliveries/s at 1,000 subscribers). Two phases per server:
+
+1. steady: a separate process appends ``run.step`` events at ``rate`` events/s for
+   ``seconds`` through ``PostgresEventLog`` (batches every few ms); latency = client receipt
+   minus the append's commit (``time.monotonic``, one clock for all processes);
+2. burst: ``burst`` events appended as fast as possible; throughput = events x per_doc /
+   (time from the burst's start until every subscriber holds every final version).
+
+The sync server (``oa-sync serve``: projector + hub + WebSocket sessions, one process) is then
+replaced by ``bench/_bare.py`` fed by the same schedule over ``POST /publish``; its latency is
+measured from the POST's start. Lost = (subscriber, document) pairs whose last version received
+is below the last version appended, after a drain. Fewer frames than events x per_doc is not
+loss: live updates coalesce when a document changes twice between two reads of the hub.
+
+Run alone: ``python bench/fanout.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _clients import appender_process, doc_key, publisher_process, subscriber_process
+from _common import (
+    Result,
+    admin_url,
+    bar_plot,
+    drop_database,
+    git_revision,
+    load_average,
+    machine,
+    quick,
+)
+from _load import copy_events, migrated_database, run_event
+from _server import BareProcess, ServerProcess, token
+
+DB_NAME = "oa_sync_bench_fanout"
+CLIENT_PROCESSES = 2
+BURST_BATCH = 500
+
+
+def drain_seconds() -> float:
+    """How long to let deliveries drain after each load phase (a late update counts as lost)."""
+    return 1.0 if quick() else 5.0
+
+
+def topic_sets(subscribers: int, docs: int, per_doc: int) -> list[list[str]]:
+    """Subscriber i follows ``per_doc`` runs spread evenly, so each run has per_doc followers."""
+    stride = docs // per_doc
+    return [[doc_key((i + k * stride) % docs) for k in range(per_doc)] for i in range(subscribers)]
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of sorted ``values``."""
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(len(values) * p / 100))]
+
+
+def run_phase(
+    ws_url: str,
+    bearer: str,
+    sets: list[list[str]],
+    load: Any,
+    load_kwargs: dict[str, Any],
+    *,
+    rate: float,
+    seconds: float,
+    burst: int,
+    server_pid: int,
+    docs: int,
+    start_seq: int,
+    batch: int,
+    burst_batch: int,
+) -> dict[str, Any]:
+    """Connect the subscribers, drive the steady and burst loads, collect every receipt."""
+    import psutil  # noqa: PLC0415
+
+    steady_events = int(rate * seconds)
+    if steady_events % docs or burst % docs:
+        raise ValueError("steady and burst event counts must be multiples of the documents")
+    burst_seq = start_seq + steady_events // docs
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    controls = [ctx.Queue() for _ in range(CLIENT_PROCESSES)]
+    size = -(-len(sets) // CLIENT_PROCESSES)
+    procs = [
+        ctx.Process(
+            target=subscriber_process,
+            args=(ws_url, bearer),
+            kwargs={
+                "topic_sets": sets[i * size : (i + 1) * size],
+                "control": control,
+                "results": results,
+                "first_index": i * size,
+            },
+        )
+        for i, control in enumerate(controls)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        connect_seconds = 0.0
+        for _ in procs:
+            kind, _count, seconds_taken, *_ = results.get(timeout=300)
+            assert kind == "ready"
+            connect_seconds = max(connect_seconds, seconds_taken)
+        server = psutil.Process(server_pid)
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            pool.submit(int).result()  # start the worker before timing anything
+            cpu0, wall0 = server.cpu_times(), time.monotonic()
+            steady = pool.submit(
+                load,
+                rate=rate,
+                seconds=seconds,
+                start_seq=start_seq,
+                batch=batch,
+                **load_kwargs,
+            ).result()
+            cpu1, wall1 = server.cpu_times(), time.monotonic()
+            time.sleep(drain_seconds())
+            burst_result = pool.submit(
+                load,
+                rate=0,
+                seconds=burst,
+                start_seq=burst_seq,
+                batch=burst_batch,
+                **load_kwargs,
+            ).result()
+            time.sleep(drain_seconds())
+        for control in controls:
+            control.put("stop")
+        records: list[tuple[int, str, int, float]] = []
+        received = 0
+        for _ in procs:
+            kind, chunk_records, chunk_bytes = results.get(timeout=300)
+            assert kind == "records"
+            records.extend(chunk_records)
+            received += chunk_bytes
+        for proc in procs:
+            proc.join(30)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+    return {
+        "connect_seconds": connect_seconds,
+        "steady": steady,
+        "burst": burst_result,
+        "records": records,
+        "bytes_received": received,
+        "server_cpu_percent_steady": 100
+        * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
+        / (wall1 - wall0),
+    }
+
+
+def analyse(phase: dict[str, Any], sets: list[list[str]], per_doc: int) -> dict[str, float]:
+    """Latency percentiles, delivery rates, loss and burst throughput of one phase."""
+    steady_commits = {(k, v): t for k, v, t in phase["steady"]["commits"]}
+    burst_commits = phase["burst"]["commits"]
+    latencies = sorted(
+        1000 * (t - steady_commits[k, v])
+        for _, k, v, t in phase["records"]
+        if (k, v) in steady_commits
+    )
+    final: dict[str, int] = {}
+    for k, v, _ in [*phase["steady"]["commits"], *burst_commits]:
+        final[k] = max(final.get(k, 0), v)
+    best: dict[tuple[int, str], int] = defaultdict(int)
+    final_seen: dict[tuple[int, str], float] = {}
+    for conn, k, v, t in phase["records"]:
+        best[conn, k] = max(best[conn, k], v)
+        if v == final.get(k) and (conn, k) not in final_seen:
+            final_seen[conn, k] = t
+    pairs = [(i, k) for i, keys in enumerate(sets) for k in keys if k in final]
+    lost = sum(1 for pair in pairs if best[pair] < final[pair[1]])
+    burst_start = phase["burst"]["start"]
+    complete = max((final_seen.get(pair, float("inf")) for pair in pairs), default=float("inf"))
+    burst_events = phase["burst"]["events"]
+    return {
+        "latency_p50_ms": percentile(latencies, 50),
+        "latency_p95_ms": percentile(latencies, 95),
+        "latency_p99_ms": percentile(latencies, 99),
+        "latency_max_ms": latencies[-1] if latencies else float("nan"),
+        "appended_per_s": phase["steady"]["events"] / phase["steady"]["seconds"],
+        "deliveries_per_s": len(latencies) / phase["steady"]["seconds"],
+        "expected_deliveries_per_s": len(steady_commits) * per_doc / phase["steady"]["seconds"],
+        "coalesced_fraction": 1 - len(latencies) / max(1, len(steady_commits) * per_doc),
+        "lost": lost,
+        "burst_effective_deliveries_per_s": burst_events * per_doc / (complete - burst_start),
+        "burst_load_per_s": burst_events / phase["burst"]["seconds"],
+        "connect_seconds": phase["connect_seconds"],
+        "server_cpu_percent_steady": phase["server_cpu_percent_steady"],
+        "load_batches_behind": phase["steady"]["batches_behind"],
+    }
+
+
+def main() -> int:
+    """Run both servers under the same load; write bench/results/fanout.json."""
+    if quick():
+        subscribers, docs, per_doc, rate, seconds, batch, burst = 100, 100, 5, 200, 2, 10, 1_000
+    else:
+        subscribers, docs, per_doc, rate, seconds, batch, burst = (
+            1_000,
+            1_000,
+            5,
+            2_000,
+            30,
+            40,
+            20_000,
+        )
+    sets = topic_sets(subscribers, docs, per_doc)
+    admin = admin_url()
+    facts = machine(admin)
+    load_before = load_average()
+    url = migrated_database(admin, DB_NAME)
+    try:
+        copy_events(url, [run_event(run, 0, 2) for run in range(docs)])
+        with ServerProcess(url) as server:
+            khala = run_phase(
+                server.ws_url,
+                token(),
+                sets,
+                appender_process,
+                {"url": url, "docs": docs},
+                rate=rate,
+                seconds=seconds,
+                burst=burst,
+                server_pid=server.ps.pid,
+                docs=docs,
+                start_seq=1,
+                batch=batch,
+                burst_batch=BURST_BATCH,
+            )
+        body = dict(run_event(0, 0, 2).payload)
+        with BareProcess() as bare:
+            baseline = run_phase(
+                bare.ws_url,
+                "unchecked",
+                sets,
+                publisher_process,
+                {"url": bare.url, "docs": docs, "body": body},
+                rate=rate,
+                seconds=seconds,
+                burst=burst,
+                server_pid=bare.ps.pid,
+                docs=docs,
+                start_seq=1,
+                batch=batch,
+                burst_batch=BURST_BATCH,
+            )
+    finally:
+        drop_database(admin, DB_NAME)
+    ours = analyse(khala, sets, per_doc)
+    bare_figures = analyse(baseline, sets, per_doc)
+    result = Result(
+        name="fanout",
+        parameters={
+            "subscribers": subscribers,
+            "documents": docs,
+            "subscribers_per_document": per_doc,
+            "append_rate_per_s": rate,
+            "steady_seconds": seconds,
+            "append_batch": batch,
+            "burst_events": burst,
+            "client_processes": CLIENT_PROCESSES,
+            "drain_seconds": drain_seconds(),
+            "burst_batch": BURST_BATCH,
+            "subprotocol": "oa-sync.v1.json",
+            "server": "oa-sync serve (projector + hub + sessions in one process)",
+            "git": git_revision(),
+            "load_average_before": load_before,
+            "load_average_after": load_average(),
+        },
+        figures=ours,
+        baseline={f"bare_{k}": v for k, v in bare_figures.items()},
+    )
+    ratio = (
+        ours["burst_effective_deliveries_per_s"] / bare_figures["burst_effective_deliveries_per_s"]
+    )
+    result.baseline["ratio_throughput_vs_bare"] = ratio
+    result.target("fan-out latency p95", ours["latency_p95_ms"], at_most=50, unit="ms")
+    result.target("fan-out latency p99", ours["latency_p99_ms"], at_most=150, unit="ms")
+    result.target("updates lost", ours["lost"], at_most=0)
+    result.target(
+        "offered deliveries/s actually appended (load held)",
+        ours["expected_deliveries_per_s"],
+        at_least=0.95 * rate * per_doc,
+        unit="/s",
+    )
+    result.target("throughput vs bare aiohttp broadcast", ratio, at_least=0.7, unit="x")
+    plot = bar_plot(
+        "fanout",
+        ["p50", "p95", "p99", "bare p99"],
+        [
+            ours["latency_p50_ms"],
+            ours["latency_p95_ms"],
+            ours["latency_p99_ms"],
+            bare_figures["latency_p99_ms"],
+        ],
+        "ms, append commit -> client receipt",
+        f"{subscribers:,} subscribers, {rate:,} appends/s x {per_doc}",
+    )
+    result.write(facts, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
