@@ -1,0 +1,383 @@
+"""The HTTP API of DESIGN.md "Wire protocol v1": append, read one document, poll changes, ops.
+
+Routes (added by :func:`add_routes`):
+
+* ``POST /v1/events`` — ``AppendRequest`` → ``AppendResponse``; scope ``sync:append``.
+* ``GET /v1/docs/{doc_key}`` — one ``Document`` (the whole rest of the path is the key);
+  scope ``sync:read`` and a grant covering the key.
+* ``GET /v1/changes?topic=…&after=W&limit=N[&epoch=E]`` — a ``ChangesPage``: documents
+  (within topics ∩ grant) whose latest change is above ``W``, coalesced, in watermark order.
+  A stale position (epoch differs, or ``W`` older than the retained change log) answers
+  410 with error code ``reset``: start again from ``after=0``.
+* ``GET /healthz`` (the process answers), ``GET /readyz`` (database reachable, projector not
+  far behind), ``GET /metrics`` (Prometheus text).
+
+Errors. Every failure is a JSON body ``{"error": {"code", "message"[, "index", "field"]}}``
+whose status comes from :func:`oa_sync_server.errors.classify` — the one table. Unexpected
+exceptions become a bare 500 ``internal`` (logged with their type, never shown). Bodies are
+proto3 JSON: 64-bit integers as strings, lowerCamelCase names.
+
+What this is not: SSE (:mod:`oa_sync_server.sse`) or the WebSocket (:mod:`oa_sync_server.ws`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import orjson
+import sqlalchemy as sa
+import structlog
+from aiohttp import web
+from oa_sync_core.codec import loads_strict, read_message
+from oa_sync_core.contracts import v1
+from oa_sync_core.errors import CodecError, EventValidationError, OaSyncError
+from oa_sync_core.events import NewEvent, validate_new_event
+from oa_sync_core.topics import Topic, parse_topic
+
+from oa_sync_server.auth import Principal
+from oa_sync_server.db import read_model
+from oa_sync_server.errors import (
+    AuthError,
+    AuthFailure,
+    ForbiddenError,
+    LimitExceededError,
+    LimitKind,
+    classify,
+)
+from oa_sync_server.state import STATE, ServerState
+
+__all__ = [
+    "DEFAULT_CHANGES_LIMIT",
+    "MAX_CHANGES_LIMIT",
+    "READY_MAX_LAG_S",
+    "StaleCursorError",
+    "add_routes",
+    "authenticate",
+    "bad_query",
+    "document_json",
+    "error_middleware",
+    "parse_topics",
+    "projector_lag",
+]
+
+DEFAULT_CHANGES_LIMIT: Final = 100
+MAX_CHANGES_LIMIT: Final = 1000
+READY_MAX_LAG_S: Final = 30.0
+"""``/readyz`` answers 503 while the oldest unprojected event is older than this."""
+_DB_CHECK_TIMEOUT_S: Final = 2.0
+_EVENT_PATH = re.compile(r"events\[(\d+)\]\.?(.*)")
+_BEARER = re.compile(r"Bearer +(\S+)", re.IGNORECASE)
+
+_log = structlog.get_logger(__name__)
+
+_LAG = sa.text(
+    "SELECT count(*) AS n, "
+    "COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(e.recorded_at)), 0) AS age "
+    "FROM oa_sync.events e "
+    "LEFT JOIN oa_sync.projector_leases l ON l.name = :name "
+    "WHERE l.name IS NULL OR (e.tx_id, e.position) > (l.cursor_tx_id, l.cursor_position)"
+)
+
+
+class StaleCursorError(OaSyncError):
+    """A polling position can no longer be continued (410, code ``reset``).
+
+    Attributes:
+        reason: ``epoch_changed`` or ``retention``.
+        epoch: the current epoch.
+    """
+
+    def __init__(self, reason: str, epoch: str):
+        self.reason = reason
+        self.epoch = epoch
+        super().__init__(f"{reason}: restart from after=0 with epoch {epoch}")
+
+
+def _state(request: web.Request) -> ServerState:
+    return request.app[STATE]
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    mapping = classify(exc)
+    if isinstance(exc, StaleCursorError):
+        return 410, {"error": {"code": "reset", "message": str(exc), "epoch": exc.epoch}}
+    if isinstance(exc, web.HTTPException):
+        return exc.status, {"error": {"code": exc.reason.lower().replace(" ", "_"), "message": ""}}
+    if mapping.status >= 500:
+        return mapping.status, {"error": {"code": mapping.code, "message": "internal error"}}
+    error: dict[str, Any] = {"code": mapping.code, "message": str(exc)}
+    if isinstance(exc, EventValidationError):
+        if exc.index is not None:
+            error["index"] = exc.index
+        if exc.field is not None:
+            error["field"] = exc.field
+    return mapping.status, {"error": error}
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Turn every error into the JSON error body of its :func:`classify` status; count requests.
+
+    aiohttp's own HTTP exceptions (404 for an unknown path, 405) keep their status with a JSON
+    body. Nothing unexpected is ever shown to the client: a 500 says ``internal error``.
+    """
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    state = _state(request)
+    try:
+        response = await handler(request)
+    except Exception as exc:  # the one place every handler error is reported
+        if isinstance(exc, web.HTTPException) and exc.status < 400:
+            raise
+        status, body = _error_body(exc)
+        if status >= 500:
+            _log.error("request_failed", route=name, error=type(exc).__name__)
+        response = _json(body, status)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+    state.metrics.http_requests.labels(route=name, status=str(response.status)).inc()
+    return response
+
+
+async def authenticate(request: web.Request, scope: str) -> Principal:
+    """The principal of the request's ``Authorization: Bearer`` token, holding ``scope``.
+
+    Raises:
+        AuthError: no, malformed, or invalid token (401).
+        ForbiddenError: the token lacks ``scope`` (403).
+    """
+    header = request.headers.get("Authorization", "")
+    if not header:
+        raise AuthError(AuthFailure.MISSING, "no Authorization header")
+    match = _BEARER.fullmatch(header.strip())
+    if match is None:
+        raise AuthError(AuthFailure.MALFORMED, "Authorization is not 'Bearer <token>'")
+    principal = await _state(request).verifier.verify(match.group(1))
+    if not principal.has_scope(scope):
+        raise ForbiddenError(principal.subject, scope)
+    return principal
+
+
+def bad_query(name: str, message: str) -> EventValidationError:
+    """A 400 for a bad query parameter or header ``name``."""
+    return EventValidationError(message, field=name)
+
+
+def parse_topics(request: web.Request, principal: Principal) -> list[Topic]:
+    """The ``topic`` query parameters (one or more), each checked against the grant.
+
+    Raises:
+        EventValidationError: no topic, too many, or a malformed one (400).
+        ForbiddenError: a topic shares no document with the grant (403).
+    """
+    raw = request.query.getall("topic", [])
+    limit = _state(request).settings.limits.max_topics_per_subscription
+    if not raw:
+        raise bad_query("topic", "at least one topic query parameter is required")
+    if len(raw) > limit:
+        raise LimitExceededError(LimitKind.TOPICS, limit)
+    topics: list[Topic] = []
+    for text in raw:
+        try:
+            topic = parse_topic(text)
+        except ValueError as exc:
+            raise bad_query("topic", str(exc)) from None
+        if not principal.grant.intersects(topic):
+            raise ForbiddenError(principal.subject, f"topic {text}")
+        topics.append(topic)
+    return topics
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not re.fullmatch(r"[0-9]{1,19}", raw) or not low <= int(raw) <= high:
+        raise bad_query(name, f"{name} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def document_json(row: read_model.DocRow) -> bytes:
+    """The proto3 JSON ``Document`` of a stored row (the body spliced in, not re-encoded)."""
+    return orjson.dumps(
+        {
+            "docKey": row.doc_key,
+            "projection": row.projection,
+            "version": str(row.version),
+            "watermark": str(row.watermark),
+            "contentHash": row.content_hash,
+            "document": orjson.Fragment(row.body),
+        }
+    )
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+
+async def _read_body(request: web.Request) -> bytes:
+    limit = _state(request).settings.limits.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise LimitExceededError(LimitKind.BODY_SIZE, limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise LimitExceededError(LimitKind.BODY_SIZE, limit) from None
+
+
+def _event_error(exc: CodecError) -> EventValidationError:
+    match = _EVENT_PATH.match(exc.path)
+    if match is None:
+        return EventValidationError(str(exc), field=exc.path or None)
+    return EventValidationError(str(exc), index=int(match.group(1)), field=match.group(2) or None)
+
+
+async def append_events(request: web.Request) -> web.Response:
+    """``POST /v1/events``: validate every event strictly, append atomically, return positions."""
+    await authenticate(request, "sync:append")
+    state = _state(request)
+    body = await _read_body(request)
+    try:
+        parsed = loads_strict(body, max_bytes=state.settings.limits.max_body_bytes)
+        message = read_message(v1.AppendRequest, parsed)
+    except CodecError as exc:
+        if exc.path:
+            raise _event_error(exc) from None
+        raise
+    items = message.get("events", [])
+    if not items:
+        raise EventValidationError("events must hold at least one event", field="events")
+    batch = []
+    for index, item in enumerate(items):
+        seq = item.get("expectedSeq")
+        event = NewEvent(
+            stream_id=item.get("streamId", ""),
+            type=item.get("type", ""),
+            payload=item.get("payload", {}),
+            expected_seq=None if seq is None else int(seq),
+            idempotency_key=item.get("idempotencyKey") or None,
+        )
+        batch.append(validate_new_event(event, index=index))
+    positions = await state.event_log.append(batch)
+    return _json({"positions": [str(p) for p in positions]})
+
+
+async def get_document(request: web.Request) -> web.Response:
+    """``GET /v1/docs/{doc_key}``: one document, 404 when absent, 403 outside the grant."""
+    principal = await authenticate(request, "sync:read")
+    doc_key = request.match_info["doc_key"]
+    if not principal.grant.allows(doc_key):
+        raise ForbiddenError(principal.subject, f"document {doc_key}")
+    async with _state(request).engine.connect() as conn:
+        row = await read_model.document(conn, doc_key)
+    if row is None:
+        return _json({"error": {"code": "not_found", "message": "no such document"}}, 404)
+    return web.Response(body=document_json(row), content_type="application/json")
+
+
+async def get_changes(request: web.Request) -> web.Response:
+    """``GET /v1/changes``: one coalesced page of changes after ``after``."""
+    principal = await authenticate(request, "sync:read")
+    topics = parse_topics(request, principal)
+    after = _int_param(request, "after", 0, 0, 2**63 - 1)
+    limit = _int_param(request, "limit", DEFAULT_CHANGES_LIMIT, 1, MAX_CHANGES_LIMIT)
+    epoch = request.query.get("epoch") or None
+    async with _state(request).engine.connect() as conn:
+        meta = await read_model.read_meta(conn)
+        if epoch is not None and epoch != meta.epoch:
+            raise StaleCursorError("epoch_changed", meta.epoch)
+        if 0 < after < meta.retained_from:
+            raise StaleCursorError("retention", meta.epoch)
+        rows = await read_model.documents_matching(
+            conn, topics, principal.grant, after=after, limit=limit
+        )
+    changes = [
+        {
+            "watermark": str(r.watermark),
+            "docKey": r.doc_key,
+            "projection": r.projection,
+            "version": str(r.version),
+            "contentHash": r.content_hash,
+        }
+        for r in rows
+    ]
+    # Defaults are written out (proto3 JSON allows it) so polling clients need no fallbacks.
+    return _json(
+        {
+            "changes": changes,
+            "nextAfter": str(rows[-1].watermark if rows else after),
+            "epoch": meta.epoch,
+            "hasMore": len(rows) == limit,
+        }
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: the process answers."""
+    return _json({"status": "ok"})
+
+
+async def projector_lag(state: ServerState) -> tuple[int, float]:
+    """Events not yet projected and the age in seconds of the oldest of them."""
+    async with state.engine.connect() as conn:
+        row = (await conn.execute(_LAG, {"name": "default"})).one()
+    return int(row.n), float(row.age)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: 200 when the database answers and the projector keeps up, else 503."""
+    state = _state(request)
+    try:
+        async with asyncio.timeout(_DB_CHECK_TIMEOUT_S):
+            lag_events, lag_s = await projector_lag(state)
+    except (TimeoutError, sa.exc.SQLAlchemyError, OSError) as exc:
+        _log.warning("readiness_failed", error=type(exc).__name__)
+        return _json({"status": "unavailable", "database": False}, 503)
+    state.metrics.projector_lag_events.set(lag_events)
+    state.metrics.projector_lag_seconds.set(lag_s)
+    ready = lag_s <= READY_MAX_LAG_S
+    body = {
+        "status": "ready" if ready else "lagging",
+        "database": True,
+        "projectorLagEvents": lag_events,
+        "projectorLagSeconds": round(lag_s, 3),
+        "watermark": str(state.hub.watermark),
+    }
+    return _json(body, 200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: the Prometheus exposition (projector lag refreshed on scrape)."""
+    state = _state(request)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(_DB_CHECK_TIMEOUT_S):
+            lag_events, lag_s = await projector_lag(state)
+        state.metrics.projector_lag_events.set(lag_events)
+        state.metrics.projector_lag_seconds.set(lag_s)
+    except (TimeoutError, sa.exc.SQLAlchemyError, OSError) as exc:
+        _log.warning("lag_scrape_failed", error=type(exc).__name__, s=time.monotonic() - started)
+    body, content_type = state.metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the HTTP API on ``app``."""
+    app.router.add_post("/v1/events", append_events)
+    app.router.add_get("/v1/docs/{doc_key:.+}", get_document)
+    app.router.add_get("/v1/changes", get_changes)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

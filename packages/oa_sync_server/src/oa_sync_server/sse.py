@@ -1,0 +1,165 @@
+"""``GET /v1/stream``: Server-Sent Events for clients that cannot use the WebSocket.
+
+Theory of operation. One response per client, in three phases, with no gap between them:
+
+1. **attach** a fan-out feed first, so nothing committed from now on can be missed;
+2. **catch up** from the database: without ``Last-Event-ID`` a snapshot of every matching
+   document; with it (a watermark) the coalesced changes after it. A ``Last-Event-ID`` older
+   than the retained change log, or newer than the log (another epoch), first sends a
+   ``reset`` event and then the snapshot. Then a ``synced`` event whose id is the watermark
+   the client is now complete up to;
+3. **live**: feed changes above that watermark, filtered by topics ∩ grant.
+
+Every ``update`` event carries ``id: <watermark>``, so the browser's automatic reconnect
+resumes exactly where it stopped. Silence is broken by ``: heartbeat <watermark>`` comments.
+A client too slow to keep its feed drained is disconnected (it reconnects and resumes).
+
+Events (``data`` is one line of proto3 JSON)::
+
+    id: 124
+    event: update
+    data: {"docKey": ..., "projection": ..., "version": "7", "watermark": "124", ...}
+
+    event: reset            data: {"reason": "retention" | "epoch_changed", "epoch": ...}
+    id: 130
+    event: synced           data: {"watermark": "130", "epoch": ...}
+
+What this is not: a second protocol. The payloads are the WebSocket messages' bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Final
+
+import orjson
+import structlog
+from aiohttp import web
+
+from oa_sync_server.db import read_model
+from oa_sync_server.db.read_model import DocRow
+from oa_sync_server.fanout import LiveDoc
+from oa_sync_server.http_api import authenticate, bad_query, parse_topics
+from oa_sync_server.state import STATE
+
+__all__ = ["CATCH_UP_PAGE", "add_routes", "stream", "update_event"]
+
+CATCH_UP_PAGE: Final = 500
+_LAST_ID = re.compile(r"[0-9]{1,19}")
+
+_log = structlog.get_logger(__name__)
+
+
+def update_event(row: DocRow) -> bytes:
+    """The SSE ``update`` event of one document version (the proto3 JSON ``Update``)."""
+    data = orjson.dumps(
+        {
+            "docKey": row.doc_key,
+            "projection": row.projection,
+            "version": str(row.version),
+            "watermark": str(row.watermark),
+            "contentHash": row.content_hash,
+            "document": orjson.Fragment(row.body),
+        }
+    )
+    return b"id: %d\nevent: update\ndata: %b\n\n" % (row.watermark, data)
+
+
+def _live_event(live: LiveDoc) -> bytes:
+    cached = live.cache.get("sse")
+    if cached is None:
+        cached = live.cache["sse"] = update_event(live.row)
+    return cached
+
+
+def _control(event: str, body: dict[str, str], event_id: int | None = None) -> bytes:
+    head = b"id: %d\n" % event_id if event_id is not None else b""
+    return head + b"event: %b\ndata: %b\n\n" % (event.encode(), orjson.dumps(body))
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/stream?topic=…``: catch-up then live updates as Server-Sent Events."""
+    principal = await authenticate(request, "sync:read")
+    topics = parse_topics(request, principal)
+    patterns = read_model.effective_topics(topics, principal.grant)
+    raw_last = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
+    last: int | None = None
+    if raw_last:
+        if not _LAST_ID.fullmatch(raw_last.strip()):
+            raise bad_query("Last-Event-ID", "Last-Event-ID must be a watermark (an integer)")
+        last = int(raw_last.strip())
+    state = request.app[STATE]
+    limits = state.settings.limits
+    feed = state.hub.attach(limits.send_queue_messages)
+    state.streams.add(feed)
+    gauge = state.metrics.connections.labels(transport="sse")
+    gauge.inc()
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    try:
+        await response.prepare(request)
+        async with state.engine.connect() as conn:
+            meta = await read_model.read_meta(conn)
+            after = last
+            if last is not None and not meta.retained_from <= last <= meta.watermark:
+                reason = "retention" if last < meta.retained_from else "epoch_changed"
+                await response.write(_control("reset", {"reason": reason, "epoch": meta.epoch}))
+                after = None
+            high = meta.watermark
+            while True:
+                rows = await read_model.documents_matching(
+                    conn, topics, principal.grant, after=after, limit=CATCH_UP_PAGE
+                )
+                for row in rows:
+                    await response.write(update_event(row))
+                    state.metrics.updates_sent.labels(format="sse").inc()
+                    high = max(high, row.watermark)
+                if len(rows) < CATCH_UP_PAGE:
+                    break
+                after = rows[-1].watermark
+                await conn.rollback()  # the next page reads a fresh snapshot
+        await response.write(
+            _control("synced", {"watermark": str(high), "epoch": meta.epoch}, high)
+        )
+        sent = high
+        while time.time() < principal.expires_at:
+            try:
+                async with asyncio.timeout(limits.heartbeat_interval_s):
+                    live = await anext(feed, None)
+            except TimeoutError:
+                await response.write(b": heartbeat %d\n\n" % max(sent, state.hub.watermark))
+                continue
+            if live is None:
+                break
+            if live.row.watermark <= sent:
+                continue
+            sent = live.row.watermark
+            if any(p.matches(live.row.doc_key) for p in patterns):
+                await response.write(_live_event(live))
+                state.metrics.updates_sent.labels(format="sse").inc()
+        if feed.overflowed:
+            state.metrics.slow_consumer_disconnects.inc()
+            _log.info("sse_slow_consumer", subject=principal.subject)
+        elif feed.epoch_changed:
+            await response.write(
+                _control("reset", {"reason": "epoch_changed", "epoch": state.hub.epoch})
+            )
+    except ConnectionError:
+        pass  # the client went away
+    finally:
+        feed.close()
+        state.streams.discard(feed)
+        gauge.dec()
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    """Register ``GET /v1/stream`` on ``app``."""
+    app.router.add_get("/v1/stream", stream)
