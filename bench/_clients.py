@@ -9,6 +9,7 @@ receipt time taken in a subscriber can be subtracted.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import queue
 import time
 from collections.abc import Sequence
@@ -138,11 +139,122 @@ async def _subscribers(
                 continue
             if command == "stop":
                 break
+        dropped = sum(1 for task in readers if task.done())
         for task in readers:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
-    results.put(("records", records, received[0]))
+    results.put(("records", records, received[0], dropped))
+
+
+class Fleet:
+    """Subscriber processes driven from the parent: ``start`` until all synced, then ``stop``.
+
+    Args:
+        ws_url: the server's WebSocket URL.
+        token: the bearer token every socket authenticates with.
+        sets: one topic list per socket.
+        processes: how many client processes share the sockets (contiguous slices).
+        resume: a ``resume`` object sent with every subscription, if any.
+    """
+
+    def __init__(
+        self,
+        ws_url: str,
+        token: str,
+        sets: Sequence[Sequence[str]],
+        *,
+        processes: int,
+        resume: dict[str, Any] | None = None,
+    ) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._results = ctx.Queue()
+        self._controls = [ctx.Queue() for _ in range(processes)]
+        size = -(-len(sets) // processes)
+        self._procs = [
+            ctx.Process(
+                target=subscriber_process,
+                args=(ws_url, token),
+                kwargs={
+                    "topic_sets": list(sets[i * size : (i + 1) * size]),
+                    "control": control,
+                    "results": self._results,
+                    "resume": resume,
+                    "first_index": i * size,
+                },
+            )
+            for i, control in enumerate(self._controls)
+        ]
+
+    def start(self, timeout: float = 600) -> dict[str, Any]:
+        """Start the processes; wait until every socket is synced.
+
+        Returns:
+            ``connect_seconds`` (slowest process, first connect to last synced),
+            ``sync_seconds`` (per socket: subscribe sent to synced), ``bytes`` received so far
+            and ``sockets``.
+        """
+        for proc in self._procs:
+            proc.start()
+        connect, syncs, received, sockets = 0.0, [], 0, 0
+        try:
+            for _ in self._procs:
+                kind, count, seconds, sync_times, got = self._results.get(timeout=timeout)
+                assert kind == "ready", kind
+                connect = max(connect, seconds)
+                syncs.extend(sync_times)
+                received += got
+                sockets += count
+        except BaseException:
+            self.kill()
+            raise
+        return {
+            "connect_seconds": connect,
+            "sync_seconds": syncs,
+            "bytes": received,
+            "sockets": sockets,
+        }
+
+    def stop(self, timeout: float = 300) -> dict[str, Any]:
+        """Stop and collect ``records`` [(socket, doc_key, version, t)], ``bytes``, ``dropped``."""
+        for control in self._controls:
+            control.put("stop")
+        records: list[tuple[int, str, int, float]] = []
+        received = dropped = 0
+        try:
+            for _ in self._procs:
+                kind, chunk, got, lost = self._results.get(timeout=timeout)
+                assert kind == "records", kind
+                records.extend(chunk)
+                received += got
+                dropped += lost
+            for proc in self._procs:
+                proc.join(30)
+        finally:
+            self.kill()
+        return {"records": records, "bytes": received, "dropped": dropped}
+
+    def kill(self) -> None:
+        """Terminate any process still alive."""
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+
+
+async def welcome(ws_url: str, token: str) -> dict[str, Any]:
+    """Authenticate once and return the ``welcome`` frame (epoch, watermark)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(ws_url, protocols=(JSON_PROTOCOL,)) as ws,
+    ):
+        await ws.send_str(orjson.dumps({"authenticate": {"token": token}}).decode())
+        while True:
+            msg = await ws.receive(timeout=30)
+            data = orjson.loads(msg.data)
+            if "welcome" in data:
+                return dict(data["welcome"])
+            if "error" in data:
+                raise RuntimeError(str(data))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _clients import appender_process, doc_key, publisher_process, subscriber_process
+from _clients import Fleet, appender_process, doc_key, publisher_process
 from _common import (
     Result,
     admin_url,
@@ -93,30 +93,9 @@ def run_phase(
     burst_seq = start_seq + steady_events // docs
 
     ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    controls = [ctx.Queue() for _ in range(CLIENT_PROCESSES)]
-    size = -(-len(sets) // CLIENT_PROCESSES)
-    procs = [
-        ctx.Process(
-            target=subscriber_process,
-            args=(ws_url, bearer),
-            kwargs={
-                "topic_sets": sets[i * size : (i + 1) * size],
-                "control": control,
-                "results": results,
-                "first_index": i * size,
-            },
-        )
-        for i, control in enumerate(controls)
-    ]
-    for proc in procs:
-        proc.start()
+    fleet = Fleet(ws_url, bearer, sets, processes=CLIENT_PROCESSES)
     try:
-        connect_seconds = 0.0
-        for _ in procs:
-            kind, _count, seconds_taken, *_ = results.get(timeout=300)
-            assert kind == "ready"
-            connect_seconds = max(connect_seconds, seconds_taken)
+        connect_seconds = fleet.start()["connect_seconds"]
         server = psutil.Process(server_pid)
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             pool.submit(int).result()  # start the worker before timing anything
@@ -140,21 +119,11 @@ def run_phase(
                 **load_kwargs,
             ).result()
             time.sleep(drain_seconds())
-        for control in controls:
-            control.put("stop")
-        records: list[tuple[int, str, int, float]] = []
-        received = 0
-        for _ in procs:
-            kind, chunk_records, chunk_bytes = results.get(timeout=300)
-            assert kind == "records"
-            records.extend(chunk_records)
-            received += chunk_bytes
-        for proc in procs:
-            proc.join(30)
+        collected = fleet.stop()
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
+        fleet.kill()
+    records = collected["records"]
+    received = collected["bytes"]
     return {
         "connect_seconds": connect_seconds,
         "steady": steady,
