@@ -1,0 +1,158 @@
+"""The aiohttp application: :func:`create_app` wires settings, database, projector, fan-out, API.
+
+One :class:`ServerState` per app, under the typed key :data:`STATE`; no globals. Resources
+live in cleanup contexts, started in order and stopped in reverse:
+
+1. the engine (disposed on exit only when :func:`create_app` created it);
+2. the fan-out :class:`~oa_sync_server.fanout.Hub` (its LISTEN connection and reader task);
+3. the projector worker (``run_projector=True``), stopped by its stop event, then awaited;
+4. the configured extra sink (``OA_SYNC_SINK=http|tee``, :func:`~oa_sync_server.sinks.start_sink`)
+   beside the projector.
+
+On shutdown the WebSocket connections are closed with 1001 (``oa_sync_server.ws.close_all``)
+and the SSE streams end, before the cleanup contexts run, so a SIGTERM drains promptly.
+
+What this is not: the handlers (``http_api``, ``sse``, ``ws``) or the process entry point
+(``commands/serve.py`` opens the database and runs the app).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from oa_sync_server import http_api, openapi, sse
+from oa_sync_server.auth import TokenVerifier
+from oa_sync_server.config import Settings
+from oa_sync_server.db.engine import create_engine
+from oa_sync_server.db.event_log import PostgresEventLog
+from oa_sync_server.errors import ConfigError
+from oa_sync_server.fanout import Hub
+from oa_sync_server.keys import METRICS, SETTINGS, VERIFIER
+from oa_sync_server.metrics import Metrics
+from oa_sync_server.sinks import start_sink
+from oa_sync_server.state import STATE, ServerState
+from oa_sync_server.worker import ProjectorWorker
+from oa_sync_server.ws import close_all, sync_handler
+
+__all__ = ["STATE", "ServerState", "create_app"]
+
+_WORKER_STOP_TIMEOUT_S = 10.0
+
+_log = structlog.get_logger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: AsyncEngine | None = None,
+    run_projector: bool = True,
+) -> web.Application:
+    """Build the sync server application.
+
+    Args:
+        settings: validated settings; a JWT key must be configured (see
+            :meth:`Settings.require_jwt_key`).
+        engine: an engine on a migrated database. The caller keeps ownership. When ``None``,
+            the app creates one from ``settings.database_url`` and disposes of it.
+        run_projector: also run the projector worker in this process (one per database holds
+            the lease; others stand by).
+
+    Returns:
+        The application, ready for ``web.run_app`` or an ``AppRunner``.
+
+    Raises:
+        ConfigError: no engine given and no database URL configured, or no JWT key.
+    """
+    settings = settings.require_jwt_key()
+    owned = engine is None
+    if engine is None:
+        if settings.database_url is None:
+            raise ConfigError(
+                "OA_SYNC_DATABASE_URL",
+                "create_app needs an engine or a database URL (serve starts an embedded one)",
+            )
+        engine = create_engine(settings.database_url)
+    metrics = Metrics()
+    verifier = TokenVerifier(settings.jwt, metrics=metrics)
+    hub = Hub(engine, poll_interval_s=settings.poll_interval_s, metrics=metrics)
+    state = ServerState(
+        settings=settings,
+        engine=engine,
+        verifier=verifier,
+        metrics=metrics,
+        hub=hub,
+        event_log=PostgresEventLog(engine),
+        projector=(
+            ProjectorWorker(engine, poll_interval_s=settings.poll_interval_s)
+            if run_projector
+            else None
+        ),
+    )
+    app = web.Application(
+        client_max_size=settings.limits.max_body_bytes,
+        middlewares=[http_api.error_middleware],
+    )
+    app[STATE] = state
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[VERIFIER] = verifier
+
+    async def engine_context(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await verifier.close()
+        if owned:
+            await state.engine.dispose()
+
+    async def hub_context(app: web.Application) -> AsyncIterator[None]:
+        await hub.start()
+        yield
+        await hub.stop()
+
+    async def projector_context(app: web.Application) -> AsyncIterator[None]:
+        worker = state.projector
+        if worker is None:
+            yield
+            return
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop), name="oa-sync-projector")
+        yield
+        stop.set()
+        try:
+            async with asyncio.timeout(_WORKER_STOP_TIMEOUT_S):
+                await asyncio.shield(task)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            _log.error("projector_failed", error=type(task.exception()).__name__)
+
+    async def sink_context(app: web.Application) -> AsyncIterator[None]:
+        if state.projector is None:
+            yield
+            return
+        async with start_sink(settings, state.engine, metrics=metrics):
+            yield
+
+    async def on_shutdown(app: web.Application) -> None:
+        state.stopping.set()
+        for feed in list(state.streams):
+            feed.close()
+        await close_all(app)
+
+    app.cleanup_ctx.append(engine_context)
+    app.cleanup_ctx.append(hub_context)
+    app.cleanup_ctx.append(projector_context)
+    app.cleanup_ctx.append(sink_context)
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_get("/v1/sync", sync_handler)
+    http_api.add_routes(app)
+    sse.add_routes(app)
+    openapi.add_routes(app)
+    return app
