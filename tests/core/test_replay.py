@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -195,3 +200,17 @@ async def test_reprojection_scope_errors() -> None:
         await reproject(model, projection="runtime/nope")
     with pytest.raises(KeyError):
         await reproject(model, projection=RUN_SUMMARY, doc_key=W1[1])
+
+
+def test_the_readme_library_example_runs() -> None:
+    """The README's library example folds two events into the documented run summary."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"## Use it as a library.*?```python\n(.*?)```", readme, re.DOTALL)
+    assert match is not None, "README lost its library example"
+    out = subprocess.run(  # noqa: S603 - runs this interpreter on the README's own code
+        [sys.executable, "-c", match.group(1)], check=True, capture_output=True, text=True
+    ).stdout
+    body = ast.literal_eval(out.strip())
+    assert body["status"] == "RUNNING"
+    assert (body["runId"], body["agentId"], body["progressPercent"]) == ("r1", "a1", 40)
+    assert (body["stepCount"], body["lastEventPosition"]) == (1, "2")
