@@ -1,0 +1,75 @@
+"""``oa-sync serve --demo`` as a real process on the embedded Postgres: it prints a working
+token and command, becomes ready, shows live demo updates, and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+START_TIMEOUT_S = 60.0
+
+
+async def _read_until(stream: asyncio.StreamReader, pattern: re.Pattern[str]) -> re.Match[str]:
+    while True:
+        line = await stream.readline()
+        if not line:
+            raise AssertionError(f"output ended before {pattern.pattern!r}")
+        match = pattern.search(line.decode())
+        if match:
+            return match
+
+
+@pytest.mark.slow
+async def test_serve_demo_on_embedded_postgres(tmp_path: Path) -> None:
+    """serve --demo starts an embedded Postgres, answers /readyz 200, streams demo documents
+    to the printed token, and exits 0 on SIGTERM."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OA_SYNC_")}
+    env |= {"OA_SYNC_DATA_DIR": str(tmp_path / "data"), "OA_SYNC_LOG_FORMAT": "json"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "oa_sync_server.cli",
+        "serve",
+        "--demo",
+        "--port",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            url = (await _read_until(proc.stdout, re.compile(r"serving on (http://\S+)")))[1]
+            token = (await _read_until(proc.stdout, re.compile(r"demo token .*: (\S+)$")))[1]
+            tail = (await _read_until(proc.stdout, re.compile(r"oa-sync tail .*")))[0]
+            assert f"--url {url}" in tail
+            assert f"--token {token}" in tail
+            async with aiohttp.ClientSession(url) as http:
+                while True:
+                    async with http.get("/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                    await asyncio.sleep(0.1)  # polling readiness, bounded by the timeout
+                headers = {"Authorization": f"Bearer {token}"}
+                async with http.get(
+                    "/v1/stream", params={"topic": "runtime/run_summary:*"}, headers=headers
+                ) as resp:
+                    assert resp.status == 200
+                    async for line in resp.content:
+                        if line.startswith(b"event: update"):
+                            break
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
