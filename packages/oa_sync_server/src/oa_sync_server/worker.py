@@ -44,13 +44,21 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final, NoReturn
 
 import psycopg
 import sqlalchemy as sa
 import structlog
-from oa_sync_core import DEFAULT_PROJECTORS, ProjectionEngine, Projector
+from oa_sync_core import (
+    DEFAULT_PROJECTORS,
+    Checkpoint,
+    DocId,
+    DocumentState,
+    DocumentUpdate,
+    ProjectionEngine,
+    Projector,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -155,6 +163,7 @@ class ProjectorWorker:
         batch_size: most events per batch transaction.
         lease_ttl_s: how long the lease lasts without renewal.
         poll_interval_s: wake-up interval when no NOTIFY hint arrives.
+        cache_size: documents whose state is kept in memory between batches (0: none).
 
     Attributes:
         epoch: the fencing epoch of the lease we hold (0: none).
@@ -172,6 +181,7 @@ class ProjectorWorker:
         batch_size: int = 1000,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
         poll_interval_s: float = 1.0,
+        cache_size: int = 100_000,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -188,6 +198,9 @@ class ProjectorWorker:
         self.watermark = 0
         self.applied = 0
         self._hint = asyncio.Event()
+        self.cache_size = cache_size
+        self._cache: dict[DocId, DocumentState] = {}
+        self._cache_at = -1  # the last watermark when the cache was known to be exact
 
     def __repr__(self) -> str:
         return f"ProjectorWorker(name={self.name!r}, holder={self.holder!r}, epoch={self.epoch})"
@@ -235,6 +248,8 @@ class ProjectorWorker:
 
     def _lost(self) -> NoReturn:
         epoch, self.epoch = self.epoch, 0
+        self._cache.clear()
+        self._cache_at = -1
         log.warning("projector_lease_lost", name=self.name, holder=self.holder, epoch=epoch)
         raise LeaseLost(self.name, f"projector lease {self.name!r} was taken over")
 
@@ -281,7 +296,7 @@ class ProjectorWorker:
                 return 0
             last = await lock_watermarks(conn)
             await self._pause("locked", conn)
-            states = await load_states(conn, self.projection.route(events))
+            states = await self._states(conn, self.projection.route(events), last)
             result = self.projection.apply(events, states)
             written = await write_updates(conn, result.updates, only_newer=False, locked_at=last)
             await put_checkpoints(conn, result.checkpoints)
@@ -297,10 +312,41 @@ class ProjectorWorker:
             if written.updates:
                 await conn.execute(_NOTIFY, {"watermark": str(written.last_watermark)})
             await self._pause("written", conn)
+        self._remember(result.updates, result.checkpoints, written.last_watermark)
         if written.updates:
             self.watermark = written.last_watermark
         self.applied += len(events)
         return len(events)
+
+    async def _states(
+        self, conn: AsyncConnection, ids: list[DocId], last: int
+    ) -> dict[DocId, DocumentState]:
+        """Document states for a batch: from memory when still exact, else from the database.
+
+        Every document writer allocates watermarks under the watermark lock, so when the last
+        watermark is still the one our previous batch committed, nobody else has written a
+        document since and the cached states are exact. Otherwise the cache is dropped.
+        """
+        if last != self._cache_at:
+            self._cache.clear()
+        missing = [i for i in ids if i not in self._cache]
+        states = {i: self._cache[i] for i in ids if i in self._cache}
+        if missing:
+            states.update(await load_states(conn, missing))
+        return states
+
+    def _remember(
+        self, updates: Sequence[DocumentUpdate], advances: Sequence[Checkpoint], at: int
+    ) -> None:
+        if not self.cache_size:
+            return
+        if len(self._cache) + len(updates) > self.cache_size:
+            self._cache.clear()
+        for update, checkpoint in zip(updates, advances, strict=True):
+            self._cache[update.id] = DocumentState(
+                checkpoint=checkpoint, body=update.body, version=update.version
+            )
+        self._cache_at = at
 
     async def catch_up(self, *, wait_s: float | None = 60.0) -> int:
         """Run batches until every event committed before this call is projected.

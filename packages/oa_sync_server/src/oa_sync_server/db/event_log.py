@@ -35,6 +35,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
+import orjson
 import sqlalchemy as sa
 from oa_sync_core import ConcurrencyError, Event, NewEvent, validate_new_event
 from sqlalchemy.exc import IntegrityError
@@ -72,7 +73,7 @@ _KNOWN_KEYS = sa.text(
 )
 _NOTIFY = sa.text("SELECT pg_notify('oa_sync_events', '')")
 _READ = sa.text(
-    "SELECT position, stream_id, stream_seq, type, payload, recorded_at, "
+    "SELECT position, stream_id, stream_seq, type, CAST(payload AS text) AS payload, recorded_at, "
     "CAST(CAST(tx_id AS text) AS bigint) AS tx "
     "FROM oa_sync.events "
     "WHERE (tx_id, position) > (CAST(CAST(:tx AS text) AS xid8), :pos) "
@@ -83,7 +84,7 @@ _READ = sa.text(
     sa.column("stream_id", sa.Text),
     sa.column("stream_seq", sa.BigInteger),
     sa.column("type", sa.Text),
-    events.c.payload,
+    sa.column("payload", sa.Text),
     sa.column("recorded_at", sa.DateTime(timezone=True)),
     sa.column("tx", sa.BigInteger),
 )
@@ -142,7 +143,7 @@ async def read_committed(
             stream_id=r.stream_id,
             stream_seq=r.stream_seq,
             type=r.type,
-            payload=r.payload,
+            payload=orjson.loads(r.payload),
             recorded_at=r.recorded_at,
         )
         for r in rows

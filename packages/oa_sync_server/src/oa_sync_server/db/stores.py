@@ -18,8 +18,9 @@ update gets exactly one change row; ``documents.watermark`` is the watermark of 
 latest change. An update whose version is not newer than the stored one is dropped before any
 watermark is assigned (a replayed batch writes nothing).
 
-Bulk writes go through ``unnest`` of typed arrays: one statement and a handful of bound
-parameters per table and batch, whatever the batch size.
+Bulk writes send the whole batch as one JSON array parameter expanded by
+``jsonb_to_recordset`` (document bodies spliced in as their precomputed canonical bytes): one
+statement and one bound parameter per batch, whatever its size, and no per-row Python escaping.
 
 What this is not: the read side used by the sync server (:mod:`oa_sync_server.db.read_model`).
 """
@@ -30,6 +31,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
+import orjson
 import sqlalchemy as sa
 from oa_sync_core import Checkpoint, DocId, DocumentState, DocumentUpdate, StoredDocument
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -63,30 +65,28 @@ _LAST_WATERMARK = sa.text(
     "(SELECT max(watermark) FROM oa_sync.changes), "
     "(SELECT max(watermark) FROM oa_sync.documents), 0)"
 )
-_UPSERT_DOCUMENTS = sa.text(
-    "INSERT INTO oa_sync.documents "
+_WRITE_DOCUMENTS = sa.text(
+    "WITH r AS (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x("
+    "doc_key text, projection text, version bigint, watermark bigint, content_hash text, "
+    "body jsonb)), "
+    "d AS (INSERT INTO oa_sync.documents "
     "(doc_key, projection, version, watermark, content_hash, body, updated_at) "
-    "SELECT k, p, v, w, h, CAST(b AS jsonb), clock_timestamp() FROM unnest("
-    "CAST(:keys AS text[]), CAST(:projections AS text[]), CAST(:versions AS bigint[]), "
-    "CAST(:watermarks AS bigint[]), CAST(:hashes AS text[]), CAST(:bodies AS text[])"
-    ") AS u(k, p, v, w, h, b) "
+    "SELECT doc_key, projection, version, watermark, content_hash, body, clock_timestamp() "
+    "FROM r "
     "ON CONFLICT (doc_key) DO UPDATE SET projection = EXCLUDED.projection, "
     "version = EXCLUDED.version, watermark = EXCLUDED.watermark, "
     "content_hash = EXCLUDED.content_hash, body = EXCLUDED.body, "
-    "updated_at = EXCLUDED.updated_at"
-)
-_INSERT_CHANGES = sa.text(
+    "updated_at = EXCLUDED.updated_at) "
     "INSERT INTO oa_sync.changes (watermark, doc_key, projection, version, content_hash) "
-    "SELECT * FROM unnest(CAST(:watermarks AS bigint[]), CAST(:keys AS text[]), "
-    "CAST(:projections AS text[]), CAST(:versions AS bigint[]), CAST(:hashes AS text[]))"
+    "SELECT watermark, doc_key, projection, version, content_hash FROM r"
 )
 _UPSERT_CHECKPOINTS = sa.text(
     "INSERT INTO oa_sync.projection_checkpoints "
     "(projection, doc_key, last_position, projector_version, content_hash, version, updated_at) "
-    "SELECT p, k, l, pv, h, v, clock_timestamp() FROM unnest("
-    "CAST(:projections AS text[]), CAST(:keys AS text[]), CAST(:positions AS bigint[]), "
-    "CAST(:projector_versions AS integer[]), CAST(:hashes AS text[]), "
-    "CAST(:versions AS bigint[])) AS u(p, k, l, pv, h, v) "
+    "SELECT projection, doc_key, last_position, projector_version, content_hash, version, "
+    "clock_timestamp() FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x("
+    "projection text, doc_key text, last_position bigint, projector_version integer, "
+    "content_hash text, version bigint) "
     "ON CONFLICT (projection, doc_key) DO UPDATE SET last_position = EXCLUDED.last_position, "
     "projector_version = EXCLUDED.projector_version, content_hash = EXCLUDED.content_hash, "
     "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at"
@@ -126,7 +126,7 @@ _DOCUMENT_COLUMNS: Final = (
     documents.c.doc_key,
     documents.c.version,
     documents.c.content_hash,
-    documents.c.body,
+    sa.cast(documents.c.body, sa.Text).label("body"),  # parsed by orjson: several times faster
     documents.c.watermark,
 )
 
@@ -137,7 +137,7 @@ def _document(row: Any) -> StoredDocument:
         doc_key=row[1],
         version=row[2],
         content_hash=row[3],
-        body=row[4],
+        body=orjson.loads(row[4]),
         watermark=row[5],
     )
 
@@ -185,18 +185,20 @@ async def put_checkpoints(conn: AsyncConnection, advances: Iterable[Checkpoint])
     latest = {c.id: c for c in advances}
     if not latest:
         return
-    rows = list(latest.values())
-    await conn.execute(
-        _UPSERT_CHECKPOINTS,
-        {
-            "projections": [c.projection for c in rows],
-            "keys": [c.doc_key for c in rows],
-            "positions": [c.last_position for c in rows],
-            "projector_versions": [c.projector_version for c in rows],
-            "hashes": [c.content_hash for c in rows],
-            "versions": [c.version for c in rows],
-        },
+    rows = orjson.dumps(
+        [
+            {
+                "projection": c.projection,
+                "doc_key": c.doc_key,
+                "last_position": c.last_position,
+                "projector_version": c.projector_version,
+                "content_hash": c.content_hash,
+                "version": c.version,
+            }
+            for c in latest.values()
+        ]
     )
+    await conn.execute(_UPSERT_CHECKPOINTS, {"rows": rows.decode()})
 
 
 class Written:
@@ -248,32 +250,21 @@ async def write_updates(
     if not latest:
         return Written([], last)
     rows = list(latest.values())
-    watermarks = list(range(last + 1, last + 1 + len(rows)))
-    keys = [u.doc_key for u in rows]
-    projections = [u.projection for u in rows]
-    versions = [u.version for u in rows]
-    hashes = [u.content_hash for u in rows]
-    await conn.execute(
-        _UPSERT_DOCUMENTS,
-        {
-            "keys": keys,
-            "projections": projections,
-            "versions": versions,
-            "watermarks": watermarks,
-            "hashes": hashes,
-            "bodies": [u.canonical.decode() for u in rows],
-        },
+    watermarks = range(last + 1, last + 1 + len(rows))
+    payload = orjson.dumps(
+        [
+            {
+                "doc_key": u.doc_key,
+                "projection": u.projection,
+                "version": u.version,
+                "watermark": w,
+                "content_hash": u.content_hash,
+                "body": orjson.Fragment(u.canonical),
+            }
+            for u, w in zip(rows, watermarks, strict=True)
+        ]
     )
-    await conn.execute(
-        _INSERT_CHANGES,
-        {
-            "watermarks": watermarks,
-            "keys": keys,
-            "projections": projections,
-            "versions": versions,
-            "hashes": hashes,
-        },
-    )
+    await conn.execute(_WRITE_DOCUMENTS, {"rows": payload.decode()})
     return Written(list(zip(rows, watermarks, strict=True)), watermarks[-1])
 
 
