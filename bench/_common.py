@@ -64,6 +64,11 @@ def machine(conn_url: str | None = None) -> dict[str, Any]:
         with psycopg.connect(conn_url, autocommit=True) as conn:
             row = conn.execute("SHOW server_version").fetchone()
             facts["postgres"] = row[0] if row else "unknown"
+        facts["postgres_cluster"] = (
+            "private (pgserver, started by run_all)"
+            if os.environ.get("OA_SYNC_BENCH_PRIVATE_POSTGRES")
+            else "configured (OA_SYNC_BENCH_DATABASE_URL / OA_SYNC_TEST_DATABASE_URL)"
+        )
     return facts
 
 

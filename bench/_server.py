@@ -130,7 +130,7 @@ class ServerProcess(_Child):
             "OA_SYNC_LOG_LEVEL": "warning",
             "OA_SYNC_LOG_FORMAT": "json",
             "OA_SYNC_MAX_CONNECTIONS_PER_SUBJECT": "100000",
-            "OA_SYNC_POLL_INTERVAL_S": "1",
+            "OA_SYNC_POLL_INTERVAL_S": os.environ.get("BENCH_POLL", "1"),
             **{f"OA_SYNC_{k.upper()}": str(v) for k, v in env.items()},
         }
         cli = shutil.which("oa-sync", path=str(Path(sys.executable).parent))
