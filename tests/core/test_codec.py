@@ -157,6 +157,12 @@ def test_loads_strict_size_limit_counts_utf8_bytes() -> None:
     assert _code("[" + "1," * 1000 + "1]", max_bytes=1000) is CodecErrorCode.TOO_LARGE
 
 
+def test_loads_strict_text_with_a_lone_surrogate_is_a_codec_error_at_any_size() -> None:
+    """Measuring text that holds a lone surrogate raises CodecError, never UnicodeEncodeError."""
+    assert _code('"\ud800"', max_bytes=5) is CodecErrorCode.INVALID_ENCODING
+    assert _code('"\ud800' + "x" * 10 + '"', max_bytes=5) is CodecErrorCode.TOO_LARGE
+
+
 def test_loads_strict_accepts_plain_json() -> None:
     """Ordinary JSON, big integers within the digit limit and non-BMP text parse normally."""
     assert loads_strict(b'{"a": [1, 2.5, true, null, "\\ud83d\\ude00"]}', max_bytes=BIG) == {

@@ -215,7 +215,10 @@ def loads_strict(data: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPT
             ``not_finite``, ``duplicate_key`` or ``too_deep``.
     """
     size = len(data) if isinstance(data, bytes) else len(data) * 4
-    if size > max_bytes and (isinstance(data, bytes) or len(data.encode("utf-8")) > max_bytes):
+    # "surrogatepass": measuring must not raise on a lone surrogate (refused below, with a code).
+    if size > max_bytes and (
+        isinstance(data, bytes) or len(data.encode("utf-8", "surrogatepass")) > max_bytes
+    ):
         raise CodecError(CodecErrorCode.TOO_LARGE, f"message exceeds {max_bytes} bytes")
     if isinstance(data, bytes):
         try:
