@@ -23,7 +23,7 @@ from oa_sync_core.projectors import (
     RunSummaryProjector,
 )
 from oa_sync_core.replay import apply_plan, fold_log, plan_reprojection
-from oa_sync_core.sinks import MemorySink
+from oa_sync_core.sinks import MemorySink, StoredDocument
 from oa_sync_core.testing import FixedClock, event_sequences, fold_events, new_event
 
 PROPERTY = settings(max_examples=30, deadline=None)
@@ -42,6 +42,16 @@ LIFECYCLE = [
     new_event("run.step", "r1", progressPercent=50),
     new_event("run.canceled", "r2", reason="user"),
 ]
+
+
+GHOST = StoredDocument(
+    projection=RUN_SUMMARY,
+    doc_key=f"{RUN_SUMMARY}:ghost",
+    version=1,
+    content_hash="x",
+    body={"runId": "ghost"},
+)
+"""A document no event produces."""
 
 
 class RunSummaryV2(RunSummaryProjector):
@@ -136,6 +146,7 @@ async def test_reprojection_is_idempotent_and_equals_a_pure_fold(events: list[Ne
         model.corrupt(doc_id, body={"corrupted": True})
     reference = fold_events(model.log.events)
     model.sink.documents.pop(next(iter(reference), ("", "")), None)
+    model.sink.documents[GHOST.id] = GHOST
     await reproject(model)
     assert {k: (d.version, d.content_hash, d.body) for k, d in model.sink.documents.items()} == {
         k: (u.version, u.content_hash, u.body) for k, u in reference.items()
@@ -168,6 +179,31 @@ async def test_reproject_one_document_rewrites_only_it() -> None:
     assert after[W1] == before[W1]
     assert model.sink.documents[R2].body == fold_events(model.log.events)[R2].body
     assert await reproject(model, doc_key=R2[1]) == 0
+
+
+async def test_reprojection_deletes_orphans_in_scope() -> None:
+    """Documents and checkpoints the log does not produce are deleted, within the scope only."""
+    model = await read_model(LIFECYCLE)
+    model.sink.documents[GHOST.id] = GHOST
+    ghost_checkpoint = dataclasses.replace(
+        model.checkpoints.checkpoints[R1], doc_key=f"{RUN_SUMMARY}:ghost2"
+    )
+    await model.checkpoints.put_many([ghost_checkpoint])
+    plan = await plan_reprojection(
+        model.log, model.engine, model.sink, model.checkpoints, projection=WORKER_SUMMARY
+    )
+    assert plan.orphans == ()
+    plan = await plan_reprojection(
+        model.log, model.engine, model.sink, model.checkpoints, doc_key=GHOST.doc_key
+    )
+    assert (plan.rewrites, plan.orphans) == ((), (GHOST.id,))
+    assert await reproject(model) == 0
+    assert GHOST.id not in model.sink.documents
+    assert ghost_checkpoint.id not in model.checkpoints.checkpoints
+    report = await DriftDetector(model.engine).check(model.log, model.sink, model.checkpoints)
+    assert report.ok
+    plan = await plan_reprojection(model.log, model.engine, model.sink, model.checkpoints)
+    assert (plan.rewrites, plan.orphans, plan.unchanged) == ((), (), 3)
 
 
 async def test_reprojection_repairs_checkpoints_too() -> None:

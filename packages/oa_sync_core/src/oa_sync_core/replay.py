@@ -3,9 +3,10 @@
 :func:`fold_log` is the reference fold: every event from the start of the log through a fresh
 engine, giving the state each document *should* have. :func:`plan_reprojection` compares that
 with a read model and lists the documents to rewrite; rewriting only what differs makes
-reprojection idempotent (a healthy read model gets no writes and no spurious changes). The
-caller applies the plan in one transaction — :func:`apply_plan` does so for the in-memory
-adapters; the Postgres adapters apply it under the projector lease.
+reprojection idempotent (a healthy read model gets no writes and no spurious changes), and
+documents (or checkpoints) the log no longer produces are listed for deletion. The caller
+applies the plan in one transaction — :func:`apply_plan` does so for the in-memory adapters;
+the Postgres adapters apply it under the projector lease.
 
 This module holds no state and does no I/O beyond the ports it is given.
 """
@@ -100,11 +101,15 @@ class ReprojectionPlan:
         rewrites: documents (with their checkpoints) that differ from the read model.
         unchanged: documents already equal to the fold.
         events: events folded to make the plan.
+        orphans: documents in scope that the read model (or the checkpoint store) holds but
+            the log no longer produces (drift's ``orphaned``); applying the plan deletes them
+            and their checkpoints.
     """
 
     rewrites: tuple[tuple[DocumentUpdate, Checkpoint], ...]
     unchanged: int
     events: int
+    orphans: tuple[DocId, ...] = ()
 
 
 def _same(stored: StoredDocument | None, checkpoint: Checkpoint | None, ref: Checkpoint) -> bool:
@@ -144,6 +149,7 @@ async def plan_reprojection(
         KeyError: no projector for ``projection`` / ``doc_key``.
     """
     selected = engine.select(projection, doc_key)
+    selected_name = next(iter(selected.projectors)) if doc_key is not None else ""
     folded = await fold_log(source, selected, doc_key=doc_key, progress=progress)
     ids = list(folded.documents)
     stored = await documents.get_documents(ids)
@@ -156,13 +162,27 @@ async def plan_reprojection(
             unchanged += 1
         else:
             rewrites.append((update, reference))
-    return ReprojectionPlan(rewrites=tuple(rewrites), unchanged=unchanged, events=folded.events)
+    if doc_key is not None:
+        one = [(selected_name, doc_key)]
+        scope = set(await documents.get_documents(one)) | set(await checkpoints.get_many(one))
+    else:
+        scope = set()
+        for name in selected.projectors:
+            scope |= {d.id for d in await documents.all_documents(name)}
+            scope |= {c.id for c in await checkpoints.all(name)}
+    orphans = tuple(sorted(scope - set(folded.documents)))
+    return ReprojectionPlan(
+        rewrites=tuple(rewrites), unchanged=unchanged, events=folded.events, orphans=orphans
+    )
 
 
 async def apply_plan(
     plan: ReprojectionPlan, sink: MemorySink, checkpoints: MemoryCheckpointStore
 ) -> None:
     """Apply a plan to the in-memory adapters, overwriting whatever they hold."""
+    for doc_id in plan.orphans:
+        sink.documents.pop(doc_id, None)
+        checkpoints.checkpoints.pop(doc_id, None)
     for update, _ in plan.rewrites:
         sink.documents.pop(update.id, None)
         await sink.publish([update])
