@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import psycopg
+import sqlalchemy as sa
 from oa_sync_core.testing import new_event
-from oa_sync_server.fanout import Feed, LiveDoc
+from oa_sync_server.db.tables import sync_meta
+from oa_sync_server.fanout import Feed, Hub, LiveDoc
 
 from tests.live import LiveServer, make_live_server
 
@@ -93,3 +95,49 @@ async def test_terminated_listen_connection_reconnects_and_rereads(database_url:
         assert hub.listener_pid not in (None, old_pid)
         reconnects = server.state.metrics.listener_reconnects._value.get()
         assert reconnects >= 1
+
+
+async def test_poll_fallback_delivers_without_any_notify(live_server: LiveServer) -> None:
+    """A hub whose LISTEN connection can never be made still delivers, by polling."""
+    hub = Hub(
+        live_server.engine,
+        poll_interval_s=0.1,
+        listen_url="postgresql://nobody@127.0.0.1:1/none?connect_timeout=1",
+    )
+    await hub.start()
+    try:
+        feed = hub.attach(100)
+        await live_server.append([new_event("run.created", "polled")])
+        got = await take(feed, 1)
+        assert got[0].row.doc_key == "runtime/run_summary:polled"
+        assert not hub.listening.is_set()
+    finally:
+        await hub.stop()
+
+
+async def test_epoch_change_ends_feeds_and_rebases(live_server: LiveServer) -> None:
+    """When the log epoch changes, every feed ends with ``epoch_changed`` and the hub follows
+    the new epoch."""
+    hub = live_server.state.hub
+    feed = hub.attach(10)
+    async with live_server.engine.begin() as conn:
+        await conn.execute(
+            sa.update(sync_meta).where(sync_meta.c.key == "epoch").values(value="new-epoch")
+        )
+    hub.wake()
+    assert await take(feed, 1) == []
+    assert feed.epoch_changed
+    assert hub.epoch == "new-epoch"
+
+
+async def test_two_servers_on_one_database_both_deliver(database_url: str) -> None:
+    """Two server processes' worth of apps on one database: one projects, both deliver every
+    update to their own clients."""
+    async with make_live_server(database_url) as a, make_live_server(database_url) as b:
+        feed_a, feed_b = a.state.hub.attach(100), b.state.hub.attach(100)
+        await a.append([new_event("run.created", f"r{i}") for i in range(3)])
+        await b.append([new_event("worker.started", "w1")])
+        keys = {"runtime/run_summary:r0", "runtime/run_summary:r1", "runtime/run_summary:r2"}
+        keys.add("runtime/codex_worker_summary:w1")
+        assert {x.row.doc_key for x in await take(feed_a, 4)} == keys
+        assert {x.row.doc_key for x in await take(feed_b, 4)} == keys

@@ -129,6 +129,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             _control("synced", {"watermark": str(high), "epoch": meta.epoch}, high)
         )
         sent = high
+        latency = state.metrics.append_to_send_seconds
         while time.time() < principal.expires_at:
             try:
                 async with asyncio.timeout(limits.heartbeat_interval_s):
@@ -144,6 +145,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             if any(p.matches(live.row.doc_key) for p in patterns):
                 await response.write(_live_event(live))
                 state.metrics.updates_sent.labels(format="sse").inc()
+                if live.committed_at:
+                    latency.observe(max(0.0, time.time() - live.committed_at))
         if feed.overflowed:
             state.metrics.slow_consumer_disconnects.inc()
             _log.info("sse_slow_consumer", subject=principal.subject)
