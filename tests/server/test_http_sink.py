@@ -25,7 +25,7 @@ from oa_sync_core.codec import canonical_json, content_hash
 from oa_sync_core.projectors import RUN_SUMMARY, WORKER_SUMMARY
 from oa_sync_core.sinks import DocumentUpdate
 from oa_sync_server.cli import main
-from oa_sync_server.config import Secret, Settings, SinkKind
+from oa_sync_server.config import HttpSinkSettings, Secret, Settings, SinkKind
 from oa_sync_server.db.tables import changes, documents
 from oa_sync_server.errors import ConfigError
 from oa_sync_server.metrics import Metrics
@@ -49,6 +49,8 @@ from oa_sync_server.sinks.parity import ParityMetrics
 from oa_sync_server.sinks.signing import signature_headers, verify_signature
 from oa_sync_server.sinks.tables import http_sink_checkpoints
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.live import make_live_server
 
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret!"
 
@@ -503,3 +505,41 @@ async def test_library_http_sink_publishes_core_updates_once(receiver: Receiver)
         with pytest.raises(DeliveryRejectedError) as caught:
             await sink.publish([update(3)])
     assert (caught.value.status, caught.value.body) == (422, "refused 422")
+
+
+async def test_tee_server_delivers_projected_documents_in_parity(
+    database_url: str, engine: AsyncEngine, receiver: Receiver
+) -> None:
+    """A live server in tee mode projects appended events and the HTTP lane ends in parity."""
+    http = HttpSinkSettings(url=receiver.url, secret=Secret(SECRET))
+    async with make_live_server(
+        database_url, sink=SinkKind.TEE, http_sink=http, poll_interval_s=0.05
+    ) as server:
+        await server.append(
+            [
+                {"streamId": "run:t1", "type": "run.created", "payload": {"runId": "t1"}},
+                {"streamId": "run:t1", "type": "run.started", "payload": {"runId": "t1"}},
+                {"streamId": "run:t2", "type": "run.created", "payload": {"runId": "t2"}},
+            ]
+        )
+        await server.settle()
+        async with receiver.changed:
+            await asyncio.wait_for(
+                receiver.changed.wait_for(
+                    lambda: (
+                        {"runtime/run_summary:t1:2", "runtime/run_summary:t2:1"}
+                        <= set(receiver.effects)
+                    )
+                ),
+                10.0,
+            )
+        async with (
+            aiohttp.ClientSession(server.url) as session,
+            session.get("/metrics") as response,
+        ):
+            assert "oa_sync_parity_in_parity" in await response.text()
+    report = await compute_parity(engine)
+    assert report.in_parity
+    (runs,) = report.projections
+    assert (runs.primary_documents, runs.shadow_documents) == (2, 2)
+    assert receiver.effects["runtime/run_summary:t1:2"]["document"]["runId"] == "t1"
