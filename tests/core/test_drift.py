@@ -150,6 +150,16 @@ async def test_orphaned_document() -> None:
     assert report.documents_checked == 4
 
 
+async def test_orphaned_checkpoint() -> None:
+    """A checkpoint with no document, of a key the log does not produce, is orphaned too."""
+    model = await read_model(LIFECYCLE)
+    stray = dataclasses.replace(model.checkpoints.checkpoints[R1], doc_key=f"{RUN_SUMMARY}:gone")
+    await model.checkpoints.put_many([stray])
+    report = await check(model)
+    assert kinds(report) == [(DriftKind.ORPHANED, stray.id)]
+    assert report.items[0].detail == "a checkpoint of a document the log does not produce"
+
+
 async def test_check_one_projection() -> None:
     """Limiting the check to one projection ignores drift elsewhere."""
     model = await read_model(LIFECYCLE)

@@ -9,7 +9,7 @@ the :class:`DriftReport` lists every document that is
   projector version;
 * ``hash_mismatch`` — same version, different content, or a body that does not match its own
   stored hash (a corrupted row);
-* ``orphaned`` — the read model holds a document the log does not produce.
+* ``orphaned`` — the read model holds a document (or a checkpoint) the log does not produce.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ class DriftDetector:
             d.id: d for name in engine.projectors for d in await documents.all_documents(name)
         }
         items: list[DriftItem] = []
-        for doc_id in sorted(set(folded.documents) | set(stored)):
+        everything = set(folded.documents) | set(stored) | set(held)
+        for doc_id in sorted(everything):
             projection_name, key = doc_id
             ref = folded.checkpoints.get(doc_id)
             doc = stored.get(doc_id)
@@ -155,9 +156,10 @@ class DriftDetector:
             )
 
             if ref is None:
-                items.append(
-                    item(kind=DriftKind.ORPHANED, detail="the log produces no such document")
-                )
+                detail = "the log produces no such document"
+                if doc is None:
+                    detail = "a checkpoint of a document the log does not produce"
+                items.append(item(kind=DriftKind.ORPHANED, detail=detail))
                 continue
             if doc is None:
                 items.append(
@@ -195,6 +197,6 @@ class DriftDetector:
                 )
         return DriftReport(
             items=tuple(items),
-            documents_checked=len(set(folded.documents) | set(stored)),
+            documents_checked=len(everything),
             events_folded=folded.events,
         )
