@@ -72,10 +72,11 @@ def interleaved_events(total: int, streams: int, *, first_run: int = 0) -> list[
     return out
 
 
-def copy_events(url: str, events: list[NewEvent]) -> None:
+def copy_events(url: str, events: list[NewEvent], *, start_seq: int = 0) -> None:
     """Bulk-load ``events`` straight into ``oa_sync.events`` with COPY (setup, not the product).
 
-    Stream sequence numbers are assigned here in list order; the table's defaults give
+    Stream sequence numbers are assigned here in list order, after ``start_seq`` (the events
+    every stream already holds); the table's defaults give
     ``tx_id`` and ``recorded_at``. One transaction, so log order equals list order.
     """
     import json  # noqa: PLC0415
@@ -88,7 +89,7 @@ def copy_events(url: str, events: list[NewEvent]) -> None:
             "COPY oa_sync.events (stream_id, stream_seq, type, payload) FROM STDIN"
         ) as copy:
             for event in events:
-                seq = seqs.get(event.stream_id, 0) + 1
+                seq = seqs.get(event.stream_id, start_seq) + 1
                 seqs[event.stream_id] = seq
                 copy.write_row((event.stream_id, seq, event.type, json.dumps(event.payload)))
         conn.commit()

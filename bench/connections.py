@@ -1,0 +1,132 @@
+"""Connections: 10,000 authenticated idle WebSocket connections, each with one subscription.
+
+Figures: server RSS per connection (RSS with every socket synced minus RSS before, divided by
+the sockets), time to connect, authenticate, subscribe and sync them all (from two client
+processes, 200 handshakes in flight each), the server's CPU while they sit idle with
+heartbeats every ``heartbeat_s``, and how many the server dropped during the idle window.
+Same-run baseline: the bare aiohttp WebSocket server (``bench/_bare.py``) holding as many
+sockets subscribed the same way.
+
+Run alone: ``python bench/connections.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _clients import Fleet, doc_key
+from _common import (
+    Result,
+    admin_url,
+    bar_plot,
+    drop_database,
+    git_revision,
+    load_average,
+    machine,
+    quick,
+)
+from _load import copy_events, migrated_database, run_event
+from _server import BareProcess, ServerProcess, token
+
+DB_NAME = "oa_sync_bench_connections"
+CLIENT_PROCESSES = 2
+DOCS = 100
+
+
+def hold(server: Any, ws_url: str, bearer: str, sockets: int, idle_s: float) -> dict[str, float]:
+    """Open ``sockets`` subscribed sockets against ``server``; measure RSS, time and idle CPU."""
+    ps = server.ps
+    time.sleep(1.0)  # let start-up allocations settle before the reading
+    rss_before = ps.memory_info().rss
+    sets = [[doc_key(i % DOCS)] for i in range(sockets)]
+    fleet = Fleet(ws_url, bearer, sets, processes=CLIENT_PROCESSES)
+    try:
+        started = fleet.start()
+        rss_after = ps.memory_info().rss
+        cpu0, wall0 = ps.cpu_times(), time.monotonic()
+        time.sleep(idle_s)
+        cpu1, wall1 = ps.cpu_times(), time.monotonic()
+        rss_idle = ps.memory_info().rss
+        stopped = fleet.stop()
+    finally:
+        fleet.kill()
+    cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    return {
+        "sockets": started["sockets"],
+        "connect_all_seconds": started["connect_seconds"],
+        "connections_per_s": started["sockets"] / started["connect_seconds"],
+        "rss_before_mib": rss_before / 2**20,
+        "rss_connected_mib": rss_after / 2**20,
+        "rss_after_idle_mib": rss_idle / 2**20,
+        "rss_per_connection_kib": (max(rss_after, rss_idle) - rss_before) / sockets / 1024,
+        "idle_cpu_percent": 100 * cpu / (wall1 - wall0),
+        "idle_cpu_ms_per_connection_per_s": 1000 * cpu / (wall1 - wall0) / sockets,
+        "dropped_while_idle": stopped["dropped"],
+    }
+
+
+def main() -> int:
+    """Hold the connections on both servers; write bench/results/connections.json."""
+    sockets, idle_s, heartbeat_s = (100, 2.0, 1.0) if quick() else (10_000, 20.0, 5.0)
+    admin = admin_url()
+    facts = machine(admin)
+    load_before = load_average()
+    url = migrated_database(admin, DB_NAME)
+    try:
+        copy_events(url, [run_event(run, 0, 2) for run in range(DOCS)])
+        with ServerProcess(
+            url, heartbeat_interval_s=heartbeat_s, idle_timeout_s=600, auth_deadline_s=120
+        ) as server:
+            ours = hold(server, server.ws_url, token(), sockets, idle_s)
+        with BareProcess() as bare:
+            baseline = hold(bare, bare.ws_url, "unchecked", sockets, idle_s)
+    finally:
+        drop_database(admin, DB_NAME)
+    result = Result(
+        name="connections",
+        parameters={
+            "sockets": sockets,
+            "subscriptions_per_socket": 1,
+            "documents": DOCS,
+            "client_processes": CLIENT_PROCESSES,
+            "heartbeat_interval_s": heartbeat_s,
+            "idle_window_s": idle_s,
+            "subprotocol": "oa-sync.v1.json",
+            "git": git_revision(),
+            "load_average_before": load_before,
+            "load_average_after": load_average(),
+        },
+        figures=ours,
+        baseline={f"bare_{k}": v for k, v in baseline.items()},
+    )
+    result.baseline["ratio_rss_per_connection_vs_bare"] = (
+        ours["rss_per_connection_kib"] / baseline["rss_per_connection_kib"]
+        if baseline["rss_per_connection_kib"] > 0
+        else float("nan")
+    )
+    result.target(
+        "connections held by one process",
+        ours["sockets"] - ours["dropped_while_idle"],
+        at_least=10_000,
+    )
+    result.target(
+        "server memory per idle connection", ours["rss_per_connection_kib"], at_most=20, unit="KiB"
+    )
+    plot = bar_plot(
+        "connections",
+        ["server KiB/conn", "bare KiB/conn"],
+        [ours["rss_per_connection_kib"], baseline["rss_per_connection_kib"]],
+        "KiB RSS per idle connection",
+        f"{sockets:,} idle subscribed WebSockets",
+    )
+    result.write(facts, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
