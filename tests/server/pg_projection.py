@@ -13,7 +13,13 @@ from oa_sync_server.db.event_log import PostgresEventLog
 from oa_sync_server.db.tables import changes, checkpoints, documents, leases
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["assert_matches_fold", "expire_lease", "read_model", "wait_until"]
+__all__ = [
+    "assert_matches_fold",
+    "expire_lease",
+    "read_model",
+    "wait_for_horizon",
+    "wait_until",
+]
 
 
 async def wait_until(
@@ -25,6 +31,29 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
         await asyncio.sleep(0.02)
+
+
+async def wait_for_horizon(engine: AsyncEngine) -> None:
+    """Wait until every transaction in flight now has ended, anywhere on the server.
+
+    Transaction ids are cluster-wide: other test sessions sharing the server can hold the
+    gap-safe read horizon back for a moment; reads of "everything committed" wait for them.
+    """
+    async with engine.connect() as conn:
+        target = (
+            await conn.execute(
+                sa.text("SELECT CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text)")
+            )
+        ).scalar_one()
+
+    async def passed() -> bool:
+        async with engine.connect() as conn:
+            query = sa.text(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= CAST(CAST(:t AS text) AS xid8)"
+            )
+            return bool((await conn.execute(query, {"t": target})).scalar_one())
+
+    await wait_until(passed, within=60, what="the read horizon")
 
 
 async def read_model(engine: AsyncEngine) -> dict[str, Any]:
@@ -51,6 +80,7 @@ async def assert_matches_fold(engine: AsyncEngine) -> dict[str, Any]:
     Sound: watermarks 1..N with no gap; per document, versions strictly increase with the
     watermark; each document's watermark is that of its latest change.
     """
+    await wait_for_horizon(engine)
     folded = await fold_log(PostgresEventLog(engine), ProjectionEngine(DEFAULT_PROJECTORS))
     model = await read_model(engine)
     expected_docs = {

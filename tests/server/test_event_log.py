@@ -19,6 +19,8 @@ from oa_sync_server.db.event_log import (
 from oa_sync_server.db.tables import events
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.server.pg_projection import wait_for_horizon
+
 
 async def _count(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
@@ -27,7 +29,9 @@ async def _count(engine: AsyncEngine) -> int:
         )
 
 
-async def _read_all(engine: AsyncEngine) -> list[int]:
+async def _read_all(engine: AsyncEngine, *, wait: bool = True) -> list[int]:
+    if wait:
+        await wait_for_horizon(engine)
     async with engine.connect() as conn:
         found, _ = await read_committed(conn, LogCursor(), 10_000)
     return [e.position for e in found]
@@ -114,7 +118,7 @@ async def test_reads_stop_below_an_open_transaction(engine: AsyncEngine) -> None
         [first] = await log.append([new_event("run.created", "ra")], conn=a)
         [second] = await log.append([new_event("run.created", "rb")])
         assert second > first
-        assert await _read_all(engine) == []
+        assert await _read_all(engine, wait=False) == []
         await a.commit()
     assert await _read_all(engine) == [first, second]
 
@@ -136,6 +140,7 @@ async def test_cursor_reads_in_log_order_batch_by_batch(engine: AsyncEngine) -> 
     log = PostgresEventLog(engine)
     for i in range(5):
         await log.append([new_event("run.created", f"r{i}"), new_event("run.started", f"r{i}")])
+    await wait_for_horizon(engine)
     seen = [e.position async for batch in log.batches(batch_size=3) for e in batch]
     assert seen == sorted(seen)
     assert len(seen) == 10

@@ -13,7 +13,8 @@ transaction:
    :class:`~oa_sync_core.ConcurrencyError`; a last row written by a *newer* transaction than
    ours raises :class:`StreamOrderConflict` (the per-stream order guard: it keeps log order,
    ``(tx_id, position)``, equal to ``stream_seq`` order within each stream);
-4. inserts the batch with one multi-row ``INSERT ... RETURNING``;
+4. inserts the batch with one ``INSERT ... SELECT FROM jsonb_to_recordset(:rows) RETURNING``
+   (one bound parameter whatever the batch size; positions follow batch order);
 5. ``pg_notify('oa_sync_events', '')`` — transactional, so it is delivered only on commit.
 
 With ``conn=None`` the log runs its own transaction and retries a few times on
@@ -54,9 +55,6 @@ __all__ = [
 EVENTS_CHANNEL: Final = "oa_sync_events"
 """NOTIFY channel hinting that events were appended (carries no data)."""
 
-MAX_ROWS_PER_INSERT: Final = 5000
-"""Rows per INSERT statement (6 bound parameters each stays below Postgres's 65,535)."""
-
 _LOCK = sa.text(
     "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) "
     "FROM (SELECT k FROM unnest(CAST(:keys AS text[])) AS k ORDER BY k) AS sorted_keys"
@@ -72,6 +70,15 @@ _KNOWN_KEYS = sa.text(
     "WHERE idempotency_key = ANY(CAST(:keys AS text[]))"
 )
 _NOTIFY = sa.text("SELECT pg_notify('oa_sync_events', '')")
+_INSERT = sa.text(
+    "INSERT INTO oa_sync.events (stream_id, stream_seq, type, payload, idempotency_key) "
+    "SELECT stream_id, stream_seq, type, payload, idempotency_key "
+    "FROM ROWS FROM (jsonb_to_recordset(CAST(:rows AS jsonb)) AS ("
+    "stream_id text, stream_seq bigint, type text, payload jsonb, idempotency_key text)) "
+    "WITH ORDINALITY AS x(stream_id, stream_seq, type, payload, idempotency_key, n) "
+    "ORDER BY n "
+    "RETURNING stream_id, stream_seq, position, idempotency_key"
+)
 _READ = sa.text(
     "SELECT position, stream_id, stream_seq, type, CAST(payload AS text) AS payload, recorded_at, "
     "CAST(CAST(tx_id AS text) AS bigint) AS tx "
@@ -241,19 +248,10 @@ class PostgresEventLog:
             slots.append((event.stream_id, current + 1))
         placed: dict[tuple[str, int], int] = {}
         by_key: dict[str, int] = {}
-        for start in range(0, len(rows), MAX_ROWS_PER_INSERT):
-            chunk = rows[start : start + MAX_ROWS_PER_INSERT]
-            statement = (
-                sa.insert(events)
-                .values(chunk)
-                .returning(
-                    events.c.stream_id,
-                    events.c.stream_seq,
-                    events.c.position,
-                    events.c.idempotency_key,
-                )
-            )
-            for row in await conn.execute(statement):
+        if rows:
+            # One statement, one parameter: the batch as a JSON array, in batch order.
+            found = await conn.execute(_INSERT, {"rows": orjson.dumps(rows).decode()})
+            for row in found:
                 placed[row.stream_id, row.stream_seq] = row.position
                 if row.idempotency_key is not None:
                     by_key[row.idempotency_key] = row.position
