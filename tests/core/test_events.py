@@ -118,6 +118,26 @@ def test_unknown_types_need_only_a_json_object() -> None:
     assert event.payload == payload
 
 
+async def test_recorded_payloads_do_not_alias_the_callers_dict() -> None:
+    """Mutating a payload after appending it changes nothing in the log, for any type."""
+    log = MemoryEventLog(clock=FixedClock())
+    unknown: dict[str, Any] = {"note": {"a": [1]}}
+    known: dict[str, Any] = {"workerId": "w1", "error": {"code": "x"}}
+    await log.append(
+        [
+            NewEvent(stream_id="audit:a1", type="audit.note", payload=unknown),
+            NewEvent(stream_id="worker:w1", type="worker.failed", payload=known),
+        ]
+    )
+    unknown["note"]["a"].append(2)
+    unknown["extra"] = True
+    known["error"]["code"] = "y"
+    assert [e.payload for e in log.events] == [
+        {"note": {"a": [1]}},
+        {"workerId": "w1", "error": {"code": "x"}},
+    ]
+
+
 def test_payload_size_limit_is_inclusive() -> None:
     """A payload whose canonical bytes are exactly the limit is accepted."""
     overhead = len(b'{"n":""}')

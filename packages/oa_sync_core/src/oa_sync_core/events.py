@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Final, Protocol
@@ -182,6 +183,9 @@ def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent
         raise EventValidationError(
             f"payload exceeds {MAX_PAYLOAD_BYTES} bytes", index=index, field="payload"
         )
+    if message_cls is None:
+        # A fresh copy, so a caller mutating its dict later cannot rewrite a recorded event.
+        payload = json.loads(encoded)
     kind, _, stream_key = event.stream_id.partition(":")
     id_field = _ID_FIELDS.get(event.type.partition(".")[0])
     if message_cls is not None and id_field is not None:
