@@ -419,6 +419,7 @@ async def test_start_sink_delivers_in_the_background_and_stops(
     assert runtime.parity is not None
     text = metrics.render()[0].decode()
     assert f'oa_sync_parity_documents{{lane="shadow",projection="{RUN_SUMMARY}"}} 1.0' in text
+    assert 'oa_sync_http_sink_deliveries_total{outcome="delivered"} 1.0' in text
     async with start_sink(Settings.from_env({}), engine) as idle:
         assert idle.loop is None
     with pytest.raises(ConfigError, match=r"^OA_SYNC_HTTP_SINK_CONNECT_TIMEOUT_S: "):

@@ -47,7 +47,12 @@ from oa_sync_server.sinks.http import (
     Rejected,
     RetryPolicy,
 )
-from oa_sync_server.sinks.parity import ParityMetrics, ParityReport, compute_parity
+from oa_sync_server.sinks.parity import (
+    DeliveryMetrics,
+    ParityMetrics,
+    ParityReport,
+    compute_parity,
+)
 from oa_sync_server.sinks.selection import SinkPlan, plan_sinks
 from oa_sync_server.sinks.signing import verify_signature
 
@@ -56,6 +61,7 @@ __all__ = [
     "DEFAULT_SINK",
     "DeadLetter",
     "Delivered",
+    "DeliveryMetrics",
     "DeliveryPass",
     "DeliveryRequest",
     "HttpDeliveryClient",
@@ -87,7 +93,7 @@ class SinkRuntime:
     Attributes:
         plan: the validated sink plan.
         loop: the HTTP delivery loop, or ``None`` when no HTTP lane runs.
-        parity: the parity gauges, when metrics were given and an HTTP lane runs.
+        parity: the parity gauges, when metrics were given and this is a tee run.
     """
 
     plan: SinkPlan
@@ -108,7 +114,8 @@ async def start_sink(
     """Run the configured sink beside the Postgres read model for the duration of the block.
 
     For ``http`` and ``tee`` a background task runs :meth:`HttpDeliveryLoop.run`; on exit it is
-    stopped (a backoff wait ends at once) and awaited. In ``tee`` mode with ``metrics``, the
+    stopped (a backoff wait ends at once) and awaited. With ``metrics``, the loop's counters
+    (:class:`DeliveryMetrics`) are registered on ``metrics.registry``; in ``tee`` mode the
     parity gauges (:class:`ParityMetrics`) are registered on ``metrics.registry`` and refreshed
     after a pass at most every ``parity_refresh_s``. For ``postgres`` and ``noop`` nothing runs.
 
@@ -137,12 +144,14 @@ async def start_sink(
         _log.info("sink_selected", sink=plan.kind.value, http_lane=False)
         yield SinkRuntime(plan=plan)
         return
-    parity = ParityMetrics(metrics.registry) if metrics and plan.is_parity_run else None
+    parity = ParityMetrics(metrics.registry) if metrics is not None and plan.is_parity_run else None
+    counters = DeliveryMetrics(metrics.registry) if metrics is not None else None
     refreshed_at = float("-inf")
 
     async def after_pass(done: DeliveryPass) -> None:
         nonlocal refreshed_at
-        del done
+        if counters is not None:
+            counters.record(done)
         now = time.monotonic()
         if parity is None or now - refreshed_at < parity_refresh_s:
             return

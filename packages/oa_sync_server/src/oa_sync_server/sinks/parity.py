@@ -14,7 +14,8 @@ sent). :func:`compute_parity` compares the two, per projection:
 * ``dead_letters``: updates the receiver refused.
 
 The run is *in parity* when none of ``behind``, ``hash_mismatches`` or ``dead_letters`` is
-non-zero. :class:`ParityMetrics` exports the same figures as Prometheus gauges.
+non-zero. :class:`ParityMetrics` exports the same figures as Prometheus gauges;
+:class:`DeliveryMetrics` counts what the delivery loop did (both ``http`` and ``tee``).
 
 What this is not: a comparison of document bodies across lanes (the receiver's store is not
 readable from here; the echoed hash stands for it), nor the delivery loop (``delivery.py``).
@@ -27,14 +28,15 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.db.tables import documents
-from oa_sync_server.sinks.delivery import DEFAULT_SINK
+from oa_sync_server.sinks.delivery import DEFAULT_SINK, DeliveryPass
 from oa_sync_server.sinks.tables import http_sink_dead_letters, http_sink_parity
 
 __all__ = [
+    "DeliveryMetrics",
     "Divergence",
     "ParityMetrics",
     "ParityReport",
@@ -322,3 +324,47 @@ class ParityMetrics:
             self.hash_mismatches.labels(projection=name).set(p.hash_mismatches)
             self.dead_letters.labels(projection=name).set(p.dead_letters)
         self.in_parity.set(1 if report.in_parity else 0)
+
+
+class DeliveryMetrics:
+    """What the HTTP delivery loop did, as Prometheus metrics on a given registry.
+
+    ``http_sink_deliveries_total{outcome}`` counts documents ``delivered`` (2xx) and
+    ``dead_lettered``; ``http_sink_blocked_passes_total`` counts passes stopped by exhausted
+    retries; ``http_sink_checkpoint_watermark`` is the change-log watermark delivered up to.
+
+    Args:
+        registry: the app's registry (``Metrics.registry``); create one instance per registry.
+        namespace: the metric name prefix.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, namespace: str = "oa_sync") -> None:
+        self.deliveries = Counter(
+            "http_sink_deliveries",
+            "Documents the HTTP sink delivered or dead-lettered.",
+            ["outcome"],
+            namespace=namespace,
+            registry=registry,
+        )
+        self.blocked_passes = Counter(
+            "http_sink_blocked_passes",
+            "Delivery passes stopped by exhausted retries.",
+            namespace=namespace,
+            registry=registry,
+        )
+        self.checkpoint = Gauge(
+            "http_sink_checkpoint_watermark",
+            "Change-log watermark the HTTP sink delivered up to.",
+            namespace=namespace,
+            registry=registry,
+        )
+
+    def record(self, done: DeliveryPass) -> None:
+        """Account for one completed pass (a locked-out pass changes nothing)."""
+        if done.locked_out:
+            return
+        self.deliveries.labels(outcome="delivered").inc(done.delivered)
+        self.deliveries.labels(outcome="dead_lettered").inc(done.dead_lettered)
+        if done.blocked is not None:
+            self.blocked_passes.inc()
+        self.checkpoint.set(done.checkpoint)
