@@ -292,3 +292,14 @@ async def test_health_readiness_and_metrics(live_server: LiveServer) -> None:
             assert resp.status == 200
             assert "oa_sync_projector_lag_events 0.0" in text
             assert 'oa_sync_http_requests_total{route="/readyz",status="200"}' in text
+
+
+async def test_unexpected_failure_is_a_bare_500(live_server: LiveServer) -> None:
+    """A database failure inside a handler answers 500 ``internal`` without any detail."""
+    token = live_server.token()
+    async with live_server.engine.begin() as conn:
+        await conn.execute(sa.text("ALTER TABLE oa_sync.documents RENAME TO documents_gone"))
+    async with aiohttp.ClientSession(live_server.url) as s:
+        status, body = await call(s, "GET", "/v1/docs/runtime/run_summary:r1", token=token)
+    assert status == 500
+    assert body == {"error": {"code": "internal", "message": "internal error"}}

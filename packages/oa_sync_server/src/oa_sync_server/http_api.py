@@ -52,6 +52,7 @@ from oa_sync_server.state import STATE, ServerState
 
 __all__ = [
     "DEFAULT_CHANGES_LIMIT",
+    "LAG_COUNT_CAP",
     "MAX_CHANGES_LIMIT",
     "READY_MAX_LAG_S",
     "StaleCursorError",
@@ -74,12 +75,18 @@ _BEARER = re.compile(r"Bearer +(\S+)", re.IGNORECASE)
 
 _log = structlog.get_logger(__name__)
 
+LAG_COUNT_CAP: Final = 100_000
+"""Projector lag in events is counted up to this many (the count stays an index range scan)."""
+
 _LAG = sa.text(
     "SELECT count(*) AS n, "
-    "COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(e.recorded_at)), 0) AS age "
-    "FROM oa_sync.events e "
-    "LEFT JOIN oa_sync.projector_leases l ON l.name = :name "
-    "WHERE l.name IS NULL OR (e.tx_id, e.position) > (l.cursor_tx_id, l.cursor_position)"
+    "COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(s.recorded_at)), 0) AS age "
+    "FROM (SELECT e.recorded_at FROM oa_sync.events e "
+    "WHERE (e.tx_id, e.position) > ("
+    "COALESCE((SELECT l.cursor_tx_id FROM oa_sync.projector_leases l WHERE l.name = :name), "
+    "CAST('0' AS xid8)), "
+    "COALESCE((SELECT l.cursor_position FROM oa_sync.projector_leases l WHERE l.name = :name), 0)"
+    ") ORDER BY e.tx_id, e.position LIMIT :cap) AS s"
 )
 
 
@@ -330,7 +337,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def projector_lag(state: ServerState) -> tuple[int, float]:
     """Events not yet projected and the age in seconds of the oldest of them."""
     async with state.engine.connect() as conn:
-        row = (await conn.execute(_LAG, {"name": "default"})).one()
+        row = (await conn.execute(_LAG, {"name": "default", "cap": LAG_COUNT_CAP})).one()
     return int(row.n), float(row.age)
 
 
