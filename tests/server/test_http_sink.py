@@ -304,6 +304,8 @@ async def test_receiver_verifies_signature_and_refuses_a_tampered_body(
     assert receiver.effect_count == 1
     now = time.time()
     assert not verify_signature(b"x" * 32, headers, good.body, now=now)
+    odd = {**headers, "X-OA-Sync-Timestamp": "\u00b2"}
+    assert not verify_signature(SECRET.encode(), odd, good.body, now=now)
     stale = signature_headers(SECRET.encode(), int(now) - 3600, good.body)
     assert not verify_signature(SECRET.encode(), stale, good.body, now=now)
 
@@ -467,6 +469,7 @@ def test_retry_after_parsing_and_backoff_bounds() -> None:
     assert parse_retry_after("2", now=0.0) == 2.0
     assert parse_retry_after("Thu, 01 Jan 1970 00:00:10 GMT", now=4.0) == 6.0
     assert parse_retry_after("soon", now=0.0) is None
+    assert parse_retry_after("\u00b2", now=0.0) is None  # a digit, but not an ASCII one
     assert parse_retry_after(None, now=0.0) is None
     policy = RetryPolicy(base_s=0.5, cap_s=4.0)
     rng = random.Random(1)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import email.utils
 import random
 import time
@@ -155,14 +156,14 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return float(int(text[:9]))
     try:
         moment = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
     if moment.tzinfo is None:  # obsolete forms without a zone mean GMT
-        return None
+        moment = moment.replace(tzinfo=dt.UTC)
     return max(0.0, moment.timestamp() - now)
 
 

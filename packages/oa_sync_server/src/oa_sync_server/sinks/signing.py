@@ -88,7 +88,7 @@ def verify_signature(
         signature in the header matches (compared in constant time).
     """
     raw_ts = headers.get(TIMESTAMP_HEADER, "")
-    if not raw_ts.isdigit() or len(raw_ts) > 12:
+    if not (raw_ts.isascii() and raw_ts.isdigit()) or len(raw_ts) > 12:
         return False
     timestamp = int(raw_ts)
     if abs(now - timestamp) > tolerance_s:
