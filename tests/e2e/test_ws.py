@@ -33,6 +33,7 @@ from oa_sync_core.wire import (
 )
 from oa_sync_server.config import Limits
 from oa_sync_server.db.tables import sync_meta
+from oa_sync_server.ws import close_all
 
 from tests.live import LiveServer, make_live_server
 
@@ -408,3 +409,53 @@ async def test_shutdown_closes_1001(database_url: str) -> None:
             closed = asyncio.create_task(client.closed_with())  # a client keeps reading
         assert await closed == 1001
         await ws.close()
+
+
+async def test_epoch_change_while_connected_resets_and_resnapshots(
+    live_server: LiveServer,
+) -> None:
+    """A rebuild's new epoch reaches connected clients: reset, snapshot, synced, then live."""
+    await live_server.append(runs("a"))
+    await live_server.settle()
+    async with connect(live_server) as client:
+        await client.send(Subscribe("s", (RUN + "*",)))
+        await client.until_synced("s")
+        async with live_server.engine.begin() as conn:
+            await conn.execute(
+                sa.update(sync_meta).where(sync_meta.c.key == "epoch").values(value="rebuilt")
+            )
+        live_server.state.hub.wake()
+        frames, synced = await client.until_synced("s")
+        assert frames[0] == Reset(subscription_id="s", reason="epoch_changed", epoch="rebuilt")
+        assert [f.doc_key for f in frames[1:] if isinstance(f, UpdateFrame)] == [RUN + "a"]
+        assert synced.epoch == "rebuilt"
+        await live_server.append(runs("b"))
+        (update,) = await client.updates(1)
+        assert update.doc_key == RUN + "b"
+
+
+async def test_connections_per_subject_and_gauges(database_url: str) -> None:
+    """A subject over its connection limit is closed 4429 (429 with a header token); the
+    connection and subscription gauges return to zero when clients leave."""
+    async with make_live_server(database_url, limits=Limits(max_connections_per_subject=1)) as s:
+        metrics = s.state.metrics
+        async with connect(s) as first:
+            await first.send(Subscribe("s", ("*",)))
+            await first.until_synced("s")
+            assert metrics.subscriptions._value.get() == 1
+            async with connect(s, authenticate=False) as second:
+                await second.send(Authenticate(s.token()))
+                assert await second.closed_with() == 4429
+            async with aiohttp.ClientSession() as http:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(
+                        s.ws_url,
+                        protocols=(WireFormat.JSON.value,),
+                        headers={"Authorization": f"Bearer {s.token()}"},
+                    )
+                assert refused.value.status == 429
+            async with connect(s, token=s.token(subject="other")):
+                pass
+        await close_all(s.app)  # waits for the handlers of the clients that left to finish
+        assert metrics.connections.labels(transport="ws")._value.get() == 0
+        assert metrics.subscriptions._value.get() == 0
