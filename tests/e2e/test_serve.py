@@ -12,6 +12,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from oa_sync_server.auth import TokenVerifier
+from oa_sync_server.cli import main
+from oa_sync_server.config import JwtSettings, Secret
 
 START_TIMEOUT_S = 60.0
 
@@ -73,3 +76,26 @@ async def test_serve_demo_on_embedded_postgres(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_token_command_mints_a_verifiable_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``oa-sync token`` prints one token the server verifies with the same secret; without a
+    secret, or with a bad topic, it exits 2 with one line."""
+    secret = "d" * 40
+    monkeypatch.setenv("OA_SYNC_JWT_HS256_SECRET", secret)
+    argv = ["token", "--sub", "alice", "--topic", "runtime/run_summary:*"]
+    assert main([*argv, "--scope", "sync:append", "--ttl", "60"]) == 0
+    token = capsys.readouterr().out.strip()
+    principal = await TokenVerifier(JwtSettings(hs256_secret=Secret(secret))).verify(token)
+    assert principal.subject == "alice"
+    assert principal.scopes == frozenset({"sync:append"})
+    assert principal.grant.allows("runtime/run_summary:r1")
+    assert not principal.grant.allows("runtime/codex_worker_summary:w1")
+    assert main(["token", "--topic", "bad topic"]) == 2
+    monkeypatch.delenv("OA_SYNC_JWT_HS256_SECRET")
+    assert main(["token"]) == 2
+    err = capsys.readouterr().err
+    assert "OA_SYNC_JWT_HS256_SECRET" in err
+    assert secret not in err

@@ -4,6 +4,7 @@ Last-Event-ID without a gap, reset, grant filtering, and the same changes as /v1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
@@ -74,11 +75,18 @@ class Stream:
 
 
 async def open_stream(
-    session: aiohttp.ClientSession, token: str, topics: list[str], last_id: str | None = None
+    session: aiohttp.ClientSession,
+    token: str,
+    topics: list[str],
+    last_id: str | None = None,
+    *,
+    base: str = "",
 ) -> Stream:
     """GET /v1/stream, checked to be an event stream."""
     headers = auth(token) | ({"Last-Event-ID": last_id} if last_id is not None else {})
-    resp = await session.get("/v1/stream", params=[("topic", t) for t in topics], headers=headers)
+    resp = await session.get(
+        base + "/v1/stream", params=[("topic", t) for t in topics], headers=headers
+    )
     assert resp.status == 200, await resp.text()
     assert resp.content_type == "text/event-stream"
     return Stream(resp)
@@ -213,3 +221,17 @@ async def test_heartbeat_comments_when_idle(database_url: str) -> None:
         assert comment.event == "comment"
         assert comment.data == "heartbeat 0"
         stream.resp.close()
+
+
+async def test_streams_end_cleanly_on_shutdown(database_url: str) -> None:
+    """Shutting the server down ends an open stream promptly and cleanly."""
+    async with aiohttp.ClientSession() as s, contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(make_live_server(database_url))
+        stream = await open_stream(s, server.token(), ["*"], base=server.url)
+        await stream.until_synced()
+        closing = asyncio.create_task(stack.aclose())
+        async with asyncio.timeout(WAIT_S):
+            rest = [e async for e in stream.events]
+            await closing
+        assert [e for e in rest if e.event != "comment"] == []
+        assert server.state.stopping.is_set()
