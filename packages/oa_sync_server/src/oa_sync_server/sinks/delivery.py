@@ -1,10 +1,11 @@
-"""The HTTP delivery loop: follows the ``changes`` log and POSTs each changed document.
+"""The HTTP delivery loop: follows the read model in watermark order and POSTs each change.
 
 Theory of operation. The Postgres read model (``documents`` + ``changes``, written by the
 projector worker) is the projection state. This loop is a *follower* of it with its own
-checkpoint (``http_sink_checkpoints``): it reads change rows after that watermark in watermark
-order, reads each changed document's *current* row, and POSTs it with
-:class:`~oa_sync_server.sinks.http.HttpDeliveryClient`.
+checkpoint (``http_sink_checkpoints``, a change-log watermark): it reads the documents whose
+``watermark`` (that of their latest change) is above the checkpoint, in watermark order —
+the coalesced change log, which pruning ``changes`` for retention cannot shorten — and POSTs
+each with :class:`~oa_sync_server.sinks.http.HttpDeliveryClient`.
 
 * Coalescing: a document changed three times since the checkpoint is delivered once, at its
   latest version; the skipped intermediate versions are never sent. A legacy receiver sees
@@ -12,7 +13,7 @@ order, reads each changed document's *current* row, and POSTs it with
 * Per-document order: ``http_sink_parity.shadow_version`` is the last version acknowledged;
   a document whose acknowledged version is the same or newer is skipped, so an older version
   is never sent after a newer one, also across restarts.
-* Checkpoint: advanced to a change's watermark only after its document got a 2xx, or after a
+* Checkpoint: advanced to a document's watermark only after it got a 2xx, or after a
   non-retryable refusal was written to ``http_sink_dead_letters`` (same transaction as the
   parity row). A crash between the 2xx and that commit re-sends the same ``docKey:version``
   on restart: the idempotency key lets the receiver drop the repeat.
@@ -43,7 +44,7 @@ import structlog
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.db.tables import changes, documents, sync_meta
+from oa_sync_server.db.tables import documents, sync_meta
 from oa_sync_server.sinks.http import (
     Delivered,
     DeliveryRequest,
@@ -72,7 +73,7 @@ class DeliveryPass:
     Attributes:
         delivered: documents acknowledged with a 2xx.
         dead_lettered: documents refused and written to the dead letters.
-        skipped: change rows covered by an already delivered version.
+        skipped: documents whose version was already delivered (or dead-lettered).
         checkpoint: the watermark the checkpoint stands at afterwards.
         blocked: the error that stopped the pass early (retries exhausted), if any.
         locked_out: another deliverer holds this sink; nothing was done.
@@ -148,7 +149,7 @@ class HttpDeliveryLoop:
         engine: the database (schema migrated to at least ``0002_http_sink``).
         client: an entered :class:`HttpDeliveryClient`.
         sink: the sink's name in the HTTP sink tables.
-        batch_size: change rows read per query.
+        batch_size: documents read per query.
         poll_interval_s: wait between passes in :meth:`run` when caught up.
     """
 
@@ -329,21 +330,21 @@ class HttpDeliveryLoop:
     ) -> tuple[list[tuple[int, str]], dict[str, sa.RowMapping], dict[str, _Shadow]]:
         async with self.engine.connect() as conn:
             rows = (
-                await conn.execute(
-                    sa.select(changes.c.watermark, changes.c.doc_key)
-                    .where(changes.c.watermark > after)
-                    .order_by(changes.c.watermark)
-                    .limit(self.batch_size)
+                (
+                    await conn.execute(
+                        sa.select(documents)
+                        .where(documents.c.watermark > after)
+                        .order_by(documents.c.watermark)
+                        .limit(self.batch_size)
+                    )
                 )
-            ).all()
-            keys = sorted({row.doc_key for row in rows})
-            docs: dict[str, sa.RowMapping] = {}
+                .mappings()
+                .all()
+            )
+            docs: dict[str, sa.RowMapping] = {str(doc["doc_key"]): doc for doc in rows}
+            keys = sorted(docs)
             shadows: dict[str, _Shadow] = {}
             if keys:
-                for doc in (
-                    await conn.execute(sa.select(documents).where(documents.c.doc_key.in_(keys)))
-                ).mappings():
-                    docs[doc["doc_key"]] = doc
                 p = http_sink_parity
                 for row in await conn.execute(
                     sa.select(p.c.doc_key, p.c.shadow_version, p.c.shadow_hash).where(
@@ -362,7 +363,7 @@ class HttpDeliveryLoop:
                     known = shadows.get(letter.doc_key)
                     if known is None or known.version < int(letter.version):
                         shadows[letter.doc_key] = _Shadow(int(letter.version), "")
-        return [(int(r.watermark), str(r.doc_key)) for r in rows], docs, shadows
+        return [(int(r["watermark"]), str(r["doc_key"])) for r in rows], docs, shadows
 
     async def deliver_pending(self, *, stop: asyncio.Event | None = None) -> DeliveryPass:
         """Deliver every change after the checkpoint, until caught up or blocked.
