@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from oa_sync_core.codec import (
     MAX_DEPTH,
@@ -23,6 +24,8 @@ from oa_sync_core.contracts import v1
 from oa_sync_core.errors import CodecError, CodecErrorCode
 
 BIG = 1 << 20
+PROPERTY = settings(max_examples=50, deadline=None)
+"""Enough examples to find encoding corner cases; the suite has a time budget."""
 
 json_values = st.recursive(
     st.none()
@@ -68,6 +71,7 @@ def test_golden_canonical_bytes_and_hashes(value: Any, expected: bytes, digest: 
     assert content_hash(expected) == digest
 
 
+@PROPERTY
 @given(json_values)
 def test_canonical_json_is_stable_and_sorted(value: Any) -> None:
     """Canonical bytes parse back to the value, re-encode identically and have sorted keys."""
@@ -90,6 +94,7 @@ def test_canonical_json_is_stable_and_sorted(value: Any) -> None:
     assert keys_sorted(json.loads(encoded, object_pairs_hook=dict))
 
 
+@PROPERTY
 @given(st.dictionaries(st.text(max_size=4), st.integers(), max_size=6), st.randoms())
 def test_canonical_json_ignores_insertion_order(value: dict[str, int], rnd: Any) -> None:
     """Two dicts with the same items in any order give the same bytes."""
@@ -171,10 +176,37 @@ def test_loads_strict_accepts_plain_json() -> None:
     assert loads_strict("18446744073709551616", max_bytes=BIG) == 2**64
 
 
+@PROPERTY
 @given(json_values)
 def test_loads_strict_round_trips_canonical_bytes(value: Any) -> None:
     """Whatever canonical_json writes, loads_strict reads back unchanged (within depth)."""
     assert loads_strict(canonical_json(value), max_bytes=BIG) == value
+
+
+@PROPERTY
+@given(st.one_of(st.binary(max_size=64), st.text(max_size=64)))
+def test_loads_strict_raises_only_codec_errors(data: bytes | str) -> None:
+    """Arbitrary bytes or text either parse like json.loads or raise CodecError, nothing else."""
+    try:
+        value = loads_strict(data, max_bytes=48)
+    except CodecError:
+        return
+    assert value == json.loads(data)
+
+
+@PROPERTY
+@given(
+    st.lists(
+        st.sampled_from(
+            ['{"a":', "[", "]", "}", ",", "1", '"x"', "NaN", "1e999", "-", '"\\ud800"']
+        ),
+        max_size=20,
+    ).map("".join)
+)
+def test_loads_strict_on_json_shaped_noise(text: str) -> None:
+    """JSON-shaped fragments parse or raise CodecError, never another exception."""
+    with contextlib.suppress(CodecError):
+        loads_strict(text, max_bytes=BIG, max_depth=3)
 
 
 def test_check_json_refuses_non_json_values() -> None:

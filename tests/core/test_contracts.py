@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oa_sync_core.codec import canonical_json, loads_strict, read_message
 from oa_sync_core.contracts import v1
+from oa_sync_core.errors import CodecError
 from oa_sync_core.testing import texts, timestamps
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -205,3 +206,25 @@ def test_messages_round_trip_through_the_reader(
 
         reference = json_format.Parse(canonical_json(raw), official[cls.__name__]())
         assert json_format.MessageToDict(reference) == canonical
+
+
+_ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["runId", "status", "kind", "ping", "x"]), inner)
+    ),
+    max_leaves=8,
+)
+
+
+@pytest.mark.parametrize("cls", MESSAGES, ids=lambda cls: cls.__name__)
+@settings(max_examples=15, deadline=None)
+@given(value=_ANY_JSON)
+def test_reader_raises_only_codec_errors(cls: type[betterproto.Message], value: Any) -> None:
+    """Any JSON value is read as the message or refused with a CodecError, never another error."""
+    try:
+        canonical = read_message(cls, value)
+    except CodecError:
+        return
+    assert read_message(cls, canonical) == canonical

@@ -7,7 +7,7 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from oa_sync_core.errors import ConcurrencyError, EventValidationError
 from oa_sync_core.events import MAX_PAYLOAD_BYTES, Event, NewEvent, validate_new_event
@@ -145,6 +145,7 @@ def test_payload_size_limit_is_inclusive() -> None:
     validate_new_event(NewEvent(stream_id="a:b", type="a.b", payload={"n": note}))
 
 
+@settings(max_examples=30, deadline=None)
 @given(event_sequences(max_size=10))
 def test_validation_is_idempotent(events: list[NewEvent]) -> None:
     """Validating an already validated event returns an equal event."""
@@ -226,6 +227,7 @@ async def test_memory_log_expected_seq_conflict_is_atomic() -> None:
     ) == [3, 4]
 
 
+@settings(max_examples=30, deadline=None)
 @given(st.lists(st.sampled_from(["r1", "r2", "w1"]), max_size=12))
 async def test_memory_log_stream_seqs_are_gap_free(idents: list[str]) -> None:
     """Within every stream, stream_seq is 1, 2, 3... in log order."""

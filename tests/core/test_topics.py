@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from oa_sync_core.topics import MAX_TOPIC_LENGTH, Grant, Topic, parse_topic
 
@@ -116,6 +116,7 @@ def test_within_and_overlaps_table() -> None:
         assert o.overlaps(t) is overlaps, (other, topic)
 
 
+@settings(max_examples=200, deadline=None)
 @given(st.lists(patterns, max_size=4), patterns, st.lists(keys, max_size=12))
 def test_grant_semantics_agree_with_key_matching(
     grant_patterns: list[str], pattern: str, samples: list[str]
