@@ -232,7 +232,9 @@ class SyncClient:
         self._nonces = itertools.count(1)
         self.error: ClientClosedError | None = None
         self.attempt_times: list[float] = []
-        """Monotonic time of every connection attempt (for observing backoff)."""
+        """Monotonic time at which each connection attempt started."""
+        self.planned_attempts: list[float] = []
+        """Monotonic time each reconnect was scheduled for (decision time + backoff delay)."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -387,6 +389,7 @@ class SyncClient:
                 self._give_up(ClientClosedError(decision.reason, decision.code))
                 return
             refresh_first = decision.refresh_token
+            self.planned_attempts.append(time.monotonic() + decision.delay_s)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(decision.delay_s):
