@@ -16,7 +16,14 @@ from oa_sync_core.client_session import BackoffPolicy, ConnectionState, Document
 from oa_sync_core.events import NewEvent
 from oa_sync_core.testing import new_event
 from oa_sync_core.wire import WireFormat
-from oa_sync_server.client import SubscriptionReset, SubscriptionSynced, SyncClient
+from oa_sync_server.auth import mint_token
+from oa_sync_server.client import (
+    ClientClosedError,
+    SubscriptionRefusedError,
+    SubscriptionReset,
+    SubscriptionSynced,
+    SyncClient,
+)
 from oa_sync_server.config import JwtSettings, Secret
 from oa_sync_server.db import read_model
 from oa_sync_server.db.tables import sync_meta
@@ -393,5 +400,42 @@ async def test_fifty_clients_back_off_with_jitter_and_converge(database_url: str
             assert client.stats.resets == 0
 
 
+async def drain(subscription: Any) -> None:
+    """Iterate a subscription to its end (bounded)."""
+    async with asyncio.timeout(20):
+        async for _ in subscription:
+            pass
+
+
 def _port(server: LiveServer) -> int:
     return int(server.url.rsplit(":", 1)[1])
+
+
+async def test_refused_token_and_forbidden_topic(database_url: str) -> None:
+    """A fixed token the server refuses ends the client (4401, nothing to refresh); a provider
+    is asked again after 4401; a topic outside the grant refuses only that subscription."""
+    async with make_live_server(database_url) as server:
+        await server.append([new_event("run.started", "r1")])
+        await server.settle()
+        bad = mint_token("x" * 48, subject="t", topics=["*"], scopes=["sync:read"])
+        async with SyncClient(server.url, bad) as client:
+            sub = client.subscribe([TOPIC])
+            with pytest.raises(ClientClosedError) as info:
+                await drain(sub)
+            assert info.value.code == 4401
+            assert client.state is ConnectionState.CLOSED
+
+        tokens = iter([bad, server.token(topics=["runtime/run_summary:r1"])])
+        backoff = BackoffPolicy(base_s=0.05, cap_s=0.1)
+        async with SyncClient(server.url, lambda: next(tokens), backoff=backoff) as client:
+            allowed = client.subscribe(["runtime/run_summary:r1"])
+            denied = client.subscribe(["runtime/codex_worker_summary:*"])
+            with pytest.raises(SubscriptionRefusedError) as refused:
+                await drain(denied)
+            assert refused.value.code == "forbidden"
+            async with asyncio.timeout(20):
+                await allowed.wait_synced()
+                await client.wait_for_state(ConnectionState.LIVE)
+            assert list(allowed.documents) == ["runtime/run_summary:r1"]
+            assert client.stats.connections == 2
+            assert client.stats.token_refreshes == 1

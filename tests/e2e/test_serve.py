@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 from oa_sync_server.auth import TokenVerifier
 from oa_sync_server.cli import main
 from oa_sync_server.config import JwtSettings, Secret
+
+from tests.live import make_live_server
 
 START_TIMEOUT_S = 60.0
 
@@ -99,3 +102,79 @@ async def test_token_command_mints_a_verifiable_token(
     err = capsys.readouterr().err
     assert "OA_SYNC_JWT_HS256_SECRET" in err
     assert secret not in err
+
+
+def test_serve_without_a_jwt_key_refuses_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``oa-sync serve`` with no JWT key configured (and no --demo) exits 2 naming the variable."""
+    for name in ("OA_SYNC_JWT_HS256_SECRET", "OA_SYNC_JWT_PUBLIC_KEY_FILE", "OA_SYNC_JWT_JWKS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["serve", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "OA_SYNC_JWT_HS256_SECRET" in err[0]
+
+
+@pytest.mark.slow
+async def test_two_server_processes_on_one_database(database_url: str) -> None:
+    """An ``oa-sync serve`` process and an in-process server share one database: an SSE client
+    on each receives every update appended through either."""
+    secret = "s" * 48
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OA_SYNC_")}
+    env |= {"OA_SYNC_DATABASE_URL": database_url, "OA_SYNC_JWT_HS256_SECRET": secret}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "oa_sync_server.cli",
+        "serve",
+        "--port",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    try:
+        async with make_live_server(database_url, secret=secret) as local:
+            token = local.token()
+            headers = {"Authorization": f"Bearer {token}"}
+            async with asyncio.timeout(START_TIMEOUT_S), aiohttp.ClientSession() as http:
+                other = (await _read_until(proc.stdout, re.compile(r"serving on (http://\S+)")))[1]
+                streams = [
+                    await http.get(f"{base}/v1/stream", params={"topic": "*"}, headers=headers)
+                    for base in (local.url, other)
+                ]
+                for resp in streams:
+                    assert resp.status == 200
+                    async for line in resp.content:
+                        if line.startswith(b"event: synced"):
+                            break
+                for i, base in enumerate((local.url, other, local.url)):
+                    body = {
+                        "events": [
+                            {
+                                "streamId": f"run:p{i}",
+                                "type": "run.created",
+                                "payload": {"runId": f"p{i}"},
+                            }
+                        ]
+                    }
+                    async with http.post(f"{base}/v1/events", json=body, headers=headers) as r:
+                        assert r.status == 200
+                for resp in streams:
+                    seen: set[str] = set()
+                    async for line in resp.content:
+                        if line.startswith(b"data: ") and b'"docKey"' in line:
+                            seen.add(orjson.loads(line[6:])["docKey"])
+                            if len(seen) == 3:
+                                break
+                    assert seen == {f"runtime/run_summary:p{i}" for i in range(3)}
+                    resp.close()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -373,6 +373,11 @@ class SyncClient:
                 _log.info("oa-sync connection failed: %s", type(exc).__name__)
             except ValueError as exc:  # the token provider returned an expired/empty token
                 _log.warning("oa-sync token refused locally: %s", exc)
+                if isinstance(self._provider, str):
+                    self.session.close()
+                    self._give_up(ClientClosedError("the fixed token has expired"))
+                    await self._notify_state()
+                    return
             except Exception:  # noqa: BLE001 - the token provider is application code
                 _log.exception("oa-sync token provider or connection failed")
             finally:
@@ -387,6 +392,11 @@ class SyncClient:
             await self._notify_state()
             if isinstance(decision, GiveUp):
                 self._give_up(ClientClosedError(decision.reason, decision.code))
+                return
+            if decision.refresh_token and isinstance(self._provider, str):
+                self.session.close()
+                self._give_up(ClientClosedError("the server refused the fixed token", 4401))
+                await self._notify_state()
                 return
             refresh_first = decision.refresh_token
             self.planned_attempts.append(time.monotonic() + decision.delay_s)
