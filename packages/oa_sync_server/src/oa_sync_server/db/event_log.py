@@ -46,6 +46,7 @@ from oa_sync_server.db.tables import events
 
 __all__ = [
     "EVENTS_CHANNEL",
+    "BoundedLog",
     "LogCursor",
     "PostgresEventLog",
     "StreamOrderConflict",
@@ -85,6 +86,7 @@ _READ = sa.text(
     "FROM oa_sync.events "
     "WHERE (tx_id, position) > (CAST(CAST(:tx AS text) AS xid8), :pos) "
     "AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
+    "AND (tx_id, position) <= (CAST(CAST(:upto_tx AS text) AS xid8), :upto_pos) "
     "ORDER BY tx_id, position LIMIT :n"
 ).columns(
     sa.column("position", sa.BigInteger),
@@ -130,8 +132,11 @@ class LogCursor:
     position: int = 0
 
 
+_END: Final = 2**63 - 1
+
+
 async def read_committed(
-    conn: AsyncConnection, after: LogCursor, limit: int
+    conn: AsyncConnection, after: LogCursor, limit: int, *, upto: LogCursor | None = None
 ) -> tuple[list[Event], LogCursor]:
     """Up to ``limit`` final events after ``after``, in log order.
 
@@ -139,11 +144,21 @@ async def read_committed(
         conn: any connection (a read in its own statement snapshot).
         after: the cursor to read after.
         limit: most events to return.
+        upto: read nothing past this cursor (e.g. a projector's, to compare a read model
+            with exactly the part of the log it has folded).
 
     Returns:
         The events and the cursor after the last of them (``after`` when there are none).
     """
-    rows = (await conn.execute(_READ, {"tx": after.tx_id, "pos": after.position, "n": limit})).all()
+    end = upto or LogCursor(tx_id=_END, position=_END)
+    params = {
+        "tx": after.tx_id,
+        "pos": after.position,
+        "upto_tx": end.tx_id,
+        "upto_pos": end.position,
+        "n": limit,
+    }
+    rows = (await conn.execute(_READ, params)).all()
     found = [
         Event(
             position=r.position,
@@ -303,6 +318,32 @@ class PostgresEventLog:
             )
             for r in rows
         ]
+
+
+class BoundedLog:
+    """The committed log read on one connection (and its snapshot), optionally up to a cursor.
+
+    An :class:`~oa_sync_core.EventSource` for drift checks and reprojection inside a
+    transaction of the caller's: with ``upto`` set to a projector's cursor, it yields exactly
+    the events that projector has folded.
+
+    Args:
+        conn: the connection to read on.
+        upto: the last cursor to include (``None``: everything final).
+    """
+
+    def __init__(self, conn: AsyncConnection, upto: LogCursor | None = None) -> None:
+        self.conn = conn
+        self.upto = upto
+
+    async def batches(self, *, batch_size: int) -> AsyncIterator[Sequence[Event]]:
+        """Every event up to ``upto`` in log order, ``batch_size`` at a time."""
+        cursor = LogCursor()
+        while True:
+            found, cursor = await read_committed(self.conn, cursor, batch_size, upto=self.upto)
+            if not found:
+                return
+            yield found
 
 
 def _is_unique_violation(exc: IntegrityError) -> bool:
