@@ -57,6 +57,8 @@ from oa_sync_core.wire import (
 )
 
 __all__ = [
+    "BackoffPolicy",
+    "CachedDocument",
     "ClientClosedError",
     "ConnectionState",
     "DocumentChanged",
@@ -68,6 +70,7 @@ __all__ = [
     "SubscriptionSynced",
     "SyncClient",
     "TokenProvider",
+    "WireFormat",
 ]
 
 TokenProvider: TypeAlias = Callable[[], Awaitable[str] | str]
