@@ -204,6 +204,12 @@ async def test_grant_filters_live_updates_and_bad_requests(live_server: LiveServ
             headers=auth(narrow) | {"Last-Event-ID": "abc"},
         ) as resp:
             assert resp.status == 400
+        async with s.get(
+            "/v1/stream",
+            params={"topic": "*"},
+            headers=auth(narrow) | {"Last-Event-ID": "9" * 19},
+        ) as resp:
+            assert resp.status == 400
         async with s.get("/v1/stream", params={"topic": "*"}) as resp:
             assert resp.status == 401
 

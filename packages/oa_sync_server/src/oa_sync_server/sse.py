@@ -47,6 +47,7 @@ from oa_sync_server.state import STATE
 __all__ = ["CATCH_UP_PAGE", "add_routes", "stream", "update_event"]
 
 CATCH_UP_PAGE: Final = 500
+MAX_WATERMARK: Final = 2**63 - 1
 _LAST_ID = re.compile(r"[0-9]{1,19}")
 
 _log = structlog.get_logger(__name__)
@@ -87,7 +88,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     raw_last = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
     last: int | None = None
     if raw_last:
-        if not _LAST_ID.fullmatch(raw_last.strip()):
+        if not _LAST_ID.fullmatch(raw_last.strip()) or int(raw_last) > MAX_WATERMARK:
             raise bad_query("Last-Event-ID", "Last-Event-ID must be a watermark (an integer)")
         last = int(raw_last.strip())
     state = request.app[STATE]
