@@ -164,7 +164,8 @@ class Hub:
     ) -> None:
         self._engine = engine
         self._poll_interval_s = poll_interval_s
-        self._page_size = page_size
+        self.page_size = page_size
+        """Changes read per query: a feed may receive this many at once."""
         self._metrics = metrics
         self._listen_url = listen_url or engine.url.set(drivername="postgresql").render_as_string(
             hide_password=False
@@ -299,7 +300,7 @@ class Hub:
                 self._signal()
                 return
             while True:
-                rows = await changed_after(conn, self.watermark, self._page_size)
+                rows = await changed_after(conn, self.watermark, self.page_size)
                 for row, committed_at in rows:
                     live = LiveDoc(row=row, update=_encode(row), committed_at=committed_at)
                     for feed in list(self._feeds):
@@ -307,7 +308,7 @@ class Hub:
                     self.watermark = row.watermark
                 if rows:
                     self._signal()
-                if len(rows) < self._page_size:
+                if len(rows) < self.page_size:
                     break
                 await conn.commit()  # end the read's transaction between pages
 

@@ -93,7 +93,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         last = int(raw_last.strip())
     state = request.app[STATE]
     limits = state.settings.limits
-    feed = state.hub.attach(limits.send_queue_messages)
+    # Room for one hub page on top of the queue: a burst is not a slow consumer.
+    feed = state.hub.attach(limits.send_queue_messages + state.hub.page_size)
     state.streams.add(feed)
     gauge = state.metrics.connections.labels(transport="sse")
     gauge.inc()
