@@ -241,3 +241,14 @@ async def test_streams_end_cleanly_on_shutdown(database_url: str) -> None:
             await closing
         assert [e for e in rest if e.event != "comment"] == []
         assert server.state.stopping.is_set()
+
+
+async def test_database_failure_mid_stream_ends_it_cleanly(live_server: LiveServer) -> None:
+    """A database failure after the stream started ends the stream (the client resumes later)
+    instead of breaking the response."""
+    async with live_server.engine.begin() as conn:
+        await conn.execute(sa.text("ALTER TABLE oa_sync.documents RENAME TO documents_gone"))
+    async with aiohttp.ClientSession(live_server.url) as s:
+        stream = await open_stream(s, live_server.token(), ["*"])
+        async with asyncio.timeout(WAIT_S):
+            assert [e async for e in stream.events] == []

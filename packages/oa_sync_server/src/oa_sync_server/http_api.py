@@ -149,7 +149,7 @@ async def error_middleware(request: web.Request, handler: _Handler) -> web.Strea
             raise
         status, body = _error_body(exc)
         if status >= 500:
-            _log.error("request_failed", route=name, error=type(exc).__name__)
+            _log.error("request_failed", route=name, error=type(exc).__name__, exc_info=exc)
         response = _json(body, status)
         if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"

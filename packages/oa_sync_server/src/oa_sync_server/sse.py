@@ -35,6 +35,7 @@ import time
 from typing import Final
 
 import orjson
+import sqlalchemy as sa
 import structlog
 from aiohttp import web
 
@@ -158,6 +159,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
             )
     except ConnectionError:
         pass  # the client went away
+    except (sa.exc.SQLAlchemyError, OSError) as exc:
+        if not response.prepared:
+            raise
+        # Headers are sent: end the stream; the client resumes with its Last-Event-ID.
+        _log.warning("sse_stream_failed", error=type(exc).__name__)
     finally:
         feed.close()
         state.streams.discard(feed)
