@@ -264,6 +264,8 @@ class Hub:
                         self.wake()
             except (psycopg.Error, OSError) as exc:
                 _log.warning("listener_lost", error=type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - a bug must not silence live delivery
+                _log.error("listener_failed", error=type(exc).__name__, exc_info=exc)
             finally:
                 self.listening.clear()
                 self.listener_pid = None
@@ -283,6 +285,8 @@ class Hub:
                 await self._read_pass()
             except (sa.exc.SQLAlchemyError, psycopg.Error, OSError) as exc:
                 _log.warning("fanout_read_failed", error=type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - a bug must not end live delivery
+                _log.error("fanout_read_crashed", error=type(exc).__name__, exc_info=exc)
 
     async def _read_pass(self) -> None:
         async with self._engine.connect() as conn:
