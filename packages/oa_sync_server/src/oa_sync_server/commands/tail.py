@@ -36,6 +36,7 @@ NAME = "tail"
 HELP = "follow documents live and print each update (Ctrl-C to stop)"
 DEFAULT_URL = "http://127.0.0.1:8787"
 _TOKEN_TTL_S = 900.0
+_FIRST_FIELDS = ("status", "stepCount", "lastStepDescription", "toolCallCount", "updatedAt")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -179,7 +180,10 @@ def _print_update(event: DocumentChanged, *, as_json: bool, width: int) -> None:
         return
     clock = dt.datetime.now(dt.UTC).strftime("%H:%M:%S")
     head = f"{clock}  {doc.doc_key:<36}  v{doc.version:<5} @{doc.watermark:<8} "
-    body = json.dumps(doc.document, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    # The fields a person looks for first, then the rest in key order.
+    first = [k for k in _FIRST_FIELDS if k in doc.document]
+    ordered = {k: doc.document[k] for k in first + sorted(set(doc.document) - set(first))}
+    body = json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
     room = max(width - len(head) - 1, 20)
     if len(body) > room:
         body = body[: room - 1] + "…"
