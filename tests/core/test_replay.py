@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import dataclasses
 import re
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from oa_sync_core.drift import DriftDetector
 from oa_sync_core.engine import DocumentState, ProjectionEngine
 from oa_sync_core.events import NewEvent
@@ -250,3 +253,76 @@ def test_the_readme_library_example_runs() -> None:
     assert body["status"] == "RUNNING"
     assert (body["runId"], body["agentId"], body["progressPercent"]) == ("r1", "a1", 40)
     assert (body["stepCount"], body["lastEventPosition"]) == (1, "2")
+
+
+class ReadModelMachine(RuleBasedStateMachine):
+    """Appends, projections, corruption and repairs in any order keep drift honest.
+
+    Invariants: once everything appended is projected and nothing was corrupted since, drift
+    finds nothing; after a full reprojection the read model equals the pure fold, whatever
+    happened before.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = asyncio.run(read_model([]))
+        self.dirty = False  # corrupted since the last full reprojection
+        self.behind = False  # events appended since the last projection
+
+    @rule(events=event_sequences(max_size=6))
+    def append(self, events: list[NewEvent]) -> None:
+        if events:
+            asyncio.run(self.model.log.append(events))
+            self.behind = True
+
+    @rule(batch_size=st.integers(1, 7))
+    def project(self, batch_size: int) -> None:
+        asyncio.run(self.model.project(batch_size))
+        self.behind = False
+
+    @rule(pick=st.integers(0, 100), how=st.sampled_from(["body", "hash", "delete", "ghost"]))
+    def corrupt(self, pick: int, how: str) -> None:
+        docs = sorted(self.model.sink.documents)
+        if how == "ghost":
+            self.model.sink.documents[GHOST.id] = GHOST
+        elif not docs:
+            return
+        elif how == "body":
+            self.model.corrupt(docs[pick % len(docs)], body={"tampered": pick})
+        elif how == "hash":
+            self.model.corrupt(docs[pick % len(docs)], content_hash=f"{pick:064x}")
+        else:
+            del self.model.sink.documents[docs[pick % len(docs)]]
+        self.dirty = True
+
+    @rule()
+    def reproject_all(self) -> None:
+        asyncio.run(reproject(self.model))
+        self.dirty = self.behind = False
+        reference = fold_events(self.model.log.events)
+        assert {k: (d.version, d.body) for k, d in self.model.sink.documents.items()} == {
+            k: (u.version, u.body) for k, u in reference.items()
+        }
+
+    @invariant()
+    def drift_is_honest(self) -> None:
+        report = asyncio.run(
+            DriftDetector(self.model.engine).check(
+                self.model.log, self.model.sink, self.model.checkpoints
+            )
+        )
+        if not self.dirty and not self.behind:
+            assert report.ok, report
+        if self.dirty or self.behind:
+            # Whatever drift says, a reprojection plan repairs exactly what it names.
+            plan = asyncio.run(
+                plan_reprojection(
+                    self.model.log, self.model.engine, self.model.sink, self.model.checkpoints
+                )
+            )
+            named = {(i.projection, i.doc_key) for i in report.items}
+            assert {u.id for u, _ in plan.rewrites} | set(plan.orphans) == named
+
+
+TestReadModelMachine = ReadModelMachine.TestCase
+TestReadModelMachine.settings = settings(max_examples=25, stateful_step_count=12, deadline=None)
