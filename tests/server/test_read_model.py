@@ -1,0 +1,84 @@
+"""The read model's topic ∩ grant narrowing (a table) and its queries on real Postgres: prefix
+matching is literal (``_`` is not a wildcard), snapshots and catch-up are in watermark order."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+from oa_sync_core.topics import Grant, parse_topic
+from oa_sync_server.db import read_model
+from oa_sync_server.db.tables import documents
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+@pytest.mark.parametrize(
+    ("topics", "grant", "expected"),
+    [
+        (["*"], ["runtime/run_summary:r1"], ["runtime/run_summary:r1"]),
+        (["runtime/*"], ["runtime/run_summary:*"], ["runtime/run_summary:*"]),
+        (["runtime/run_summary:*"], ["runtime/*"], ["runtime/run_summary:*"]),
+        (["runtime/run_summary:r1"], ["runtime/*"], ["runtime/run_summary:r1"]),
+        (["runtime/run_summary:*"], ["runtime/codex_worker_summary:*"], []),
+        (["runtime/run_summary:r1"], ["runtime/run_summary:r2"], []),
+        (["runtime/*", "runtime/run_summary:r1"], ["*"], ["runtime/*"]),
+        (["*"], ["a:*", "b:1"], ["a:*", "b:1"]),
+    ],
+)
+def test_effective_topics_are_inside_both(
+    topics: list[str], grant: list[str], expected: list[str]
+) -> None:
+    """Each requested topic is narrowed to the grant; redundant patterns are dropped."""
+    got = read_model.effective_topics([parse_topic(t) for t in topics], Grant.parse(grant))
+    assert sorted(t.text for t in got) == sorted(expected)
+
+
+async def _put(engine: AsyncEngine, *rows: tuple[str, int]) -> None:
+    now = dt.datetime.now(dt.UTC)
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.insert(documents),
+            [
+                {
+                    "doc_key": key,
+                    "projection": key.partition(":")[0],
+                    "version": 1,
+                    "watermark": mark,
+                    "content_hash": "h",
+                    "body": {"key": key},
+                    "updated_at": now,
+                }
+                for key, mark in rows
+            ],
+        )
+
+
+async def test_prefixes_are_literal_and_results_ordered(engine: AsyncEngine) -> None:
+    """``a_b*`` matches ``a_b...`` only (no LIKE wildcard), ``%`` never appears, rows come in
+    watermark order, ``after`` gives the catch-up and ``limit`` pages."""
+    await _put(engine, ("p/a_b:1", 3), ("p/aXb:1", 1), ("p/a_b:2", 2), ("q/z:1", 4))
+    grant = Grant.parse(["*"])
+    async with engine.connect() as conn:
+        rows = await read_model.documents_matching(
+            conn, [parse_topic("p/a_b*")], grant, after=None, limit=10
+        )
+        assert [r.doc_key for r in rows] == ["p/a_b:2", "p/a_b:1"]
+        assert rows[0].body == b'{"key":"p/a_b:2"}'
+        rows = await read_model.documents_matching(
+            conn, [parse_topic("*")], grant, after=2, limit=10
+        )
+        assert [r.watermark for r in rows] == [3, 4]
+        rows = await read_model.documents_matching(
+            conn, [parse_topic("*")], Grant.parse(["q/*"]), after=None, limit=10
+        )
+        assert [r.doc_key for r in rows] == ["q/z:1"]
+        rows = await read_model.documents_after(conn, 0, 2)
+        assert [r.watermark for r in rows] == [1, 2]
+        meta = await read_model.read_meta(conn)
+        assert meta.watermark == 4
+        assert meta.retained_from == 0
+        assert meta.epoch
+        assert await read_model.document(conn, "nope") is None
+        with pytest.raises(ValueError, match="limit"):
+            await read_model.documents_after(conn, 0, 0)
