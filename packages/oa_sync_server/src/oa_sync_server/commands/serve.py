@@ -76,7 +76,7 @@ def _print_demo(settings: Settings, url: str) -> None:
                 "watch live updates:",
                 f"  oa-sync tail '{topic}' --url {url} --token {token}",
                 "or with curl (Server-Sent Events):",
-                f"  curl -N -H 'Authorization: Bearer {token}' '{url}/v1/stream?topic={topic}'",
+                f"  curl -sN -H 'Authorization: Bearer {token}' '{url}/v1/stream?topic={topic}'",
                 "",
             ]
         ),
