@@ -255,11 +255,17 @@ def parse_timestamp(text: str) -> tuple[int, int]:
         raise ValueError(f"{text!r} is not an RFC 3339 timestamp")
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
     fraction, offset = match.group(7), match.group(8)
-    base = dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.UTC)
+    try:
+        base = dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.UTC)
+    except ValueError as exc:  # day 30 of February, hour 24, second 60...
+        raise ValueError(f"{text!r} is not a valid timestamp: {exc}") from None
     seconds = (base - _EPOCH) // dt.timedelta(seconds=1)
     if offset not in ("Z", "z"):
         sign = 1 if offset[0] == "+" else -1
-        seconds -= sign * (int(offset[1:3]) * 3600 + int(offset[4:6]) * 60)
+        hours, minutes = int(offset[1:3]), int(offset[4:6])
+        if hours > 23 or minutes > 59:  # RFC 3339 time-numoffset
+            raise ValueError(f"{text!r} is not a valid timestamp: offset beyond 23:59")
+        seconds -= sign * (hours * 3600 + minutes * 60)
     if not _MIN_TS <= seconds <= _MAX_TS:
         raise ValueError(f"{text!r} is outside the Timestamp range")
     nanos = int((fraction or "").ljust(9, "0"))
