@@ -303,3 +303,30 @@ async def test_unexpected_failure_is_a_bare_500(live_server: LiveServer) -> None
         status, body = await call(s, "GET", "/v1/docs/runtime/run_summary:r1", token=token)
     assert status == 500
     assert body == {"error": {"code": "internal", "message": "internal error"}}
+
+
+async def test_cors_only_for_allowed_origins(database_url: str) -> None:
+    """A listed Origin gets a preflight answer and Access-Control-Allow-Origin (SSE included);
+    any other Origin gets no CORS headers."""
+    origins = ("https://app.example",)
+    async with make_live_server(database_url, allowed_origins=origins) as server:
+        token = server.token()
+        good = {"Origin": "https://app.example"}
+        async with aiohttp.ClientSession(server.url) as s:
+            preflight = good | {"Access-Control-Request-Method": "GET"}
+            async with s.options("/v1/changes", headers=preflight) as resp:
+                assert resp.status == 204
+                assert "Authorization" in resp.headers["Access-Control-Allow-Headers"]
+            params = {"topic": "*"}
+            async with s.get("/v1/changes", params=params, headers=good | auth(token)) as resp:
+                assert resp.status == 200
+                assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            async with s.get("/v1/stream", params=params, headers=good | auth(token)) as resp:
+                assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            evil = {"Origin": "https://evil.example"}
+            async with s.get("/v1/changes", params=params, headers=evil | auth(token)) as resp:
+                assert "Access-Control-Allow-Origin" not in resp.headers
+            async with s.options(
+                "/v1/changes", headers=evil | {"Access-Control-Request-Method": "GET"}
+            ) as resp:
+                assert resp.status == 405

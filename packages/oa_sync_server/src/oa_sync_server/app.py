@@ -96,7 +96,7 @@ def create_app(
     )
     app = web.Application(
         client_max_size=settings.limits.max_body_bytes,
-        middlewares=[http_api.error_middleware],
+        middlewares=[http_api.cors_middleware, http_api.error_middleware],
     )
     app[STATE] = state
     app[SETTINGS] = settings
@@ -151,6 +151,7 @@ def create_app(
     app.cleanup_ctx.append(projector_context)
     app.cleanup_ctx.append(sink_context)
     app.on_shutdown.append(on_shutdown)
+    app.on_response_prepare.append(http_api.add_cors_headers)
     app.router.add_get("/v1/sync", sync_handler)
     http_api.add_routes(app)
     sse.add_routes(app)

@@ -56,9 +56,11 @@ __all__ = [
     "MAX_CHANGES_LIMIT",
     "READY_MAX_LAG_S",
     "StaleCursorError",
+    "add_cors_headers",
     "add_routes",
     "authenticate",
     "bad_query",
+    "cors_middleware",
     "document_json",
     "error_middleware",
     "parse_topics",
@@ -155,6 +157,45 @@ async def error_middleware(request: web.Request, handler: _Handler) -> web.Strea
             response.headers["WWW-Authenticate"] = "Bearer"
     state.metrics.http_requests.labels(route=name, status=str(response.status)).inc()
     return response
+
+
+def _cors_origin(request: web.Request) -> str | None:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    allowed = _state(request).settings.allowed_origins
+    return origin if "*" in allowed or origin.rstrip("/") in allowed else None
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Answer CORS preflights from ``OA_SYNC_ALLOWED_ORIGINS``; other requests pass through.
+
+    Origins not listed get no CORS headers (browsers then refuse the response); requests
+    without ``Origin`` (non-browser clients) are unaffected.
+    """
+    if (
+        request.method == "OPTIONS"
+        and "Access-Control-Request-Method" in request.headers
+        and _cors_origin(request) is not None
+    ):
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": "GET, POST",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
+                "Access-Control-Max-Age": "600",
+            },
+        )
+    return await handler(request)
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook: allow a listed ``Origin`` (streams included)."""
+    origin = _cors_origin(request)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
 
 
 async def authenticate(request: web.Request, scope: str) -> Principal:
