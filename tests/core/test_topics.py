@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oa_sync_core.engine import ProjectionEngine
+from oa_sync_core.projectors import DEFAULT_PROJECTORS
+from oa_sync_core.testing import new_event, record_events
 from oa_sync_core.topics import MAX_TOPIC_LENGTH, Grant, Topic, parse_topic
 
 RUN = "runtime/run_summary"
@@ -134,3 +137,16 @@ def test_grant_semantics_agree_with_key_matching(
                 assert allowed, key
             if allowed:
                 assert grant.intersects(topic), key
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.from_regex(r"[A-Za-z0-9._\-:@/]{1,200}", fullmatch=True))
+def test_every_document_key_is_an_exact_topic(ident: str) -> None:
+    """Any id a stream may carry gives document keys that parse as exact topics of themselves."""
+    for kind in ("run", "worker"):
+        event = record_events([new_event(f"{kind}.started", ident)])[0]
+        (doc_id,) = ProjectionEngine(DEFAULT_PROJECTORS).route([event])
+        topic = parse_topic(doc_id[1])
+        assert not topic.wildcard
+        assert topic.matches(doc_id[1])
+        assert Grant.parse([f"{doc_id[0]}:*"]).allows(doc_id[1])
