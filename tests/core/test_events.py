@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from oa_sync_core.errors import ConcurrencyError, EventValidationError
 from oa_sync_core.events import MAX_PAYLOAD_BYTES, Event, NewEvent, validate_new_event
 from oa_sync_core.memory import MemoryEventLog
-from oa_sync_core.testing import FIXED_EPOCH, FixedClock, event_sequences, new_event
+from oa_sync_core.testing import (
+    FIXED_EPOCH,
+    FixedClock,
+    event_sequences,
+    new_event,
+    record_events,
+)
 
 
 def _ev(stream_id: str = "run:r1", type_: str = "run.started", **payload: Any) -> NewEvent:
@@ -242,3 +248,25 @@ async def test_memory_log_stream_seqs_are_gap_free(idents: list[str]) -> None:
         seen.setdefault(event.stream_id, []).append(event.stream_seq)
     for seqs in seen.values():
         assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_testing_helpers_record_like_a_log() -> None:
+    """FixedClock ticks by its step; record_events numbers positions and per-stream seqs."""
+    with pytest.raises(ValueError, match="timezone-aware"):
+        FixedClock(dt.datetime(2026, 1, 1))
+    clock = FixedClock(step=dt.timedelta(seconds=2))
+    assert [clock(), clock()] == [FIXED_EPOCH, FIXED_EPOCH + dt.timedelta(seconds=2)]
+    assert clock.advance(dt.timedelta(seconds=1)) == FIXED_EPOCH + dt.timedelta(seconds=5)
+    events = record_events(
+        [
+            new_event("run.created", "r1"),
+            new_event("worker.started", "w1"),
+            new_event("run.step", "r1"),
+        ],
+        start_position=10,
+        position_step=5,
+    )
+    assert [(e.position, e.stream_seq) for e in events] == [(10, 1), (15, 1), (20, 2)]
+    assert [e.recorded_at.second for e in events] == [0, 1, 2]
+    with pytest.raises(EventValidationError):
+        new_event("run.step", "r1", stepIndex=-1)
