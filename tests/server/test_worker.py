@@ -8,7 +8,7 @@ import random
 import psycopg
 import pytest
 import sqlalchemy as sa
-from oa_sync_core import NewEvent
+from oa_sync_core import CodexWorkerSummaryProjector, NewEvent, RunSummaryProjector
 from oa_sync_core.testing import new_event
 from oa_sync_server.db.event_log import PostgresEventLog
 from oa_sync_server.db.stores import PostgresCheckpointStore, PostgresDocumentSink
@@ -197,3 +197,39 @@ async def test_run_loop_wakes_on_append_and_releases_on_stop(engine: AsyncEngine
     await asyncio.wait_for(runner, 20)
     standby = ProjectorWorker(engine, holder="standby")
     assert await standby.acquire()
+
+
+class _RunSummaryV2(RunSummaryProjector):
+    """The run summary at a new projector version (same fold, new version number)."""
+
+    version = RunSummaryProjector.version + 1
+
+
+async def test_a_new_projector_version_rebuilds_its_projection(engine: AsyncEngine) -> None:
+    """A worker whose projector version changed refolds that projection before any batch;
+    other projections are left alone and later events apply on the rebuilt documents."""
+    log = PostgresEventLog(engine)
+    await log.append([*_run_events("r1", 2), new_event("worker.started", "w1")])
+    old = ProjectorWorker(engine, holder="v1")
+    await old.catch_up()
+    await old.release()
+    before = await read_model(engine)
+    new = ProjectorWorker(
+        engine, holder="v2", projectors=(_RunSummaryV2(), CodexWorkerSummaryProjector())
+    )
+    assert await new.acquire()
+    after = await read_model(engine)
+    assert after["checkpoints"]["runtime/run_summary:r1"][1] == _RunSummaryV2.version
+    assert (
+        after["checkpoints"]["runtime/codex_worker_summary:w1"]
+        == (before["checkpoints"]["runtime/codex_worker_summary:w1"])
+    )
+    assert (
+        after["documents"]["runtime/run_summary:r1"][3]
+        == (before["documents"]["runtime/run_summary:r1"][3])
+    )
+    assert await new.rebuild_stale() == []
+    await log.append([new_event("run.completed", "r1")])
+    assert await new.catch_up() == 1
+    assert after["documents"]["runtime/run_summary:r1"][0] == 4
+    assert (await read_model(engine))["documents"]["runtime/run_summary:r1"][0] == 5

@@ -62,6 +62,7 @@ from oa_sync_core import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from oa_sync_server.db.admin import reproject
 from oa_sync_server.db.event_log import LogCursor, read_committed
 from oa_sync_server.db.stores import (
     load_states,
@@ -115,6 +116,9 @@ _ADVANCE = sa.text(
     "heartbeat_at = clock_timestamp(), "
     "expires_at = clock_timestamp() + make_interval(secs => :ttl) "
     "WHERE name = :name"
+)
+_VERSIONS_HELD = sa.text(
+    "SELECT DISTINCT projection, projector_version FROM oa_sync.projection_checkpoints"
 )
 _HORIZON = sa.text("SELECT CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint)")
 _PASSED = sa.text(
@@ -208,7 +212,11 @@ class ProjectorWorker:
     # -- lease -------------------------------------------------------------------------------
 
     async def acquire(self) -> bool:
-        """Take the lease if it is free, expired or ours; True when we now hold it."""
+        """Take the lease if it is free, expired or ours; True when we now hold it.
+
+        On a fresh acquisition, documents whose checkpoints were written by another version
+        of one of our projectors are rebuilt first (:meth:`rebuild_stale`).
+        """
         async with self.engine.begin() as conn:
             epoch = (
                 await conn.execute(
@@ -218,10 +226,46 @@ class ProjectorWorker:
         if epoch is None:
             self.epoch = 0
             return False
-        if epoch != self.epoch:
-            log.info("projector_lease_acquired", name=self.name, holder=self.holder, epoch=epoch)
+        fresh = epoch != self.epoch
         self.epoch = int(epoch)
+        if fresh:
+            log.info("projector_lease_acquired", name=self.name, holder=self.holder, epoch=epoch)
+            await self.rebuild_stale()
         return True
+
+    async def rebuild_stale(self) -> list[str]:
+        """Reproject every projection with checkpoints of another projector version.
+
+        Bumping a projector's ``version`` means "rebuild": folding only new events onto a
+        document made by the old version would be wrong, so the whole projection is refolded
+        (up to the lease cursor) and rewritten, under the lease row lock, before any batch.
+
+        Returns:
+            The projections rebuilt.
+        """
+        async with self.engine.connect() as conn:
+            held = (await conn.execute(_VERSIONS_HELD)).all()
+        stale = sorted(
+            name
+            for name, version in held
+            if name in self.projection.projectors
+            and self.projection.projectors[name].version != version
+        )
+        for name in stale:
+            outcome = await reproject(
+                self.engine,
+                projectors=self.projection.projectors.values(),
+                projection=name,
+                worker=self.name,
+            )
+            self._cache.clear()
+            log.warning(
+                "projection_rebuilt",
+                projection=name,
+                version=self.projection.projectors[name].version,
+                rewritten=len(outcome.rewritten),
+            )
+        return stale
 
     async def renew(self) -> None:
         """Extend the lease. Raises :class:`LeaseLost` if it was taken over."""

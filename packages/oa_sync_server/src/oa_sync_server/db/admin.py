@@ -16,8 +16,9 @@ BoundedLog`), so events appended but not yet projected never show up as drift.
 
 Epoch. Watermarks keep increasing, so a repair that only moves documents *forward* (a missing
 or stale document gets a higher version) keeps ``sync_meta.epoch``. A repair that rewrites a
-document at a version a client may already hold (same version, different bytes: a corrupted
-row) would be dropped by every client as a repeat, so it also writes a new random epoch:
+document at a version a client may already hold with other bytes (a corrupted row, or a new
+projector version) would be dropped by every client as a repeat, so it also writes a new
+random epoch:
 clients resuming with the old one get ``reset`` and a fresh snapshot.
 
 What this is not: a rebuild from scratch that restarts watermarks (that would bump
@@ -37,6 +38,8 @@ from oa_sync_core import (
     DriftReport,
     ProjectionEngine,
     Projector,
+    canonical_json,
+    content_hash,
     plan_reprojection,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -176,7 +179,12 @@ async def reproject(
             updates = [update for update, _ in plan.rewrites]
             watermark = last
             held = await PostgresDocumentSink(conn).get_documents(u.id for u in updates)
-            new_epoch = any(u.id in held and held[u.id].version >= u.version for u in updates)
+            new_epoch = any(
+                u.id in held
+                and held[u.id].version >= u.version
+                and content_hash(canonical_json(held[u.id].body)) != u.content_hash
+                for u in updates
+            )
             if updates and not dry_run:
                 if new_epoch:
                     await conn.execute(_NEW_EPOCH)
