@@ -55,7 +55,13 @@ class WireError(CodecError, ProtocolError):
 _DOUBLE = struct.Struct("<d")
 
 
+_SMALL: Final = tuple(bytes((i,)) for i in range(0x80))
+
+
 def varint(value: int) -> bytes:
+    """The base-128 varint of a non-negative integer below 2**64."""
+    if value < 0x80:
+        return _SMALL[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)

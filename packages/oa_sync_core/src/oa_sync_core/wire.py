@@ -414,6 +414,13 @@ def decode_server(data: bytes | str, fmt: WireFormat, *, max_bytes: int) -> Serv
 # ---------------------------------------------------------------------------------------------
 
 
+def _quote(text: str) -> str:
+    """A JSON string literal; the common case (printable ASCII, no escapes) without json."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return '"' + text + '"'
+    return _json_text(text)
+
+
 def _json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -599,7 +606,7 @@ class EncodedUpdate:
         if fmt is WireFormat.JSON:
             if not self._json_tail:
                 self._json_tail.append(self._build_json_tail())
-            return '{"update":{"subscriptionId":' + _json_text(subscription_id) + self._json_tail[0]
+            return '{"update":{"subscriptionId":' + _quote(subscription_id) + self._json_tail[0]
         if not self._proto_tail:
             self._proto_tail.append(self._build_proto_tail())
         tail = self._proto_tail[0]
