@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
 import sqlalchemy as sa
+from oa_sync_server.auth import mint_token
 from oa_sync_server.config import Limits
 from oa_sync_server.db.tables import sync_meta
 
@@ -252,3 +254,16 @@ async def test_database_failure_mid_stream_ends_it_cleanly(live_server: LiveServ
         stream = await open_stream(s, live_server.token(), ["*"])
         async with asyncio.timeout(WAIT_S):
             assert [e async for e in stream.events] == []
+
+
+async def test_stream_ends_when_the_token_expires(live_server: LiveServer) -> None:
+    """A stream ends at its token's expiry (the client reconnects with a fresh token)."""
+    token = mint_token(
+        live_server.secret, subject="short", topics=["*"], ttl_s=2, now=time.time() - 1
+    )
+    async with aiohttp.ClientSession(live_server.url) as s:
+        stream = await open_stream(s, token, ["*"])
+        await stream.until_synced()
+        async with asyncio.timeout(WAIT_S):
+            rest = [e async for e in stream.events if e.event != "comment"]
+        assert rest == []

@@ -110,35 +110,37 @@ async def stream(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         async with state.engine.connect() as conn:
             meta = await read_model.read_meta(conn)
-            after = last
-            if last is not None and not meta.retained_from <= last <= meta.watermark:
-                reason = "retention" if last < meta.retained_from else "epoch_changed"
-                await response.write(_control("reset", {"reason": reason, "epoch": meta.epoch}))
-                after = None
-            high = meta.watermark
-            while True:
+        after = last
+        if last is not None and not meta.retained_from <= last <= meta.watermark:
+            reason = "retention" if last < meta.retained_from else "epoch_changed"
+            await response.write(_control("reset", {"reason": reason, "epoch": meta.epoch}))
+            after = None
+        high = meta.watermark
+        while True:
+            # One pooled connection per page, returned before writing to a possibly slow client.
+            async with state.engine.connect() as conn:
                 rows = await read_model.documents_matching(
                     conn, topics, principal.grant, after=after, limit=CATCH_UP_PAGE
                 )
-                for row in rows:
-                    await response.write(update_event(row))
-                    state.metrics.updates_sent.labels(format="sse").inc()
-                    high = max(high, row.watermark)
-                if len(rows) < CATCH_UP_PAGE:
-                    break
-                after = rows[-1].watermark
-                await conn.rollback()  # the next page reads a fresh snapshot
+            for row in rows:
+                await response.write(update_event(row))
+                state.metrics.updates_sent.labels(format="sse").inc()
+                high = max(high, row.watermark)
+            if len(rows) < CATCH_UP_PAGE:
+                break
+            after = rows[-1].watermark
         await response.write(
             _control("synced", {"watermark": str(high), "epoch": meta.epoch}, high)
         )
         sent = high
         latency = state.metrics.append_to_send_seconds
-        while time.time() < principal.expires_at:
+        while (left_s := principal.expires_at - time.time()) > 0:
             try:
-                async with asyncio.timeout(limits.heartbeat_interval_s):
+                async with asyncio.timeout(min(limits.heartbeat_interval_s, left_s)):
                     live = await anext(feed, None)
             except TimeoutError:
-                await response.write(b": heartbeat %d\n\n" % max(sent, state.hub.watermark))
+                if time.time() < principal.expires_at:
+                    await response.write(b": heartbeat %d\n\n" % max(sent, state.hub.watermark))
                 continue
             if live is None:
                 break
