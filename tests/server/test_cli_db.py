@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from oa_sync_core.testing import new_event
 from oa_sync_server.cli import main
 from oa_sync_server.db import create_engine
-from oa_sync_server.db.admin import check_drift, reproject
+from oa_sync_server.db.admin import check_drift, prune_changes, reproject
 from oa_sync_server.db.event_log import PostgresEventLog
 from oa_sync_server.db.tables import changes, documents
 from oa_sync_server.worker import ProjectorWorker
@@ -269,3 +269,35 @@ async def test_changes_and_documents_tables_agree(engine: AsyncEngine) -> None:
             for r in await conn.execute(sa.select(documents.c.doc_key, documents.c.watermark))
         }
     assert latest == held
+
+
+async def test_prune_changes_keeps_watermarks_and_undelivered_sink_rows(
+    engine: AsyncEngine,
+) -> None:
+    """Old change rows go and retained_from rises; rows an HTTP sink still needs stay;
+    watermarks continue from the last one."""
+    await _seed(engine)  # 4 documents in one batch: change rows 1..4
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "UPDATE oa_sync.changes SET committed_at = now() - interval '2 days' "
+                "WHERE watermark <= 3"
+            )
+        )
+        await conn.execute(
+            sa.text(
+                "INSERT INTO oa_sync.http_sink_checkpoints (sink, last_watermark) "
+                "VALUES ('legacy', 2)"
+            )
+        )
+    assert await prune_changes(engine, older_than_s=86400) == 2
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE oa_sync.http_sink_checkpoints SET last_watermark = 11"))
+    assert await prune_changes(engine, older_than_s=86400) == 3
+    assert await prune_changes(engine, older_than_s=86400) == 3
+    model = await read_model(engine)
+    assert [r[0] for r in model["changes"]] == [4]
+    assert (await check_drift(engine)).ok
+    await PostgresEventLog(engine).append([new_event("run.completed", "r0")])
+    await ProjectorWorker(engine).catch_up()
+    assert (await read_model(engine))["changes"][-1][:2] == (5, "runtime/run_summary:r0")

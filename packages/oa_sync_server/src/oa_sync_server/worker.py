@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Final, NoReturn
@@ -62,7 +63,7 @@ from oa_sync_core import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.db.admin import reproject
+from oa_sync_server.db.admin import prune_changes, reproject
 from oa_sync_server.db.event_log import LogCursor, read_committed
 from oa_sync_server.db.stores import (
     load_states,
@@ -168,6 +169,8 @@ class ProjectorWorker:
         lease_ttl_s: how long the lease lasts without renewal.
         poll_interval_s: wake-up interval when no NOTIFY hint arrives.
         cache_size: documents whose state is kept in memory between batches (0: none).
+        retention_s: while idle, :meth:`run` deletes change rows older than this (at most
+            every ``retention_s / 10`` seconds, capped at an hour); ``None`` keeps them all.
 
     Attributes:
         epoch: the fencing epoch of the lease we hold (0: none).
@@ -186,6 +189,7 @@ class ProjectorWorker:
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
         poll_interval_s: float = 1.0,
         cache_size: int = 100_000,
+        retention_s: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -203,6 +207,8 @@ class ProjectorWorker:
         self.applied = 0
         self._hint = asyncio.Event()
         self.cache_size = cache_size
+        self.retention_s = retention_s
+        self._next_prune = 0.0
         self._cache: dict[DocId, DocumentState] = {}
         self._cache_at = -1  # the last watermark when the cache was known to be exact
 
@@ -446,6 +452,7 @@ class ProjectorWorker:
                     if await self.run_once():
                         backoff = 0.1
                         continue
+                    await self._maybe_prune()
                     await self._wait(stop, min(renew_every, self.poll_interval_s))
                 except LeaseError:
                     continue
@@ -459,6 +466,13 @@ class ProjectorWorker:
                 await listener
             with contextlib.suppress(DBAPIError, OSError):
                 await self.release()
+
+    async def _maybe_prune(self) -> None:
+        if self.retention_s is None or time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + min(self.retention_s / 10, 3600.0)
+        retained = await prune_changes(self.engine, older_than_s=self.retention_s)
+        log.debug("changes_pruned", name=self.name, retained_from=retained)
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
         """Until a hint arrives, ``stop`` is set, or ``seconds`` pass."""

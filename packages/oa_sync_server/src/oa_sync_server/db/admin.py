@@ -53,7 +53,7 @@ from oa_sync_server.db.stores import (
     write_updates,
 )
 
-__all__ = ["ReprojectionOutcome", "check_drift", "reproject"]
+__all__ = ["ReprojectionOutcome", "check_drift", "prune_changes", "reproject"]
 
 Progress = Callable[[int], None]
 
@@ -67,6 +67,17 @@ _CURSOR_LOCKED = sa.text(
 )
 _NEW_EPOCH = sa.text(
     "UPDATE oa_sync.sync_meta SET value = CAST(gen_random_uuid() AS text) WHERE key = 'epoch'"
+)
+_PRUNABLE = sa.text(
+    "SELECT coalesce(max(watermark), 0) FROM oa_sync.changes "
+    "WHERE committed_at < clock_timestamp() - make_interval(secs => :age)"
+)
+_SINK_TABLE = sa.text("SELECT to_regclass('oa_sync.http_sink_checkpoints') IS NOT NULL")
+_SINK_LOW = sa.text("SELECT min(last_watermark) FROM oa_sync.http_sink_checkpoints")
+_PRUNE = sa.text("DELETE FROM oa_sync.changes WHERE watermark <= :bound")
+_RETAINED = sa.text(
+    "UPDATE oa_sync.sync_meta SET value = CAST(CAST(:bound AS bigint) AS text) "
+    "WHERE key = 'retained_from' AND CAST(value AS bigint) < :bound"
 )
 _NOTIFY = sa.text("SELECT pg_notify('oa_sync_changes', :watermark)")
 
@@ -207,3 +218,31 @@ async def reproject(
         epoch_changed=new_epoch,
         dry_run=dry_run,
     )
+
+
+async def prune_changes(engine: AsyncEngine, *, older_than_s: float) -> int:
+    """Delete change rows committed more than ``older_than_s`` ago; raise ``retained_from``.
+
+    Documents keep their watermarks, so watermarks never restart and the epoch is kept;
+    a client resuming from below ``retained_from`` is answered with ``reset``. Changes an HTTP
+    sink has not delivered yet (``http_sink_checkpoints``) are kept.
+
+    Returns:
+        The new ``retained_from`` (unchanged: 0 or its old value, when nothing was pruned).
+    """
+    async with engine.begin() as conn:
+        await lock_watermarks(conn)
+        bound = int((await conn.execute(_PRUNABLE, {"age": older_than_s})).scalar_one())
+        if (await conn.execute(_SINK_TABLE)).scalar_one():
+            low = (await conn.execute(_SINK_LOW)).scalar_one()
+            if low is not None:
+                bound = min(bound, int(low))
+        if bound > 0:
+            await conn.execute(_PRUNE, {"bound": bound})
+            await conn.execute(_RETAINED, {"bound": bound})
+        value = await conn.execute(
+            sa.text(
+                "SELECT CAST(value AS bigint) FROM oa_sync.sync_meta WHERE key = 'retained_from'"
+            )
+        )
+        return int(value.scalar_one())
