@@ -22,12 +22,13 @@ kinds of task, all of them feeding the session and performing the actions it ret
   idleness, heartbeats).
 
 Everything sent goes through one bounded per-connection send queue drained by a **writer**
-task. Catch-up and live delivery wait for room in that queue (backpressure), so the live feed's
-own bounded queue (``send_queue_messages`` plus one hub page) fills when a client reads too
-slowly: that client is closed with 4429 and counted in ``slow_consumer_disconnects``, while the
-hub and every other connection carry on. aiohttp's own refusals are mapped to the protocol's
-codes: a message over ``max_message_bytes`` closes with 4413 (not 1009), invalid UTF-8 or a
-frame-level protocol error with 4400.
+task. Catch-up pages wait for room in that queue (backpressure). Live changes are queued while
+fewer than ``send_queue_messages`` are waiting; a client is a *slow consumer*, closed with 4429
+and counted in ``slow_consumer_disconnects``, when its queue stays full for
+:data:`SLOW_CONSUMER_GRACE_S` or its live feed (bounded: the queue size plus one hub page)
+overflows meanwhile. The hub and every other connection carry on. aiohttp's own refusals are
+mapped to the protocol's codes: a message over ``max_message_bytes`` closes with 4413 (not
+1009), invalid UTF-8 or a frame-level protocol error with 4400.
 
 What this is not: protocol logic (the session decides what to send), a codec, or a reader of
 the database beyond the two read-model calls.
@@ -61,7 +62,13 @@ from oa_sync_core.server_session import (
     SessionLimits,
     VerifyToken,
 )
-from oa_sync_core.wire import EncodedUpdate, WireFormat, decode_client, encode_server
+from oa_sync_core.wire import (
+    EncodedUpdate,
+    ErrorFrame,
+    WireFormat,
+    decode_client,
+    encode_server,
+)
 
 from oa_sync_server.auth import Principal
 from oa_sync_server.config import Limits
@@ -86,8 +93,15 @@ READ_SCOPE: Final = "sync:read"
 _CATCH_UP_PAGE: Final = 500
 _HUB_BURST: Final = 1000  # the hub hands a feed up to one page of changes at once
 _CLOSE_TIMEOUT_S: Final = 5.0
-_SLOW_POLL_S: Final = 0.05
+SLOW_CONSUMER_GRACE_S: Final = 2.0
+"""How long a full send queue may stay full before its client counts as a slow consumer."""
 _REASON_BYTES: Final = 120
+
+_LIMIT_ERRORS: Final = {
+    "too_many_subscriptions": LimitKind.SUBSCRIPTIONS.value,
+    "too_many_topics": LimitKind.TOPICS.value,
+}
+"""Error frames that report a limit breach, and the breach's kind for the metric."""
 
 _log = structlog.get_logger(__name__)
 
@@ -304,10 +318,8 @@ class _Connection:
         metrics = self.state.metrics
         metrics.connections.labels(transport="ws").inc()
         self.log.debug("ws_connected")
-        tasks = [
-            asyncio.create_task(self._guard(self._write_loop()), name="oa-sync-ws-writer"),
-            asyncio.create_task(self._guard(self._timer_loop()), name="oa-sync-ws-timer"),
-        ]
+        writer = asyncio.create_task(self._guard(self._write_loop()), name="oa-sync-ws-writer")
+        tasks = [asyncio.create_task(self._guard(self._timer_loop()), name="oa-sync-ws-timer")]
         try:
             if principal is not None:
                 self.subject = principal.subject  # acquired before the upgrade
@@ -325,7 +337,12 @@ class _Connection:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.feed is not None:
                 self.feed.close()
+            # The writer may be waiting for the transport to drain; aiohttp shares that wait
+            # with the close frame's, so cancelling the writer first would cancel the close.
+            self.queue.clear()
             await self._close_socket()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
             metrics.connections.labels(transport="ws").dec()
             metrics.subscriptions.dec(self.subscriptions)
             self.subscriptions = 0
@@ -369,7 +386,11 @@ class _Connection:
                 data = update.encoded.frame(action.subscription_id, self.fmt)
                 self._enqueue(data, update=True, committed_at=update.committed_at)
             elif isinstance(action, Send):
-                self._enqueue(encode_server(action.frame, self.fmt))
+                frame = action.frame
+                if isinstance(frame, ErrorFrame) and frame.code in _LIMIT_ERRORS:
+                    kind = _LIMIT_ERRORS[frame.code]
+                    self.state.metrics.limit_breaches.labels(kind=kind).inc()
+                self._enqueue(encode_server(frame, self.fmt))
             elif isinstance(action, Close):
                 if action.limit:
                     self.state.metrics.limit_breaches.labels(kind=action.limit).inc()
@@ -398,15 +419,21 @@ class _Connection:
         self.queue.append((data, update, committed_at))
         self.wake_writer.set()
 
-    async def _room(self, feed: Feed | None = None) -> None:
-        """Wait until the send queue has room; a live feed that overflows meanwhile is slow."""
-        while len(self.queue) >= self.low_water and not self.stop.is_set():
-            if feed is not None and feed.overflowed:
-                return
+    async def _below(self, threshold: int, grace_s: float | None = None) -> bool:
+        """Wait until fewer than ``threshold`` messages are queued.
+
+        Returns:
+            ``False`` when ``grace_s`` passed first (the client is not reading).
+        """
+        deadline = None if grace_s is None else self.loop.time() + grace_s
+        while len(self.queue) >= threshold and not self.stop.is_set():
             self.room.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_SLOW_POLL_S if feed is not None else None):
+            try:
+                async with asyncio.timeout_at(deadline):
                     await self.room.wait()
+            except TimeoutError:
+                return len(self.queue) < threshold
+        return True
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -418,8 +445,7 @@ class _Connection:
                 self.wake_writer.clear()
                 await self.wake_writer.wait()
             data, update, committed_at = self.queue.popleft()
-            if len(self.queue) < self.low_water:
-                self.room.set()
+            self.room.set()
             try:
                 if isinstance(data, str):
                     await self.ws.send_str(data)
@@ -532,7 +558,10 @@ class _Connection:
             feed = self.feed
             assert feed is not None
             async for live in feed:
-                await self._room(feed)
+                limit = self.limits.send_queue_messages
+                if not await self._below(limit, SLOW_CONSUMER_GRACE_S):
+                    self._slow_consumer()
+                    return
                 if feed.overflowed or self.stop.is_set():
                     break
                 item = _Item(
@@ -546,14 +575,19 @@ class _Connection:
             if self.stop.is_set():
                 return
             if feed.overflowed:
-                self.state.metrics.slow_consumer_disconnects.inc()
-                self.state.metrics.limit_breaches.labels(kind=LimitKind.SEND_QUEUE.value).inc()
-                self.request_close(CloseCode.RATE_LIMITED, "too slow a consumer")
+                self._slow_consumer()
                 return
             if not feed.epoch_changed:
                 return  # the hub stopped: the app is shutting down
             self.feed = self.state.hub.attach(self.limits.send_queue_messages + _HUB_BURST)
             self._perform(self.session.epoch_changed(self.state.hub.epoch, self.loop.time()))
+
+    def _slow_consumer(self) -> None:
+        if self.stop.is_set():
+            return
+        self.state.metrics.slow_consumer_disconnects.inc()
+        self.state.metrics.limit_breaches.labels(kind=LimitKind.SEND_QUEUE.value).inc()
+        self.request_close(CloseCode.RATE_LIMITED, "too slow a consumer")
 
     async def _catch_up(self, action: CatchUp) -> None:
         serial = action.serial
@@ -570,7 +604,7 @@ class _Connection:
                 )
             while True:
                 for start in range(0, len(rows), self.chunk):
-                    await self._room()
+                    await self._below(self.low_water)
                     items = [_Item.of_row(r) for r in rows[start : start + self.chunk]]
                     self._perform(self.session.catch_up_rows(serial, items, self.loop.time()))
                 if len(rows) < _CATCH_UP_PAGE:
