@@ -41,16 +41,18 @@ def subscriber_process(
     results: Any,
     resume: dict[str, Any] | None = None,
     first_index: int = 0,
+    connect_budget_s: float | None = None,
 ) -> None:
     """Open one authenticated, subscribed socket per topic set, record every update received.
 
     Protocol with the parent: puts ``("ready", connected, seconds, sync_times)`` on
     ``results`` once every socket is synced, then waits for ``"stop"`` on ``control`` and
     puts ``("records", [(conn, doc_key, version, t_received), ...], bytes_received)``;
-    ``conn`` counts from ``first_index``.
+    ``conn`` counts from ``first_index``. With ``connect_budget_s``, sockets whose handshake
+    would start after that many seconds are not opened (counted in ``skipped``).
     """
-    asyncio.run(
-        _subscribers(
+    try:
+        _run_subscribers(
             ws_url,
             token,
             topic_sets=topic_sets,
@@ -58,8 +60,15 @@ def subscriber_process(
             results=results,
             resume=resume,
             first_index=first_index,
+            connect_budget_s=connect_budget_s,
         )
-    )
+    except BaseException as exc:
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+def _run_subscribers(ws_url: str, token: str, **kwargs: Any) -> None:
+    asyncio.run(_subscribers(ws_url, token, **kwargs))
 
 
 async def _subscribers(
@@ -71,9 +80,13 @@ async def _subscribers(
     results: Any,
     resume: dict[str, Any] | None,
     first_index: int,
+    connect_budget_s: float | None,
 ) -> None:
     records: list[tuple[int, str, int, float]] = []
     received = [0]
+    failures: list[str] = []
+    skipped = [0]
+    start = time.monotonic()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=60)
@@ -98,27 +111,46 @@ async def _subscribers(
 
         async def connect(
             index: int, topics: Sequence[str]
-        ) -> tuple[aiohttp.ClientWebSocketResponse, float]:
+        ) -> tuple[aiohttp.ClientWebSocketResponse, float] | None:
             async with gate:
-                ws = await session.ws_connect(
-                    ws_url, protocols=(JSON_PROTOCOL,), max_msg_size=16 * 2**20, autoping=True
-                )
-                await ws.send_str(orjson.dumps({"authenticate": {"token": token}}).decode())
-                subscribe: dict[str, Any] = {"subscriptionId": "s1", "topics": list(topics)}
-                if resume is not None:
-                    subscribe["resume"] = resume
-                t0 = time.monotonic()
-                await ws.send_str(orjson.dumps({"subscribe": subscribe}).decode())
-                await until_synced(index, ws)
+                if connect_budget_s is not None and time.monotonic() - start > connect_budget_s:
+                    skipped[0] += 1
+                    return None
+                try:
+                    ws = await session.ws_connect(
+                        ws_url, protocols=(JSON_PROTOCOL,), max_msg_size=16 * 2**20, autoping=True
+                    )
+                    await ws.send_str(orjson.dumps({"authenticate": {"token": token}}).decode())
+                    subscribe: dict[str, Any] = {"subscriptionId": "s1", "topics": list(topics)}
+                    if resume is not None:
+                        subscribe["resume"] = resume
+                    t0 = time.monotonic()
+                    await ws.send_str(orjson.dumps({"subscribe": subscribe}).decode())
+                    await until_synced(index, ws)
+                except (aiohttp.ClientError, RuntimeError, OSError, TimeoutError) as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                    return None
                 return ws, time.monotonic() - t0
 
         start = time.monotonic()
-        opened = await asyncio.gather(
+        attempts = await asyncio.gather(
             *(connect(first_index + i, t) for i, t in enumerate(topic_sets))
         )
+        opened = [a for a in attempts if a is not None]
         connected = time.monotonic() - start
         sockets = [ws for ws, _ in opened]
-        results.put(("ready", len(sockets), connected, [s for _, s in opened], received[0]))
+        results.put(
+            (
+                "ready",
+                len(sockets),
+                connected,
+                [s for _, s in opened],
+                received[0],
+                len(failures),
+                failures[0] if failures else "",
+                skipped[0],
+            )
+        )
 
         async def read(index: int, ws: aiohttp.ClientWebSocketResponse) -> None:
             async for msg in ws:
@@ -156,6 +188,7 @@ class Fleet:
         sets: one topic list per socket.
         processes: how many client processes share the sockets (contiguous slices).
         resume: a ``resume`` object sent with every subscription, if any.
+        connect_budget_s: open no new socket after this many seconds (``skipped``).
     """
 
     def __init__(
@@ -166,6 +199,7 @@ class Fleet:
         *,
         processes: int,
         resume: dict[str, Any] | None = None,
+        connect_budget_s: float | None = None,
     ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._results = ctx.Queue()
@@ -181,6 +215,7 @@ class Fleet:
                     "results": self._results,
                     "resume": resume,
                     "first_index": i * size,
+                    "connect_budget_s": connect_budget_s,
                 },
             )
             for i, control in enumerate(self._controls)
@@ -191,20 +226,27 @@ class Fleet:
 
         Returns:
             ``connect_seconds`` (slowest process, first connect to last synced),
-            ``sync_seconds`` (per socket: subscribe sent to synced), ``bytes`` received so far
-            and ``sockets``.
+            ``sync_seconds`` (per socket: subscribe sent to synced), ``bytes`` received so far,
+            ``sockets`` synced, ``failed`` (sockets refused or closed before synced) and
+            ``errors`` (the first failure of each process).
         """
         for proc in self._procs:
             proc.start()
-        connect, syncs, received, sockets = 0.0, [], 0, 0
+        connect, syncs, received, sockets, failures, errors = 0.0, [], 0, 0, 0, []
+        skipped = 0
         try:
             for _ in self._procs:
-                kind, count, seconds, sync_times, got = self._results.get(timeout=timeout)
-                assert kind == "ready", kind
+                message = self._results.get(timeout=timeout)
+                if message[0] == "error":
+                    raise RuntimeError(f"subscriber process failed: {message[1]}")
+                _, count, seconds, sync_times, got, failed, first_error, skip = message
                 connect = max(connect, seconds)
                 syncs.extend(sync_times)
                 received += got
                 sockets += count
+                failures += failed
+                skipped += skip
+                errors += [first_error] if first_error else []
         except BaseException:
             self.kill()
             raise
@@ -213,6 +255,9 @@ class Fleet:
             "sync_seconds": syncs,
             "bytes": received,
             "sockets": sockets,
+            "failed": failures,
+            "errors": errors,
+            "skipped": skipped,
         }
 
     def stop(self, timeout: float = 300) -> dict[str, Any]:
@@ -223,8 +268,10 @@ class Fleet:
         received = dropped = 0
         try:
             for _ in self._procs:
-                kind, chunk, got, lost = self._results.get(timeout=timeout)
-                assert kind == "records", kind
+                message = self._results.get(timeout=timeout)
+                if message[0] == "error":
+                    raise RuntimeError(f"subscriber process failed: {message[1]}")
+                _, chunk, got, lost = message
                 records.extend(chunk)
                 received += got
                 dropped += lost

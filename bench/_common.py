@@ -113,7 +113,7 @@ class Result:
             "name": self.name,
             "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": dict(machine_facts),
-            "parameters": self.parameters,
+            "parameters": {**self.parameters, "quick": quick()},
             "figures": self.figures,
             "baseline": self.baseline,
             "targets": self.targets,

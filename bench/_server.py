@@ -102,6 +102,8 @@ class _Child:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is not None:
+            print(f"--- end of {self.command[-1]} output ---\n{self.log_tail()}", file=sys.stderr)
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

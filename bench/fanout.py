@@ -95,7 +95,8 @@ def run_phase(
     ctx = multiprocessing.get_context("spawn")
     fleet = Fleet(ws_url, bearer, sets, processes=CLIENT_PROCESSES)
     try:
-        connect_seconds = fleet.start()["connect_seconds"]
+        started = fleet.start()
+        connect_seconds = started["connect_seconds"]
         server = psutil.Process(server_pid)
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             pool.submit(int).result()  # start the worker before timing anything
@@ -125,6 +126,8 @@ def run_phase(
     records = collected["records"]
     received = collected["bytes"]
     return {
+        "subscribers_failed": started["failed"],
+        "subscriber_errors": started["errors"],
         "connect_seconds": connect_seconds,
         "steady": steady,
         "burst": burst_result,
@@ -172,6 +175,7 @@ def analyse(phase: dict[str, Any], sets: list[list[str]], per_doc: int) -> dict[
         "burst_effective_deliveries_per_s": burst_events * per_doc / (complete - burst_start),
         "burst_load_per_s": burst_events / phase["burst"]["seconds"],
         "connect_seconds": phase["connect_seconds"],
+        "subscribers_failed": phase["subscribers_failed"],
         "server_cpu_percent_steady": phase["server_cpu_percent_steady"],
         "load_batches_behind": phase["steady"]["batches_behind"],
     }
@@ -261,6 +265,9 @@ def main() -> int:
         ours["burst_effective_deliveries_per_s"] / bare_figures["burst_effective_deliveries_per_s"]
     )
     result.baseline["ratio_throughput_vs_bare"] = ratio
+    for side, phase in (("server", khala), ("bare", baseline)):
+        for error in phase["subscriber_errors"]:
+            result.notes.append(f"{side}: a subscriber failed before synced: {error}")
     result.target("fan-out latency p95", ours["latency_p95_ms"], at_most=50, unit="ms")
     result.target("fan-out latency p99", ours["latency_p99_ms"], at_most=150, unit="ms")
     result.target("updates lost", ours["lost"], at_most=0)
