@@ -54,6 +54,7 @@ from oa_sync_core.replay import (
     fold_log,
     plan_reprojection,
 )
+from oa_sync_core.server_session import ServerSession, SessionLimits
 from oa_sync_core.sinks import (
     DocumentReader,
     DocumentUpdate,
@@ -111,6 +112,8 @@ __all__ = [
     "ProtocolError",
     "ReprojectionPlan",
     "RunSummaryProjector",
+    "ServerSession",
+    "SessionLimits",
     "Sink",
     "StoredDocument",
     "TeeSink",
