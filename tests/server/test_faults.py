@@ -197,3 +197,54 @@ async def test_takeover_waits_for_a_leader_inside_its_write(engine: AsyncEngine)
     assert await batch == 6
     assert await takeover is False
     await assert_matches_fold(engine)
+
+
+async def _listener_pids(engine: AsyncEngine) -> set[int]:
+    async with engine.connect() as conn:
+        query = sa.text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND query = 'LISTEN oa_sync_events'"
+        )
+        return {int(r[0]) for r in await conn.execute(query)}
+
+
+async def test_run_loop_survives_lost_connections(engine: AsyncEngine) -> None:
+    """The running worker re-LISTENs after its listener is killed and retries a batch whose
+    connection died; every append is still projected, driven by hints alone."""
+    worker = HookedWorker(engine, holder="loop", poll_interval_s=30)
+    crashes: list[str] = []
+
+    async def crash_once(at: str, conn: AsyncConnection) -> None:
+        if at == "locked" and not crashes:
+            crashes.append(at)
+            await _terminate(engine, await _backend_pid(conn))
+
+    worker.hook = crash_once
+    stop = asyncio.Event()
+    runner = asyncio.create_task(worker.run(stop))
+    log = PostgresEventLog(engine)
+    try:
+
+        async def listening() -> bool:
+            return len(await _listener_pids(engine)) == 1
+
+        await wait_until(listening, within=30, what="the LISTEN connection")
+        [old] = await _listener_pids(engine)
+        await _terminate(engine, old)
+
+        async def relistening() -> bool:
+            pids = await _listener_pids(engine)
+            return len(pids) == 1 and old not in pids
+
+        await wait_until(relistening, within=30, what="a new LISTEN connection")
+        await _append_runs(log, 0, 2)
+
+        async def projected() -> bool:
+            return worker.applied == 6
+
+        await wait_until(projected, within=30, what="6 events projected")
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 30)
+    assert crashes == ["locked"]
+    await assert_matches_fold(engine)

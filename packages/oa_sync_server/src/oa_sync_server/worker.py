@@ -486,13 +486,21 @@ class ProjectorWorker:
     async def _listen(self, stop: asyncio.Event) -> None:
         """LISTEN for append hints; reconnect (and wake the loop) after any failure."""
         url = libpq_url(self.engine)
+        delay = 0.05
         while not stop.is_set():
             try:
                 async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
                     await conn.execute("LISTEN oa_sync_events")
+                    delay = 0.05
                     self._hint.set()  # anything appended while we were not listening
                     async for _ in conn.notifies():
                         self._hint.set()
             except (psycopg.Error, OSError) as exc:
                 log.warning("projector_listen_failed", name=self.name, error=type(exc).__name__)
-                await self._wait(stop, self.poll_interval_s)
+                self._hint.set()  # the poll fallback covers the gap; look now
+                stopping = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait([stopping], timeout=delay)
+                finally:
+                    stopping.cancel()
+                delay = min(delay * 2, 5.0, self.poll_interval_s)
