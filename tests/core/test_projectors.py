@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import betterproto
 import pytest
@@ -141,6 +142,7 @@ def test_golden_hashes_are_the_same_in_a_fresh_interpreter() -> None:
         capture_output=True,
         text=True,
         env=os.environ | {"PYTHONHASHSEED": "12345"},
+        cwd=Path(__file__).resolve().parents[2],
     ).stdout
     assert json.loads(out) == sorted(GOLDEN_HASHES.values())
 
