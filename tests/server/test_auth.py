@@ -597,3 +597,13 @@ async def test_refusals_are_counted_by_reason() -> None:
     sample = metrics.registry.get_sample_value
     assert sample("oa_sync_auth_failures_total", {"reason": "expired"}) == 2
     assert sample("oa_sync_auth_failures_total", {"reason": "malformed"}) == 1
+
+
+def test_a_short_hs256_secret_refuses_to_start() -> None:
+    """A verifier built with an HS256 secret under 32 bytes raises ConfigError, naming no secret."""
+    from oa_sync_server.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="OA_SYNC_JWT_HS256_SECRET") as info:
+        TokenVerifier(JwtSettings(hs256_secret=Secret("s" * 31)))
+    assert "s" * 31 not in str(info.value)
+    TokenVerifier(JwtSettings(hs256_secret=Secret("s" * 32)))

@@ -49,7 +49,7 @@ from oa_sync_core.errors import CodecError
 from oa_sync_core.topics import Grant
 
 from oa_sync_server.config import MIN_HS256_SECRET_BYTES, MIN_RSA_BITS, JwtSettings, Secret
-from oa_sync_server.errors import AuthError, AuthFailure
+from oa_sync_server.errors import AuthError, AuthFailure, ConfigError
 from oa_sync_server.metrics import Metrics
 
 __all__ = [
@@ -298,6 +298,10 @@ class TokenVerifier:
         clock: wall clock in seconds since the epoch, for ``exp``/``nbf``/``iat``.
         monotonic: monotonic clock for the JWKS cache.
         metrics: when given, every refused token counts in ``auth_failures`` by reason.
+
+    Raises:
+        ConfigError: an HS256 secret shorter than 32 bytes (refused however the settings were
+            built, not only from the environment).
     """
 
     def __init__(
@@ -315,6 +319,11 @@ class TokenVerifier:
         self._leeway = min(settings.leeway_s, 60.0)
         self._owned_session: aiohttp.ClientSession | None = None
         self._hs256 = settings.hs256_secret.reveal().encode() if settings.hs256_secret else None
+        if self._hs256 is not None and len(self._hs256) < MIN_HS256_SECRET_BYTES:
+            raise ConfigError(
+                "OA_SYNC_JWT_HS256_SECRET",
+                f"must be at least {MIN_HS256_SECRET_BYTES} bytes long (refusing a weak secret)",
+            )
         self._public: _Key | None = None
         if settings.public_key is not None:
             pem_key = jwt.algorithms.get_default_algorithms()[
