@@ -18,6 +18,7 @@ from oa_sync_core.wire import (
     Authenticate,
     ClientFrame,
     ErrorFrame,
+    Heartbeat,
     Ping,
     Pong,
     Reset,
@@ -459,3 +460,21 @@ async def test_connections_per_subject_and_gauges(database_url: str) -> None:
         await close_all(s.app)  # waits for the handlers of the clients that left to finish
         assert metrics.connections.labels(transport="ws")._value.get() == 0
         assert metrics.subscriptions._value.get() == 0
+
+
+async def test_quiet_connection_gets_heartbeats_with_the_watermark(database_url: str) -> None:
+    """With nothing to send, the server sends a heartbeat carrying the newest watermark at the
+    interval announced in welcome."""
+    limits = Limits(heartbeat_interval_s=0.2)
+    async with make_live_server(database_url, limits=limits) as server:
+        await server.append(runs("a"))
+        watermark = await server.settle()
+        async with connect(server, authenticate=False) as client:
+            await client.send(Authenticate(server.token()))
+            welcome = await client.recv()
+            assert isinstance(welcome, Welcome)
+            assert welcome.heartbeat_interval_ms == 200
+            await client.send(Subscribe("s", ("*",)))
+            await client.until_synced("s")
+            heartbeat = await client.recv(within_s=2.0)
+            assert heartbeat == Heartbeat(watermark=watermark)

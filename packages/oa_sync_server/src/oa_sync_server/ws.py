@@ -253,7 +253,7 @@ async def sync_handler(request: web.Request) -> web.StreamResponse:
             registry.release(principal.subject)
         await ws.close(code=CloseCode.MALFORMED, message=b"unsupported subprotocol")
         return ws
-    connection = _Connection(ws, WireFormat(ws.ws_protocol), state, registry)
+    connection = _Connection(ws, WireFormat(ws.ws_protocol), state, registry, request.transport)
     registry.connections.add(connection)
     try:
         await connection.run(principal)
@@ -284,9 +284,15 @@ class _Connection:
     """One open WebSocket: the session, its tasks and its send queue."""
 
     def __init__(
-        self, ws: _SyncSocket, fmt: WireFormat, state: ServerState, registry: _Registry
+        self,
+        ws: _SyncSocket,
+        fmt: WireFormat,
+        state: ServerState,
+        registry: _Registry,
+        transport: asyncio.Transport | None,
     ) -> None:
         self.ws = ws
+        self.transport = transport
         self.fmt = fmt
         self.state = state
         self.registry = registry
@@ -356,9 +362,16 @@ class _Connection:
             return
         code, reason = self.close_request or (WSCloseCode.OK, "")
         message = reason.encode("utf-8")[:_REASON_BYTES]
-        with contextlib.suppress(Exception):
+        try:
             async with asyncio.timeout(_CLOSE_TIMEOUT_S + 1):
                 await self.ws.close(code=code, message=message)
+        except TimeoutError:
+            # The peer reads nothing, not even the close frame: drop the connection rather
+            # than hold its buffers until TCP gives up.
+            if self.transport is not None:
+                self.transport.abort()
+        except Exception as exc:  # noqa: BLE001 - the peer is gone; nothing left to do
+            self.log.debug("ws_close_failed", error=type(exc).__name__)
 
     def request_close(self, code: int, reason: str) -> None:
         """Close the connection with ``code`` (from any task); the first request wins."""
