@@ -415,7 +415,7 @@ class ClientSessionMachine(RuleBasedStateMachine):
         self.session.set_token(jwt(), now=NOW)
         self.subs: dict[str, tuple[str, ...]] = {}
         self.seen: dict[tuple[str, str], int] = {}  # highest version shown since the last reset
-        self.expect_resume = False
+        self.converged_checks = 0
 
     @rule(topics=st.sampled_from(TOPIC_SETS))
     def subscribe(self, topics: tuple[str, ...]) -> None:
@@ -462,6 +462,13 @@ class ClientSessionMachine(RuleBasedStateMachine):
             for reply in replies:
                 self.server.handle(reply)
 
+    @precondition(lambda self: bool(self.server.outbox))
+    @rule()
+    def deliver_all(self) -> None:
+        """The network catches up: everything in flight arrives (replies included)."""
+        while self.server.outbox:
+            self.deliver(1)
+
     @precondition(lambda self: bool(self.server.sent_updates) and bool(self.server.subs))
     @rule(index=st.integers(min_value=0))
     def repeat(self, index: int) -> None:
@@ -507,6 +514,7 @@ class ClientSessionMachine(RuleBasedStateMachine):
     def caches_converge_when_quiet(self) -> None:
         if self.session.state is not ConnectionState.LIVE or self.server.outbox:
             return
+        self.converged_checks += 1
         for sid, topics in self.subs.items():
             expected = {
                 key: version
