@@ -156,8 +156,10 @@ def test_append_from_a_file_and_stdin(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """JSON lines from a file or stdin are appended; positions are printed; keys replay."""
+    """JSON lines from a file or stdin are appended (in chunks, one transaction); positions
+    are printed; keys replay."""
     _env(monkeypatch, database_url)
+    monkeypatch.setattr("oa_sync_server.commands.append.CHUNK", 1)
     path = tmp_path / "events.jsonl"
     path.write_text("\n".join(LINES) + "\n")
     assert main(["append", str(path)]) == 0

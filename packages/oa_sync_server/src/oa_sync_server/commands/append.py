@@ -34,13 +34,17 @@ from oa_sync_core import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from oa_sync_server.commands._db import UsageError, with_database
-from oa_sync_server.db.event_log import PostgresEventLog
+from oa_sync_server.commands._db import Progress, UsageError, with_database
+from oa_sync_server.db.event_log import PostgresEventLog, StreamOrderConflict
 
 NAME = "append"
 HELP = "append events from JSON lines (a file, or stdin)"
 
 MAX_LINE_BYTES = 1024 * 1024
+CHUNK = 5000
+"""Events per INSERT statement; all chunks share one transaction."""
+RETRIES = 5
+"""Attempts of the whole transaction when a concurrent appender got ahead on a stream."""
 _FIELDS = {"streamId", "type", "payload", "idempotencyKey", "expectedSeq"}
 
 
@@ -114,7 +118,21 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{path} is not UTF-8 text") from None
 
     async def append(engine: AsyncEngine) -> list[int]:
-        return await PostgresEventLog(engine).append(events)
+        log = PostgresEventLog(engine)
+        progress = Progress("events appended")
+        for attempt in range(1, RETRIES + 1):
+            positions: list[int] = []
+            try:
+                async with engine.begin() as conn:  # one transaction, written in chunks
+                    for start in range(0, len(events), CHUNK):
+                        positions += await log.append(events[start : start + CHUNK], conn=conn)
+                        progress(len(positions))
+            except StreamOrderConflict:
+                if attempt == RETRIES:
+                    raise
+                continue
+            break
+        return positions
 
     try:
         positions = asyncio.run(with_database(append)) if events else []
