@@ -527,3 +527,22 @@ def test_arbitrary_json_never_raises_anything_but_wire_error(value: Any) -> None
         for decode in (decode_client, decode_server):
             with contextlib.suppress(WireError):
                 decode(text, WireFormat.JSON, max_bytes=MAX)
+
+
+@pytest.mark.parametrize("max_bytes", [8, 40, MAX])
+@pytest.mark.parametrize("where", ["nonce", "key"])
+def test_text_holding_a_raw_lone_surrogate_is_refused(where: str, max_bytes: int) -> None:
+    """A str that cannot be UTF-8 (a raw lone surrogate) is a WireError at any size limit."""
+    text = '{"ping": {"nonce": "a\ud800b"}}' if where == "nonce" else '{"ping": {"a\udfffb": "x"}}'
+    with pytest.raises(WireError) as info:
+        decode_client(text, WireFormat.JSON, max_bytes=max_bytes)
+    assert info.value.code in (C.TOO_LARGE, C.INVALID_ENCODING)
+
+
+@given(text=st.text(st.characters(categories=["Cs", "L", "N", "P", "S", "Z", "Cc"]), max_size=40))
+def test_arbitrary_text_never_raises_anything_but_wire_error(text: str) -> None:
+    """Any str (surrogates and control characters included) decodes or raises WireError."""
+    for candidate in (text, '{"ping": {"nonce": "' + text + '"}}'):
+        for decode in (decode_client, decode_server):
+            with contextlib.suppress(WireError):
+                decode(candidate, WireFormat.JSON, max_bytes=MAX)
