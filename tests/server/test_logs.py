@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,3 +162,29 @@ def test_session_guard_sees_debug_lines_and_registered_secrets(token: str) -> No
     assert len(guard.detector.leaks) == leaks  # redacted before the guard saw it
     Secret("freshly-made-secret-" + "q" * 12)
     assert "freshly-made-secret-" + "q" * 12 in guard.detector.secrets
+
+
+def test_the_guard_fails_a_session_that_leaks(tmp_path: Path) -> None:
+    """A pytest session whose test logs a Secret's value ends failed, naming test and kind only."""
+    leaky = tmp_path / "test_leaky.py"
+    leaky.write_text(
+        "import logging\n"
+        "from oa_sync_server.config import Secret\n\n\n"
+        "def test_leaks() -> None:\n"
+        '    secret = Secret("a-plain-secret-value-" + "9" * 16)\n'
+        '    logging.getLogger("somewhere").debug("oops %s", secret.reveal())\n'
+    )
+    root = Path(__file__).resolve().parents[2]
+    options = ["-q", "-p", "no:cacheprovider", "-p", "tests.log_guard", "--rootdir", str(root)]
+    result = subprocess.run(  # noqa: S603 - the test runs this interpreter's pytest on a fixture
+        [sys.executable, "-m", "pytest", *options, "-c", str(root / "pyproject.toml"), str(leaky)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    assert "test_leaks: a secret appeared in a log line" in result.stdout
+    assert "9" * 16 not in result.stdout + result.stderr
