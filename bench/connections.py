@@ -36,7 +36,7 @@ from _server import BareProcess, ServerProcess, token
 DB_NAME = "oa_sync_bench_connections"
 CLIENT_PROCESSES = 2
 DOCS = 100
-CONNECT_BUDGET_S = 150.0
+CONNECT_BUDGET_S = 90.0
 """Seconds allowed to open sockets (keeps the whole suite under 10 minutes); the rest are
 reported as not attempted, never silently dropped."""
 
@@ -82,7 +82,7 @@ def hold(
 
 def main() -> int:
     """Hold the connections on both servers; write bench/results/connections.json."""
-    sockets, idle_s, heartbeat_s = (100, 2.0, 1.0) if quick() else (10_000, 20.0, 5.0)
+    sockets, idle_s, heartbeat_s = (100, 2.0, 1.0) if quick() else (10_000, 10.0, 5.0)
     budget_s = 20.0 if quick() else CONNECT_BUDGET_S
     admin = admin_url()
     facts = machine(admin)

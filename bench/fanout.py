@@ -193,7 +193,7 @@ def main() -> int:
             2_000,
             30,
             40,
-            20_000,
+            10_000,
         )
     sets = topic_sets(subscribers, docs, per_doc)
     admin = admin_url()
