@@ -19,7 +19,8 @@ import aiohttp
 import orjson
 
 JSON_PROTOCOL = "oa-sync.v1.json"
-CONNECT_CONCURRENCY = 200
+CONNECT_CONCURRENCY = 50
+"""Handshakes in flight per client process (more only queues them inside the server)."""
 
 
 def doc_key(run: int) -> str:

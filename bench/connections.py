@@ -2,7 +2,7 @@
 
 Figures: server RSS per connection (RSS with every socket synced minus RSS before, divided by
 the sockets), time to connect, authenticate, subscribe and sync them all (from two client
-processes, 200 handshakes in flight each), the server's CPU while they sit idle with
+processes, 50 handshakes in flight each), the server's CPU while they sit idle with
 heartbeats every ``heartbeat_s``, and how many the server dropped during the idle window.
 Same-run baseline: the bare aiohttp WebSocket server (``bench/_bare.py``) holding as many
 sockets subscribed the same way.
@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _clients import Fleet, doc_key
+from _clients import CONNECT_CONCURRENCY, Fleet, doc_key
 from _common import (
     Result,
     admin_url,
@@ -123,7 +123,7 @@ def main() -> int:
             "heartbeat_interval_s": heartbeat_s,
             "idle_window_s": idle_s,
             "connect_budget_s": budget_s,
-            "handshakes_in_flight_per_process": 200,
+            "handshakes_in_flight_per_process": CONNECT_CONCURRENCY,
             "subprotocol": "oa-sync.v1.json",
             "git": git_revision(),
             "load_average_before": load_before,

@@ -22,6 +22,7 @@ Run alone: ``python bench/fanout.py [--quick]``.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import time
 from collections import defaultdict
@@ -48,6 +49,10 @@ from _server import BareProcess, ServerProcess, token
 DB_NAME = "oa_sync_bench_fanout"
 CLIENT_PROCESSES = 2
 BURST_BATCH = 500
+FULL_RATE = int(os.environ.get("BENCH_FANOUT_RATE", "1000"))
+"""Appends/s of the full run. The issue asks 2,000 (x 5 subscribers = 10,000 deliveries/s); on
+2 shared cores the appender, Postgres, the server and 1,000 client sockets cannot hold that
+with this code (see docs/benchmarks.md), so the full run offers half and says so."""
 
 
 def drain_seconds() -> float:
@@ -190,7 +195,7 @@ def main() -> int:
             1_000,
             1_000,
             5,
-            2_000,
+            FULL_RATE,
             30,
             40,
             10_000,
@@ -246,6 +251,7 @@ def main() -> int:
             "documents": docs,
             "subscribers_per_document": per_doc,
             "append_rate_per_s": rate,
+            "issue_append_rate_per_s": 2_000,
             "steady_seconds": seconds,
             "append_batch": batch,
             "burst_events": burst,
@@ -272,9 +278,9 @@ def main() -> int:
     result.target("fan-out latency p99", ours["latency_p99_ms"], at_most=150, unit="ms")
     result.target("updates lost", ours["lost"], at_most=0)
     result.target(
-        "offered deliveries/s actually appended (load held)",
+        "deliveries/s offered and held (issue: 10,000 at 1,000 subscribers)",
         ours["expected_deliveries_per_s"],
-        at_least=0.95 * rate * per_doc,
+        at_least=10_000,
         unit="/s",
     )
     result.target("throughput vs bare aiohttp broadcast", ratio, at_least=0.7, unit="x")
