@@ -40,6 +40,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import math
 import time
 import uuid
 import weakref
@@ -308,6 +309,7 @@ class _Connection:
         self.wake_writer = asyncio.Event()
         self.room = asyncio.Event()
         self.rearm = asyncio.Event()
+        self.armed_for = math.inf  # the deadline the timer sleeps until
         self.stop = asyncio.Event()
         self.done = asyncio.Event()
         self.close_request: tuple[int, str] | None = None
@@ -422,7 +424,8 @@ class _Connection:
         if count != self.subscriptions:
             self.state.metrics.subscriptions.inc(count - self.subscriptions)
             self.subscriptions = count
-        self.rearm.set()
+        if self.session.next_deadline() < self.armed_for:
+            self.rearm.set()  # a deadline moved earlier (sends only ever move them later)
 
     def _enqueue(
         self, data: str | bytes, *, update: bool = False, committed_at: float = 0.0
@@ -475,12 +478,14 @@ class _Connection:
     async def _timer_loop(self) -> None:
         hub = self.state.hub
         while True:
-            delay = self.session.next_deadline() - self.loop.time()
-            if delay > 0:
+            deadline = self.session.next_deadline()
+            if deadline > self.loop.time():
                 self.rearm.clear()
+                self.armed_for = deadline
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
+                    async with asyncio.timeout_at(deadline):
                         await self.rearm.wait()
+                self.armed_for = math.inf
                 continue
             actions = self.session.tick(self.loop.time(), watermark=hub.watermark)
             self._perform(actions)
