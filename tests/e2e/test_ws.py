@@ -160,7 +160,11 @@ async def test_snapshot_synced_then_live_update_after_http_append(
         assert update.document["runId"] == "r3"
         await client.send(Ping("n1"))
         assert await client.recv() == Pong(nonce="n1")
-    assert live_server.state.metrics.updates_sent.labels(format=fmt.name.lower())._value.get() >= 3
+    metrics = live_server.state.metrics
+    assert metrics.updates_sent.labels(format=fmt.name.lower())._value.get() >= 3
+    latency = metrics.registry.get_sample_value("oa_sync_append_to_send_seconds_count")
+    assert latency is not None
+    assert latency >= 1
 
 
 async def test_resume_after_disconnect_is_coalesced_with_no_gap(live_server: LiveServer) -> None:

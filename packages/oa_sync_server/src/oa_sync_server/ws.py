@@ -554,13 +554,13 @@ class _Connection:
                 self.request_close(CloseCode.RATE_LIMITED, "too many connections")
                 return
             self.subject = principal.subject
-        # Attach the live feed before anything is read, so nothing falls in between.
+        # Attach the live feed before any snapshot is read, so nothing falls in between. The
+        # welcome announces what the hub has delivered (no database read per connection).
         self._attach()
-        async with self.state.engine.connect() as conn:
-            meta = await read_model.read_meta(conn)
+        hub = self.state.hub
         self._perform(
             self.session.authenticated(
-                credentials, self.loop.time(), epoch=meta.epoch, watermark=meta.watermark
+                credentials, self.loop.time(), epoch=hub.epoch, watermark=hub.watermark
             )
         )
 
