@@ -330,3 +330,23 @@ async def test_cors_only_for_allowed_origins(database_url: str) -> None:
                 "/v1/changes", headers=evil | {"Access-Control-Request-Method": "GET"}
             ) as resp:
                 assert resp.status == 405
+
+
+async def test_readyz_is_503_while_the_projector_lags(database_url: str) -> None:
+    """With no projector running and an event older than the readiness bound, /readyz is 503
+    and reports the lag; /healthz stays 200."""
+    async with make_live_server(database_url, run_projector=False) as server:
+        await server.append([run_event("run.created", "r1")])
+        async with server.engine.begin() as conn:
+            await conn.execute(
+                sa.text("UPDATE oa_sync.events SET recorded_at = now() - interval '5 minutes'")
+            )
+        async with aiohttp.ClientSession(server.url) as s:
+            async with s.get("/readyz") as resp:
+                body = await resp.json()
+                assert resp.status == 503
+                assert body["status"] == "lagging"
+                assert body["projectorLagEvents"] == 1
+                assert body["projectorLagSeconds"] >= 290
+            async with s.get("/healthz") as resp:
+                assert resp.status == 200
