@@ -443,6 +443,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.delivered = 0  # changes handed to on_live so far
         self.versions: dict[str, int] = {}
         self.retained_from = 0
+        self.epoch = "e0"
         self.session: ServerSession[Doc] = ServerSession(
             dataclasses.replace(LIMITS, max_subscriptions=4, message_burst=10**6),
             0.0,
@@ -454,7 +455,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.session.authenticated(
             Credentials(subject="u", grant=self.grant, expires_at=1e9),
             0.0,
-            epoch="e",
+            epoch=self.epoch,
             watermark=0,
         )
         self.catch_ups: dict[int, dict[str, Any]] = {}  # serial -> progress
@@ -464,7 +465,7 @@ class SessionMachine(RuleBasedStateMachine):
 
     def meta(self) -> Meta:
         """The model log's metadata."""
-        return Meta("e", len(self.log), self.retained_from)
+        return Meta(self.epoch, len(self.log), self.retained_from)
 
     def perform(self, actions: list[Action[Doc]]) -> None:
         """Apply actions to the model client, checking the invariants of every update."""
@@ -529,7 +530,7 @@ class SessionMachine(RuleBasedStateMachine):
         sid = f"s{self.counter}"
         resume = None
         if resume_at is not None:
-            resume = Resume("e", min(resume_at, len(self.log)))
+            resume = Resume(self.epoch, min(resume_at, len(self.log)))
         actions = self.session.receive(Subscribe(sid, tuple(topics), resume), self.now)
         if any(isinstance(a, CatchUp) for a in actions):
             self.sub_grant[sid] = [self.grant]
@@ -591,10 +592,21 @@ class SessionMachine(RuleBasedStateMachine):
             self.session.authenticated(
                 Credentials(subject="u", grant=self.grant, expires_at=1e9),
                 self.now,
-                epoch="e",
+                epoch=self.epoch,
                 watermark=self.delivered,
             )
         )
+
+    @rule()
+    def rebuild(self) -> None:
+        """A rebuild restarts the watermarks under a new epoch; the hub jumps to its end."""
+        latest = sorted(self.state_at(len(self.log)).values(), key=lambda d: d.doc_key)
+        self.log = [Doc(d.doc_key, d.version, i + 1) for i, d in enumerate(latest)]
+        self.delivered = len(self.log)
+        self.retained_from = 0
+        self.epoch = f"e{int(self.epoch[1:]) + 1}"
+        self.now += 0.01
+        self.perform(self.session.epoch_changed(self.epoch, self.now))
 
     @rule(retained=st.integers(min_value=0, max_value=10))
     def expire_changes(self, retained: int) -> None:
