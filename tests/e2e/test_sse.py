@@ -131,26 +131,28 @@ async def test_snapshot_then_live_and_changes_agree(live_server: LiveServer) -> 
 async def test_resume_by_last_event_id_has_no_gap(live_server: LiveServer) -> None:
     """Reconnecting with Last-Event-ID yields exactly the latest version of every document
     changed meanwhile, then ``synced``; nothing older follows anything newer."""
-    await live_server.append([run_event("run.created", f"r{i}") for i in range(10)])
+    await live_server.append([run_event("run.created", f"r{i}") for i in range(60)])
     await live_server.settle()
     token = live_server.token()
     async with aiohttp.ClientSession(live_server.url) as s:
         stream = await open_stream(s, token, ["*"])
         _, synced = await stream.until_synced()
         stream.resp.close()
-        # While disconnected: 60 appends across 6 documents.
+        # While disconnected: 500 appends across 50 of the 60 documents.
         for round_ in range(10):
             await live_server.append(
-                [run_event("run.step", f"r{i}", stepIndex=round_ + 1) for i in range(6)]
+                [run_event("run.step", f"r{i}", stepIndex=round_ + 1) for i in range(50)]
             )
         await live_server.settle()
         stream = await open_stream(s, token, ["*"], last_id=synced.id)
         catch_up, synced2 = await stream.until_synced()
-        assert sorted(e.data["docKey"] for e in catch_up) == [
-            f"runtime/run_summary:r{i}" for i in range(6)
-        ]
+        assert sorted(e.data["docKey"] for e in catch_up) == sorted(
+            f"runtime/run_summary:r{i}" for i in range(50)
+        )
         assert all(e.data["version"] == "11" for e in catch_up)
-        assert int(synced2.id or 0) == max(int(e.id or 0) for e in catch_up)
+        ids = [int(e.id or 0) for e in catch_up]
+        assert ids == sorted(ids)
+        assert int(synced2.id or 0) == ids[-1]
         stream.resp.close()
         # Resuming from the newest id gives nothing but synced.
         stream = await open_stream(s, token, ["*"], last_id=synced2.id)
