@@ -86,6 +86,9 @@ class LiveServer:
     async def settle(self, within_s: float = SETTLE_TIMEOUT_S) -> int:
         """Wait until everything appended so far is projected and delivered by the hub.
 
+        Some projector must run on the database (this server's, unless it was started with
+        ``run_projector=False``, or another server's); otherwise this times out.
+
         Returns:
             The watermark reached.
 
