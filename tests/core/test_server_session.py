@@ -110,6 +110,16 @@ def closes(actions: list[Action[Doc]]) -> list[tuple[int, str]]:
     return [(a.code, a.limit) for a in actions if isinstance(a, Close)]
 
 
+def state_of(session: ServerSession[Doc]) -> SessionState:
+    """The session's state (read afresh: mypy would keep an earlier narrowing)."""
+    return session.state
+
+
+def ids_of(session: ServerSession[Doc]) -> tuple[str, ...]:
+    """The session's subscription ids (read afresh)."""
+    return session.subscription_ids
+
+
 def subscribe(
     session: ServerSession[Doc], sid: str, *topics: str, now: float = 1.0
 ) -> list[Action[Doc]]:
@@ -129,7 +139,7 @@ def test_authenticate_then_welcome() -> None:
     assert frames(out) == [
         Welcome(session_id="sid", epoch="e1", watermark=7, heartbeat_interval_ms=15000)
     ]
-    assert session.state is SessionState.OPEN
+    assert state_of(session) is SessionState.OPEN
 
 
 def test_no_authentication_in_time_closes_4408() -> None:
@@ -218,7 +228,7 @@ def test_refresh_with_fewer_topics_stops_the_lost_topics() -> None:
     session.receive(Authenticate("t3"), 4.0)
     out = session.authenticated(creds(WORKER), 4.0, epoch="e1", watermark=8)
     assert [f.subscription_id for f in frames(out)] == ["runs"]
-    assert session.subscription_ids == ("both",)
+    assert ids_of(session) == ("both",)
 
 
 def test_refresh_never_widens_a_subscription() -> None:
