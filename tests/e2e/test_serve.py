@@ -13,9 +13,12 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from oa_sync_server.app import create_app
 from oa_sync_server.auth import TokenVerifier
 from oa_sync_server.cli import main
-from oa_sync_server.config import JwtSettings, Secret
+from oa_sync_server.config import JwtSettings, Secret, Settings
+from oa_sync_server.errors import ConfigError
 
 from tests.live import make_live_server
 
@@ -178,3 +181,28 @@ async def test_two_server_processes_on_one_database(database_url: str) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_create_app_owns_an_engine_from_the_url(database_url: str) -> None:
+    """create_app without an engine builds one from the URL (and disposes of it); without a
+    URL or a JWT key it refuses with a ConfigError naming the variable."""
+    secret = Secret("k" * 48)
+    settings = Settings(database_url=database_url, jwt=JwtSettings(hs256_secret=secret))
+    app = create_app(settings, run_projector=False)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/readyz") as resp,
+        ):
+            assert resp.status == 200
+    finally:
+        await runner.cleanup()
+    with pytest.raises(ConfigError, match="OA_SYNC_DATABASE_URL"):
+        create_app(Settings(jwt=JwtSettings(hs256_secret=secret)))
+    with pytest.raises(ConfigError, match="OA_SYNC_JWT_HS256_SECRET"):
+        create_app(Settings(database_url=database_url))
