@@ -114,8 +114,8 @@ def betterproto_value(value: Any) -> Any:
 
 def main() -> int:
     """Measure every contender, write bench/results/wire_codec.json and the plot."""
-    n = 1_000 if quick() else 50_000
-    slow_n = max(n // 20, 100)  # betterproto and json_format are too slow for n calls
+    n = 1_000 if quick() else 20_000
+    slow_n = 100 if quick() else 500  # betterproto and json_format are too slow for n calls
     doc_key, version, content_hash, body = sample_document()
     projection = doc_key.partition(":")[0]
     update_dict = {
