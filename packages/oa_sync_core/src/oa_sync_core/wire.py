@@ -276,7 +276,10 @@ _SERVER: Final[Schema] = {
 
 
 def _read_json(
-    data: str, max_bytes: int, cls: type[v1.ClientMessage] | type[v1.ServerMessage], kinds: Any
+    data: str,
+    max_bytes: int,
+    cls: type[v1.ClientMessage] | type[v1.ServerMessage],
+    kinds: frozenset[str],
 ) -> tuple[str, dict[str, Any]]:
     obj = loads_strict(data, max_bytes=max_bytes)
     if not isinstance(obj, dict):
@@ -291,10 +294,8 @@ def _read_json(
     return kind, body
 
 
-_CLIENT_KINDS: Final = frozenset({"authenticate", "subscribe", "unsubscribe", "ping"})
-_SERVER_KINDS: Final = frozenset(
-    {"welcome", "update", "synced", "reset", "heartbeat", "pong", "error"}
-)
+_CLIENT_KINDS: Final = frozenset(name for name, _ in _CLIENT.values())
+_SERVER_KINDS: Final = frozenset(name for name, _ in _SERVER.values())
 
 
 def _check_input(data: bytes | str, fmt: WireFormat, max_bytes: int) -> None:
