@@ -303,3 +303,37 @@ async def test_prune_changes_keeps_watermarks_and_undelivered_sink_rows(
     await PostgresEventLog(engine).append([new_event("run.completed", "r0")])
     await ProjectorWorker(engine).catch_up()
     assert (await read_model(engine))["changes"][-1][:2] == (5, "runtime/run_summary:r0")
+
+
+async def test_drift_and_reproject_are_exact_while_the_worker_runs(engine: AsyncEngine) -> None:
+    """With appends flowing and the worker projecting, every drift check is clean and every
+    reprojection finds nothing to rewrite: both read one consistent snapshot."""
+    log = PostgresEventLog(engine)
+    worker = ProjectorWorker(engine, batch_size=7, poll_interval_s=0.05)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(worker.run(stop))
+
+    async def appender() -> None:
+        for i in range(40):
+            await log.append(
+                [
+                    new_event("run.created", f"live{i}"),
+                    new_event("run.step", f"live{i // 2}", description=str(i))
+                    if i
+                    else new_event("run.started", "live0"),
+                ]
+            )
+
+    writing = asyncio.create_task(appender())
+    try:
+        checks = 0
+        while not writing.done() or checks < 3:
+            assert (await check_drift(engine)).ok
+            assert (await reproject(engine)).rewritten == ()
+            checks += 1
+        await writing
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 30)
+    await ProjectorWorker(engine).catch_up()
+    await assert_matches_fold(engine)

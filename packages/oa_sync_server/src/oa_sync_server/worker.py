@@ -209,6 +209,7 @@ class ProjectorWorker:
         self.cache_size = cache_size
         self.retention_s = retention_s
         self._next_prune = 0.0
+        self._checked_epoch = 0  # the lease epoch whose stale projections were rebuilt
         self._cache: dict[DocId, DocumentState] = {}
         self._cache_at = -1  # the last watermark when the cache was known to be exact
 
@@ -232,12 +233,17 @@ class ProjectorWorker:
         if epoch is None:
             self.epoch = 0
             return False
-        fresh = epoch != self.epoch
-        self.epoch = int(epoch)
-        if fresh:
+        if epoch != self.epoch:
             log.info("projector_lease_acquired", name=self.name, holder=self.holder, epoch=epoch)
-            await self.rebuild_stale()
+        self.epoch = int(epoch)
+        await self._ensure_current()
         return True
+
+    async def _ensure_current(self) -> None:
+        """Rebuild stale projections once per lease epoch (retried until it succeeds)."""
+        if self._checked_epoch != self.epoch:
+            await self.rebuild_stale()
+            self._checked_epoch = self.epoch
 
     async def rebuild_stale(self) -> list[str]:
         """Reproject every projection with checkpoints of another projector version.
@@ -323,6 +329,7 @@ class ProjectorWorker:
         """
         if not self.epoch and not await self.acquire():
             raise LeaseBusyError(self.name, f"projector lease {self.name!r} is held elsewhere")
+        await self._ensure_current()
         while True:
             consumed = await self._batch()
             if consumed is not None:
