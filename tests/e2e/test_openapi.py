@@ -9,8 +9,10 @@ import aiohttp
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 from oa_sync_server.openapi import OPENAPI_PATH, document
 from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -31,8 +33,17 @@ CHECKS = [
 ]
 
 
-def campaign(spec: dict[str, Any], base_url: str, headers: dict[str, str]) -> list[str]:
-    """Run every operation's generated cases; return the operations that were exercised."""
+def campaign(
+    spec: dict[str, Any],
+    base_url: str,
+    headers: dict[str, str],
+    mode: GenerationMode = GenerationMode.POSITIVE,
+) -> list[str]:
+    """Run every operation's generated cases; return the operations that were exercised.
+
+    Positive cases fit the schema; negative ones break it (wrong types, missing required
+    fields, bad bodies) and must be refused with a documented 4xx, never a 5xx.
+    """
     schema = schemathesis.openapi.from_dict(spec)
     exercised = []
     with requests.Session() as session:
@@ -49,14 +60,18 @@ def campaign(spec: dict[str, Any], base_url: str, headers: dict[str, str]) -> li
                 phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=list(HealthCheck),
             )
-            @given(case=operation.as_strategy())
+            @given(case=operation.as_strategy(generation_mode=mode))
             def check(case: Any) -> None:
                 response = case.call(
                     base_url=base_url, session=session, headers=headers, timeout=10
                 )
                 case.validate_response(response, checks=CHECKS)
 
-            check()
+            try:
+                check()
+            except Unsatisfiable:
+                assert mode is GenerationMode.NEGATIVE  # nothing to break: no inputs
+                continue
             exercised.append(f"{operation.method.upper()} {operation.path}")
     return exercised
 
@@ -104,6 +119,14 @@ async def test_schemathesis_finds_no_server_error_and_no_nonconformance(
             campaign, spec, live_server.url, {"Authorization": f"Bearer {token}"}
         )
         without = await asyncio.to_thread(campaign, spec, live_server.url, {})
+        negative = await asyncio.to_thread(
+            campaign,
+            spec,
+            live_server.url,
+            {"Authorization": f"Bearer {token}"},
+            GenerationMode.NEGATIVE,
+        )
     assert "POST /v1/events" in with_token
     assert "GET /v1/changes" in with_token
     assert with_token == without
+    assert {"POST /v1/events", "GET /v1/changes", "GET /v1/docs/{doc_key}"} <= set(negative)
