@@ -114,6 +114,17 @@ class _Shadow:
     hash: str
 
 
+def _request(doc: sa.RowMapping) -> DeliveryRequest:
+    """The delivery of a ``documents`` row at its current version."""
+    return DeliveryRequest(
+        projection=doc["projection"],
+        doc_key=doc["doc_key"],
+        version=int(doc["version"]),
+        content_hash=doc["content_hash"],
+        document=doc["body"],
+    )
+
+
 async def list_dead_letters(engine: AsyncEngine, *, sink: str = DEFAULT_SINK) -> list[DeadLetter]:
     """Every dead letter of a sink, oldest first.
 
@@ -217,6 +228,10 @@ class HttpDeliveryLoop:
             .where(t.c.sink == self.sink, t.c.last_watermark < watermark)
             .values(last_watermark=watermark, updated_at=_NOW)
         )
+
+    async def _advance_alone(self, watermark: int) -> None:
+        async with self.engine.begin() as conn:
+            await self._advance(conn, watermark)
 
     # -- parity and dead letters -------------------------------------------------------------
 
@@ -325,9 +340,8 @@ class HttpDeliveryLoop:
 
     # -- passes ------------------------------------------------------------------------------
 
-    async def _read_batch(
-        self, after: int
-    ) -> tuple[list[tuple[int, str]], dict[str, sa.RowMapping], dict[str, _Shadow]]:
+    async def _read_batch(self, after: int) -> tuple[Sequence[sa.RowMapping], dict[str, _Shadow]]:
+        """The next documents after ``after`` in watermark order; each one's handled version."""
         async with self.engine.connect() as conn:
             rows = (
                 (
@@ -341,8 +355,7 @@ class HttpDeliveryLoop:
                 .mappings()
                 .all()
             )
-            docs: dict[str, sa.RowMapping] = {str(doc["doc_key"]): doc for doc in rows}
-            keys = sorted(docs)
+            keys = sorted(str(doc["doc_key"]) for doc in rows)
             shadows: dict[str, _Shadow] = {}
             if keys:
                 p = http_sink_parity
@@ -363,7 +376,7 @@ class HttpDeliveryLoop:
                     known = shadows.get(letter.doc_key)
                     if known is None or known.version < int(letter.version):
                         shadows[letter.doc_key] = _Shadow(int(letter.version), "")
-        return [(int(r["watermark"]), str(r["doc_key"])) for r in rows], docs, shadows
+        return rows, shadows
 
     async def deliver_pending(self, *, stop: asyncio.Event | None = None) -> DeliveryPass:
         """Deliver every change after the checkpoint, until caught up or blocked.
@@ -381,24 +394,18 @@ class HttpDeliveryLoop:
                 return DeliveryPass(locked_out=True)
             checkpoint = await self._load_checkpoint()
             while blocked is None and not (stop is not None and stop.is_set()):
-                batch, docs, shadows = await self._read_batch(checkpoint)
+                batch, shadows = await self._read_batch(checkpoint)
                 if not batch:
                     break
                 pending: int | None = None
-                for watermark, doc_key in batch:
-                    doc = docs.get(doc_key)
+                for doc in batch:
+                    watermark, doc_key = int(doc["watermark"]), str(doc["doc_key"])
                     shadow = shadows.get(doc_key)
-                    if doc is None or (shadow is not None and shadow.version >= doc["version"]):
+                    if shadow is not None and shadow.version >= doc["version"]:
                         skipped += 1
                         pending = watermark
                         continue
-                    request = DeliveryRequest(
-                        projection=doc["projection"],
-                        doc_key=doc_key,
-                        version=int(doc["version"]),
-                        content_hash=doc["content_hash"],
-                        document=doc["body"],
-                    )
+                    request = _request(doc)
                     try:
                         outcome = await self.client.deliver(request, stop=stop)
                     except DeliveryUnavailableError as exc:
@@ -417,8 +424,7 @@ class HttpDeliveryLoop:
                         break
                     except DeliveryStoppedError:
                         if pending is not None:
-                            async with self.engine.begin() as conn:
-                                await self._advance(conn, pending)
+                            await self._advance_alone(pending)
                             checkpoint = pending
                         blocked = "stopped"
                         break
@@ -439,8 +445,7 @@ class HttpDeliveryLoop:
                     pending = None
                 else:
                     if pending is not None:
-                        async with self.engine.begin() as conn:
-                            await self._advance(conn, pending)
+                        await self._advance_alone(pending)
                         checkpoint = pending
         result = DeliveryPass(
             delivered=delivered,
@@ -511,15 +516,8 @@ class HttpDeliveryLoop:
             if doc is None:
                 remaining.append(letter)
                 continue
-            request = DeliveryRequest(
-                projection=doc["projection"],
-                doc_key=letter.doc_key,
-                version=int(doc["version"]),
-                content_hash=doc["content_hash"],
-                document=doc["body"],
-            )
             try:
-                outcome = await self.client.deliver(request)
+                outcome = await self.client.deliver(_request(doc))
             except DeliveryUnavailableError:
                 remaining.append(letter)
                 continue
