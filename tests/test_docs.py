@@ -1,0 +1,239 @@
+"""The docs are true to the code: variables, commands, flags, links and close codes.
+
+Fast and database-free. What it proves:
+
+- every ``OA_SYNC_*`` variable the packages read is documented in docs/configuration.md, and
+  every variable named there (or anywhere in README.md and docs/*.md) is read somewhere;
+- every ``oa-sync`` sub-command appears in README.md, every ``oa-sync <word>`` in the docs is a
+  real sub-command, and every ``--flag`` shown after it on the same line exists in its parser;
+- every relative Markdown link in README.md and docs/*.md points to an existing file;
+- every close code (4xxx) named in docs/protocol.md or docs/security.md is in
+  :mod:`oa_sync_server.errors`' table.
+
+What it does not prove: that the prose around those names is right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+from oa_sync_server import errors
+from oa_sync_server.cli import build_parser
+from oa_sync_server.config import ENV_PREFIX, Settings
+from oa_sync_server.sinks.selection import plan_sinks
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+MARKDOWN = [ROOT / "README.md", *DOCS]
+CONFIGURATION = ROOT / "docs" / "configuration.md"
+PACKAGE_SOURCES = sorted(
+    p
+    for base in ("packages/oa_sync_core/src", "packages/oa_sync_server/src")
+    for p in (ROOT / base).rglob("*.py")
+    if "contracts" not in p.parts
+)
+# Sources whose variables are not the server's but may be named in the docs.
+OTHER_SOURCES = sorted(
+    [ROOT / "noxfile.py", *(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]
+)
+
+VARIABLE = re.compile(r"\bOA_SYNC_[A-Z0-9][A-Z0-9_]*[A-Z0-9]\b")
+COMMAND = re.compile(r"(?<![\w./-])oa-sync ([a-z][a-z-]*)")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+# "closes with 4400", "closed 4429", "close 4408": a code named after the word close.
+CLOSE_CODE = re.compile(r"\bclose[sd]?\b[^.|;]{0,30}?\b(4\d{3})\b", re.IGNORECASE)
+CLOSE_TABLE_ROW = re.compile(r"^\|\s*(4\d{3})\s*\|", re.MULTILINE)
+
+
+class _RecordingEnviron(Mapping[str, str]):
+    """An environment that remembers every variable looked up in it."""
+
+    def __init__(self, values: Mapping[str, str]):
+        self.values = dict(values)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return self.values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def _settings_variables() -> set[str]:
+    """The variables ``Settings.from_env`` and ``plan_sinks`` read, by running them."""
+    read: set[str] = set()
+    for values in (
+        {},
+        {
+            "OA_SYNC_SINK": "tee",
+            "OA_SYNC_HTTP_SINK_URL": "http://127.0.0.1:9/sink",
+            "OA_SYNC_HTTP_SINK_SECRET": "s" * 40,
+        },
+    ):
+        environ = _RecordingEnviron(values)
+        plan_sinks(Settings.from_env(environ), environ)
+        read |= environ.read
+    return read
+
+
+def _string_constants(paths: list[Path]) -> set[str]:
+    """``"OA_SYNC_X"`` literals and ``ENV_PREFIX + "X"`` expressions in the sources."""
+    found: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if VARIABLE.fullmatch(node.value):
+                    found.add(node.value)
+            elif (
+                isinstance(node, ast.BinOp)
+                and isinstance(node.op, ast.Add)
+                and isinstance(node.left, ast.Name)
+                and node.left.id == "ENV_PREFIX"
+                and isinstance(node.right, ast.Constant)
+                and isinstance(node.right.value, str)
+            ):
+                found.add(ENV_PREFIX + node.right.value)
+    return found
+
+
+def _code_variables() -> set[str]:
+    return _settings_variables() | _string_constants(PACKAGE_SOURCES)
+
+
+def _prose(path: Path) -> str:
+    """The text of a Markdown file; fenced code blocks are kept (commands live there)."""
+    return path.read_text(encoding="utf-8")
+
+
+def _without_fences(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def _sub_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of a parser and of its nested sub-parsers (``dead-letters list``)."""
+    options = {o for action in parser._actions for o in action.option_strings}
+    for child in _sub_parsers(parser).values():
+        options |= _options(child)
+    return options
+
+
+COMMANDS = _sub_parsers(build_parser())
+
+
+def _command_mentions() -> Iterator[tuple[str, int, str, str]]:
+    """``(file, line number, sub-command, the rest of its command line)`` for each mention."""
+    for path in MARKDOWN:
+        for number, line in enumerate(_prose(path).splitlines(), start=1):
+            for match in COMMAND.finditer(line):
+                rest = line[match.end() :]
+                if line.count("`", 0, match.start()) % 2 == 1:
+                    rest = rest.split("`", 1)[0]  # inside inline code: up to its end
+                rest = re.split(r"\s(?:\||&&|;|#)\s", rest, maxsplit=1)[0]
+                yield path.name, number, match.group(1), rest
+
+
+def test_the_settings_scan_finds_the_variables() -> None:
+    """The scan itself works: a sample of well-known variables is among those found."""
+    found = _code_variables()
+    assert {
+        "OA_SYNC_DATABASE_URL",
+        "OA_SYNC_PORT",
+        "OA_SYNC_JWT_HS256_SECRET",
+        "OA_SYNC_MAX_MESSAGE_BYTES",
+        "OA_SYNC_HTTP_SINK_MAX_ATTEMPTS",
+        "OA_SYNC_ALEMBIC_DIR",
+        "OA_SYNC_TOKEN",
+    } <= found
+    assert len(found) >= 40
+
+
+def test_every_variable_read_is_documented() -> None:
+    documented = set(VARIABLE.findall(_prose(CONFIGURATION)))
+    missing = sorted(_code_variables() - documented)
+    assert not missing, f"read in the code but not in docs/configuration.md: {missing}"
+
+
+def test_every_documented_variable_is_read() -> None:
+    known = _code_variables() | _string_constants(OTHER_SOURCES)
+    unknown = {
+        f"{path.name}: {name}"
+        for path in MARKDOWN
+        for name in VARIABLE.findall(_prose(path))
+        if name not in known
+    }
+    assert not unknown, f"named in the docs but read nowhere: {sorted(unknown)}"
+
+
+def test_every_sub_command_is_in_the_readme() -> None:
+    named = set(COMMAND.findall(_prose(ROOT / "README.md")))
+    missing = sorted(set(COMMANDS) - named)
+    assert not missing, f"oa-sync sub-commands missing from README.md: {missing}"
+
+
+def test_every_sub_command_named_in_the_docs_exists() -> None:
+    unknown = [
+        f"{name}:{number}: oa-sync {command}"
+        for name, number, command, _ in _command_mentions()
+        if command not in COMMANDS
+    ]
+    assert not unknown, f"not an oa-sync sub-command: {unknown}"
+
+
+def test_every_flag_shown_exists() -> None:
+    mentions = list(_command_mentions())
+    assert mentions
+    wrong = [
+        f"{name}:{number}: oa-sync {command} {flag}"
+        for name, number, command, rest in mentions
+        if command in COMMANDS
+        for flag in FLAG.findall(rest)
+        if flag not in _options(COMMANDS[command])
+    ]
+    assert not wrong, f"flags the parser does not have: {wrong}"
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: p.name)
+def test_relative_links_resolve(path: Path) -> None:
+    broken = []
+    for target in LINK.findall(_without_fences(_prose(path))):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue  # absolute URL, mailto:, or an anchor in the same file
+        file_part = target.split("#", 1)[0]
+        if not (path.parent / file_part).exists():
+            broken.append(target)
+    assert not broken, f"{path.name}: links to missing files: {broken}"
+
+
+def _close_codes_in_table() -> set[int]:
+    codes = {value for name, value in vars(errors).items() if name.startswith("CLOSE_")}
+    for value in vars(errors).values():
+        mappings = value.values() if isinstance(value, dict) else [value]
+        codes |= {m.close_code for m in mappings if isinstance(m, errors.ErrorMapping)}
+    return {c for c in codes if isinstance(c, int)}
+
+
+@pytest.mark.parametrize("name", ["protocol.md", "security.md"])
+def test_close_codes_in_the_docs_exist(name: str) -> None:
+    text = " ".join(_prose(ROOT / "docs" / name).split())  # a code may follow a line break
+    named = {int(c) for c in CLOSE_CODE.findall(text)}
+    named |= {int(c) for c in CLOSE_TABLE_ROW.findall(_prose(ROOT / "docs" / name))}
+    assert len(named) >= 4, f"found too few close codes in docs/{name}: {sorted(named)}"
+    unknown = sorted(named - _close_codes_in_table())
+    assert not unknown, f"docs/{name} names close codes oa_sync_server.errors lacks: {unknown}"
