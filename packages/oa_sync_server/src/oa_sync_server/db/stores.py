@@ -298,7 +298,7 @@ class PostgresCheckpointStore:
             await put_checkpoints(conn, checkpoints)
 
     async def all(self, projection: str | None = None) -> list[Checkpoint]:
-        query = sa.select(*_CHECKPOINT_COLUMNS).order_by(checkpoints.c.doc_key)
+        query = sa.select(*_CHECKPOINT_COLUMNS).order_by(checkpoints.c.doc_key.collate("C"))
         if projection is not None:
             query = query.where(checkpoints.c.projection == projection)
         async with _transaction(self.source) as conn:
@@ -330,7 +330,7 @@ class PostgresDocumentSink:
             return await load_documents(conn, ids)
 
     async def all_documents(self, projection: str | None = None) -> list[StoredDocument]:
-        query = sa.select(*_DOCUMENT_COLUMNS).order_by(documents.c.doc_key)
+        query = sa.select(*_DOCUMENT_COLUMNS).order_by(documents.c.doc_key.collate("C"))
         if projection is not None:
             query = query.where(documents.c.projection == projection)
         async with _transaction(self.source) as conn:
