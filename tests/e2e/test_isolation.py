@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -166,3 +168,25 @@ async def test_refreshed_token_with_fewer_topics_stops_the_lost_ones(
         assert update["subscriptionId"] == "wild"
         assert all(kind != "update" for kind, _ in frames), frames
         await client.ping()
+
+
+async def test_sse_snapshot_stays_inside_the_grant(live_server: LiveServer) -> None:
+    """GET /v1/stream with wide topics sends only the grant's documents before synced."""
+    await seed(live_server)
+    headers = {"Authorization": f"Bearer {evil_token(live_server)}"}
+    keys: set[str] = set()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{live_server.url}/v1/stream", params={"topic": "*"}, headers=headers
+        ) as response,
+    ):
+        assert response.status == 200
+        async with asyncio.timeout(10):
+            async for raw in response.content:
+                line = raw.decode().rstrip("\n")
+                if line == "event: synced":
+                    break
+                if line.startswith("data: ") and "docKey" in line:
+                    keys.add(json.loads(line[len("data: ") :])["docKey"])
+    assert keys == EVIL_KEYS
