@@ -163,3 +163,21 @@ async def _kinds_after(server: LiveServer, token: str) -> tuple[list[str], int |
                 kinds.append(kind)
         except raw_ws.ClosedError as closed:
             return kinds, closed.code
+
+
+async def test_a_token_without_sync_read_reads_nothing(live_server: LiveServer) -> None:
+    """An append-only token is refused over WebSocket (4401) and HTTP reads (403)."""
+    await live_server.append(
+        [{"streamId": "run:r1", "type": "run.created", "payload": {"runId": "r1"}}]
+    )
+    await live_server.settle()
+    writer = live_server.token(scopes=["sync:append"])
+    assert await _kinds_after(live_server, writer) == ([], 4401)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{live_server.url}/v1/docs/runtime/run_summary:r1",
+            headers={"Authorization": f"Bearer {writer}"},
+        ) as response,
+    ):
+        assert response.status == 403
