@@ -377,9 +377,9 @@ class SyncClient:
             except ValueError as exc:  # the token provider returned an expired/empty token
                 _log.warning("oa-sync token refused locally: %s", exc)
                 if isinstance(self._provider, str):
-                    self.session.close()
-                    self._give_up(ClientClosedError("the fixed token has expired"))
-                    await self._notify_state()
+                    await self._close_for_fixed_token(
+                        ClientClosedError("the fixed token has expired")
+                    )
                     return
             except Exception:  # noqa: BLE001 - the token provider is application code
                 _log.exception("oa-sync token provider or connection failed")
@@ -397,9 +397,9 @@ class SyncClient:
                 self._give_up(ClientClosedError(decision.reason, decision.code))
                 return
             if decision.refresh_token and isinstance(self._provider, str):
-                self.session.close()
-                self._give_up(ClientClosedError("the server refused the fixed token", 4401))
-                await self._notify_state()
+                await self._close_for_fixed_token(
+                    ClientClosedError("the server refused the fixed token", 4401)
+                )
                 return
             refresh_first = decision.refresh_token
             self.planned_attempts.append(time.monotonic() + decision.delay_s)
@@ -409,7 +409,15 @@ class SyncClient:
                     await self._wake.wait()
 
     def _closed_by_application(self) -> bool:
+        # A method, not ``self._closing``: mypy keeps the loop condition's narrowing across
+        # the awaits above, where close() may have set it.
         return self._closing
+
+    async def _close_for_fixed_token(self, error: ClientClosedError) -> None:
+        """A fixed token cannot be refreshed: close the session and end every subscription."""
+        self.session.close()
+        self._give_up(error)
+        await self._notify_state()
 
     async def _connection(self) -> int | None:
         assert self._http is not None
