@@ -62,9 +62,11 @@ _LOCK = sa.text(
 )
 _MY_XID = sa.text("SELECT CAST(CAST(pg_current_xact_id() AS text) AS bigint)")
 _LAST_SEQ = sa.text(
-    "SELECT DISTINCT ON (stream_id) stream_id, stream_seq, CAST(CAST(tx_id AS text) AS bigint) "
-    "FROM oa_sync.events WHERE stream_id = ANY(CAST(:streams AS text[])) "
-    "ORDER BY stream_id, stream_seq DESC"
+    # One backward index probe per stream (not a scan of the stream's whole history).
+    "SELECT s.stream_id, e.stream_seq, CAST(CAST(e.tx_id AS text) AS bigint) "
+    "FROM unnest(CAST(:streams AS text[])) AS s(stream_id) CROSS JOIN LATERAL ("
+    "SELECT stream_seq, tx_id FROM oa_sync.events WHERE stream_id = s.stream_id "
+    "ORDER BY stream_seq DESC LIMIT 1) AS e"
 )
 _KNOWN_KEYS = sa.text(
     "SELECT idempotency_key, position FROM oa_sync.events "

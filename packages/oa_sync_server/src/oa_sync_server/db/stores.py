@@ -142,9 +142,9 @@ def _document(row: Any) -> StoredDocument:
     )
 
 
-def _keys(keys: Iterable[str]) -> Any:
+def _keys(keys: Iterable[str], name: str = "keys") -> Any:
     array: Any = ARRAY(sa.Text)
-    return sa.bindparam("keys", sorted(keys), type_=array)
+    return sa.bindparam(name, sorted(keys), type_=array)
 
 
 async def load_checkpoints(conn: AsyncConnection, ids: Iterable[DocId]) -> dict[DocId, Checkpoint]:
@@ -153,7 +153,9 @@ async def load_checkpoints(conn: AsyncConnection, ids: Iterable[DocId]) -> dict[
     if not wanted:
         return {}
     query = sa.select(*_CHECKPOINT_COLUMNS).where(
-        checkpoints.c.doc_key == sa.any_(_keys({key for _, key in wanted}))
+        # both primary-key columns, so the lookup is index probes, not a scan
+        checkpoints.c.projection == sa.any_(_keys({name for name, _ in wanted}, "projections")),
+        checkpoints.c.doc_key == sa.any_(_keys({key for _, key in wanted})),
     )
     found = (_checkpoint(r) for r in await conn.execute(query))
     return {c.id: c for c in found if c.id in wanted}
