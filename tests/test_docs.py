@@ -8,7 +8,8 @@ Fast and database-free. What it proves:
   real sub-command, and every ``--flag`` shown after it on the same line exists in its parser;
 - every relative Markdown link in README.md and docs/*.md points to an existing file;
 - every close code (4xxx) named in docs/protocol.md or docs/security.md is in
-  :mod:`oa_sync_server.errors`' table.
+  :mod:`oa_sync_server.errors`' table;
+- every endpoint written as `` `GET /path` `` in the docs is a route the server registers.
 
 What it does not prove: that the prose around those names is right.
 """
@@ -49,6 +50,8 @@ LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 # "closes with 4400", "closed 4429", "close 4408": a code named after the word close.
 CLOSE_CODE = re.compile(r"\bclose[sd]?\b[^.|;]{0,30}?\b(4\d{3})\b", re.IGNORECASE)
 CLOSE_TABLE_ROW = re.compile(r"^\|\s*(4\d{3})\s*\|", re.MULTILINE)
+ENDPOINT = re.compile(r"`(GET|POST|PUT|PATCH|DELETE) (/[^`\s?]*)")
+ROUTE_CALLS = {"add_get": "GET", "add_post": "POST", "add_put": "PUT", "add_delete": "DELETE"}
 
 
 class _RecordingEnviron(Mapping[str, str]):
@@ -237,3 +240,60 @@ def test_close_codes_in_the_docs_exist(name: str) -> None:
     assert len(named) >= 4, f"found too few close codes in docs/{name}: {sorted(named)}"
     unknown = sorted(named - _close_codes_in_table())
     assert not unknown, f"docs/{name} names close codes oa_sync_server.errors lacks: {unknown}"
+
+
+def _routes() -> set[tuple[str, str]]:
+    """``(method, path template)`` of every ``router.add_get("/path", ...)``-style call."""
+    constants: dict[str, str] = {}
+    routes: set[tuple[str, str]] = set()
+    for path in PACKAGE_SOURCES:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.AnnAssign | ast.Assign)
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    if isinstance(target, ast.Name):
+                        constants[target.id] = node.value.value
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ROUTE_CALLS
+                and node.args
+            ):
+                arg = node.args[0]
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    routes.add((ROUTE_CALLS[node.func.attr], arg.value))
+                elif isinstance(arg, ast.Name) and arg.id in constants:
+                    routes.add((ROUTE_CALLS[node.func.attr], constants[arg.id]))
+    return routes
+
+
+def _route_pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{[^}]*\})", template)
+    regex = "".join(
+        (".+" if ":.+" in part else "[^/]+") if part.startswith("{") else re.escape(part)
+        for part in parts
+    )
+    return re.compile(regex)
+
+
+def test_every_endpoint_named_in_the_docs_exists() -> None:
+    routes = _routes()
+    assert ("GET", "/v1/sync") in routes
+    assert ("POST", "/v1/events") in routes
+    patterns = {(method, _route_pattern(template)) for method, template in routes}
+    unknown = set()
+    named = 0
+    for path in MARKDOWN:
+        for method, target in ENDPOINT.findall(_prose(path)):
+            named += 1
+            concrete = re.sub(r"\{[^}]*\}", "x", target)
+            if not any(m == method and p.fullmatch(concrete) for m, p in patterns):
+                unknown.add(f"{path.name}: {method} {target}")
+    assert named >= 5
+    assert not unknown, f"endpoints the server does not register: {sorted(unknown)}"
