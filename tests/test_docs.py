@@ -58,18 +58,18 @@ class _RecordingEnviron(Mapping[str, str]):
     """An environment that remembers every variable looked up in it."""
 
     def __init__(self, values: Mapping[str, str]):
-        self.values = dict(values)
+        self._values = dict(values)
         self.read: set[str] = set()
 
     def __getitem__(self, key: str) -> str:
         self.read.add(key)
-        return self.values[key]
+        return self._values[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.values)
+        return iter(self._values)
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self._values)
 
 
 def _settings_variables() -> set[str]:
