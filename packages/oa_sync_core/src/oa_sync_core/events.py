@@ -25,6 +25,7 @@ from oa_sync_core.errors import CodecError, EventValidationError
 
 __all__ = [
     "EVENT_PAYLOADS",
+    "ID_FIELDS",
     "MAX_PAYLOAD_BYTES",
     "Event",
     "EventSource",
@@ -55,7 +56,8 @@ _EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
 MAX_PAYLOAD_BYTES: Final = 256 * 1024
 """Largest canonical payload accepted for one event."""
 MAX_IDEMPOTENCY_KEY: Final = 200
-_ID_FIELDS: Final = {"run": "runId", "worker": "workerId"}
+ID_FIELDS: Final[Mapping[str, str]] = {"run": "runId", "worker": "workerId"}
+"""The payload field holding the stream's id, by stream kind (``run:<id>`` has ``runId``)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -187,7 +189,7 @@ def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent
         # A fresh copy, so a caller mutating its dict later cannot rewrite a recorded event.
         payload = json.loads(encoded)
     kind, _, stream_key = event.stream_id.partition(":")
-    id_field = _ID_FIELDS.get(event.type.partition(".")[0])
+    id_field = ID_FIELDS.get(event.type.partition(".")[0])
     if message_cls is not None and id_field is not None:
         if kind != event.type.partition(".")[0]:
             raise EventValidationError(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 from oa_sync_core.checkpoints import DocId
 from oa_sync_core.codec import JsonObject, datetime_to_timestamp
 from oa_sync_core.engine import DocumentState, ProjectionEngine
-from oa_sync_core.events import EVENT_PAYLOADS, Event, NewEvent, validate_new_event
+from oa_sync_core.events import EVENT_PAYLOADS, ID_FIELDS, Event, NewEvent, validate_new_event
 from oa_sync_core.projectors import DEFAULT_PROJECTORS
 from oa_sync_core.sinks import DocumentUpdate
 
@@ -57,8 +57,6 @@ RUN_EVENT_TYPES: Final = tuple(t for t in EVENT_PAYLOADS if t.startswith("run.")
 WORKER_EVENT_TYPES: Final = tuple(t for t in EVENT_PAYLOADS if t.startswith("worker."))
 UNKNOWN_EVENT_TYPES: Final = ("run.annotated", "worker.log_line", "audit.note")
 """Types no projector knows: stored, and ignored by every fold."""
-
-_ID_FIELD: Final = {"run": "runId", "worker": "workerId"}
 
 
 class FixedClock:
@@ -112,7 +110,7 @@ def payload_for(
         The payload (not yet normalised; :func:`new_event` validates it).
     """
     payload: JsonObject = {}
-    id_field = _ID_FIELD.get(event_type.partition(".")[0])
+    id_field = ID_FIELDS.get(event_type.partition(".")[0])
     if event_type in EVENT_PAYLOADS and id_field is not None:
         payload[id_field] = ident
     if occurred_at is not None:
@@ -315,7 +313,7 @@ def payloads(event_type: str, ident: str) -> SearchStrategy[JsonObject]:
     unknown types get a small JSON object.
     """
     body = _payload_fields(event_type)
-    id_field = _ID_FIELD.get(event_type.partition(".")[0])
+    id_field = ID_FIELDS.get(event_type.partition(".")[0])
     if event_type not in EVENT_PAYLOADS or id_field is None:
         return body
     return body.map(lambda fields: {id_field: ident, **fields})
