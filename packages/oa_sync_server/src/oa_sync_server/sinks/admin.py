@@ -1,8 +1,9 @@
 """Operator actions on the HTTP sink for ``oa-sync parity`` and ``oa-sync dead-letters``.
 
 Each function opens the configured database (``OA_SYNC_DATABASE_URL``, or the embedded
-Postgres under ``OA_SYNC_DATA_DIR`` when unset), does one thing, and closes it again. The
-command modules only parse arguments and print.
+Postgres under ``OA_SYNC_DATA_DIR`` when unset) with :func:`oa_sync_server.runtime.open_database`
+(not migrating), does one thing, and closes it again. The command modules only parse arguments
+and print.
 
 What this is not: the running sink (:func:`oa_sync_server.sinks.start_sink`), or migrations
 (the schema must already be at head: ``oa-sync migrate``).
@@ -10,16 +11,12 @@ What this is not: the running sink (:func:`oa_sync_server.sinks.start_sink`), or
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
-
-from sqlalchemy.ext.asyncio import AsyncEngine
+from collections.abc import Mapping, Sequence
 
 from oa_sync_server.config import ENV_PREFIX, Settings
-from oa_sync_server.db import create_engine
-from oa_sync_server.embedded import EmbeddedPostgres
 from oa_sync_server.errors import ConfigError
+from oa_sync_server.runtime import open_database
 from oa_sync_server.sinks.delivery import (
     DEFAULT_SINK,
     DeadLetter,
@@ -30,32 +27,20 @@ from oa_sync_server.sinks.http import HttpDeliveryClient
 from oa_sync_server.sinks.parity import DEFAULT_DIVERGENCE_LIMIT, ParityReport, compute_parity
 from oa_sync_server.sinks.selection import plan_sinks
 
-__all__ = ["dead_letters", "open_database", "parity_report", "retry_dead_letters"]
-
-
-@contextlib.asynccontextmanager
-async def open_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """An engine on the configured database (starting the embedded one if none is set)."""
-    async with contextlib.AsyncExitStack() as stack:
-        url = settings.database_url
-        if url is None:
-            url = (await stack.enter_async_context(EmbeddedPostgres(settings.data_dir))).url
-        engine = create_engine(url)
-        stack.push_async_callback(engine.dispose)
-        yield engine
+__all__ = ["dead_letters", "parity_report", "retry_dead_letters"]
 
 
 async def parity_report(
     settings: Settings, *, sink: str = DEFAULT_SINK, limit: int = DEFAULT_DIVERGENCE_LIMIT
 ) -> ParityReport:
     """The parity of the Postgres and HTTP lanes (see :func:`~.parity.compute_parity`)."""
-    async with open_database(settings) as engine:
+    async with open_database(settings, migrate=False) as engine:
         return await compute_parity(engine, sink=sink, limit=limit)
 
 
 async def dead_letters(settings: Settings, *, sink: str = DEFAULT_SINK) -> list[DeadLetter]:
     """Every dead letter of ``sink``, oldest first."""
-    async with open_database(settings) as engine:
+    async with open_database(settings, migrate=False) as engine:
         return await list_dead_letters(engine, sink=sink)
 
 
@@ -86,7 +71,10 @@ async def retry_dead_letters(
             ENV_PREFIX + "SINK",
             f"is {plan.kind.value!r}; retrying dead letters needs 'http' or 'tee'",
         )
-    async with open_database(settings) as engine, HttpDeliveryClient(plan.http) as client:
+    async with (
+        open_database(settings, migrate=False) as engine,
+        HttpDeliveryClient(plan.http) as client,
+    ):
         loop = HttpDeliveryLoop(engine, client, sink=sink)
         before = await list_dead_letters(engine, sink=sink)
         if doc_keys is not None:
