@@ -153,6 +153,24 @@ async def test_connections_per_subject_are_capped(database_url: str) -> None:
             await again.ping()
 
 
+async def test_aborted_connections_free_their_subject_slot(database_url: str) -> None:
+    """A connection dropped without a close handshake gives its per-subject slot back."""
+    limits = Limits(max_connections_per_subject=1)
+    async with server_with(database_url, limits=limits) as server:
+        alice = server.token(subject="alice")
+        for _ in range(3):
+            async with raw_ws.session(server.ws_url, alice) as client:
+                await client.ping()
+                client.ws._writer.transport.abort()  # no close frame: the TCP connection dies
+            gauge = server.state.metrics.registry.get_sample_value
+            async with asyncio.timeout(10):
+                while gauge("oa_sync_connections", {"transport": "ws"}):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)  # a gauge has no event: poll, bounded above
+        async with raw_ws.session(server.ws_url, alice) as client:
+            await client.ping()
+        assert breaches(server, "connections_per_subject") == 0
+
+
 async def test_no_authentication_in_time_closes_4408(database_url: str) -> None:
     """A connection that never authenticates is closed with 4408 after the deadline."""
     async with server_with(database_url, limits=Limits(auth_deadline_s=0.3)) as server:
