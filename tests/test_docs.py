@@ -9,7 +9,8 @@ Fast and database-free. What it proves:
 - every relative Markdown link in README.md and docs/*.md points to an existing file;
 - every close code (4xxx) named in docs/protocol.md or docs/security.md is in
   :mod:`oa_sync_server.errors`' table;
-- every endpoint written as `` `GET /path` `` in the docs is a route the server registers.
+- every endpoint written as `` `GET /path` `` in the docs is a route the server registers;
+- the Python example of README.md runs and prints the run summary it promises.
 
 What it does not prove: that the prose around those names is right.
 """
@@ -297,3 +298,13 @@ def test_every_endpoint_named_in_the_docs_exists() -> None:
                 unknown.add(f"{path.name}: {method} {target}")
     assert named >= 5
     assert not unknown, f"endpoints the server does not register: {sorted(unknown)}"
+
+
+def test_the_readme_library_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    blocks = re.findall(r"^```python\n(.*?)^```", _prose(ROOT / "README.md"), re.M | re.S)
+    assert blocks, "README.md lost its Python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})  # noqa: S102
+    printed = capsys.readouterr().out
+    assert "'runId': 'r1'" in printed
+    assert "'progressPercent': 40" in printed
