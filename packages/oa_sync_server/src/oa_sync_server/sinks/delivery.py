@@ -235,12 +235,14 @@ class HttpDeliveryLoop:
 
     # -- parity and dead letters -------------------------------------------------------------
 
-    def _parity_upsert(self, values: dict[str, Any], update: Sequence[str]) -> sa.Insert:
+    def _parity_upsert(self, values: dict[str, Any], *, keep: Sequence[str] = ()) -> sa.Insert:
+        """Insert a parity row, or update every column in ``values`` but the key and ``keep``."""
         t = http_sink_parity
         statement = insert(t).values(sink=self.sink, **values)
+        fixed = {"doc_key", *keep}
         return statement.on_conflict_do_update(
             index_elements=[t.c.sink, t.c.doc_key],
-            set_={name: statement.excluded[name] for name in update},
+            set_={name: statement.excluded[name] for name in values if name not in fixed},
         )
 
     async def _record_delivered(
@@ -259,16 +261,7 @@ class HttpDeliveryLoop:
                         "shadow_hash": shadow_hash,
                         "shadow_delivered_at": _NOW,
                         "last_error": None,
-                    },
-                    (
-                        "projection",
-                        "primary_version",
-                        "primary_hash",
-                        "shadow_version",
-                        "shadow_hash",
-                        "shadow_delivered_at",
-                        "last_error",
-                    ),
+                    }
                 )
             )
             d = http_sink_dead_letters
@@ -304,7 +297,7 @@ class HttpDeliveryLoop:
                         "shadow_hash": "",
                         "last_error": error[:500],
                     },
-                    ("projection", "primary_version", "primary_hash", "last_error"),
+                    keep=("shadow_version", "shadow_hash"),  # what the receiver acknowledged
                 )
             )
             if rejected is not None:
