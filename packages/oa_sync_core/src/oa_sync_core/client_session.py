@@ -97,8 +97,13 @@ FATAL_CLOSE_CODES: Final = frozenset({1002, 1003, 1008, 4400, 4403, 4413})
 """Close codes after which reconnecting would only repeat the refusal."""
 CLOSE_UNAUTHENTICATED: Final = 4401
 _REFUSALS: Final = frozenset(
-    {"forbidden", "invalid_subscription", "duplicate_subscription", "too_many_subscriptions"}
-    | {"too_many_topics"}
+    {
+        "forbidden",
+        "invalid_subscription",
+        "duplicate_subscription",
+        "too_many_subscriptions",
+        "too_many_topics",
+    }
 )
 
 
