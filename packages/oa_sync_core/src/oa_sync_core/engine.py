@@ -63,7 +63,6 @@ class ProjectionResult:
         skipped: events already covered by a checkpoint.
         ignored: events no projector routes anywhere.
         last_position: the highest position in the batch (0 for an empty batch).
-
     """
 
     updates: tuple[DocumentUpdate, ...]
