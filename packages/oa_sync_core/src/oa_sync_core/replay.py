@@ -149,7 +149,6 @@ async def plan_reprojection(
         KeyError: no projector for ``projection`` / ``doc_key``.
     """
     selected = engine.select(projection, doc_key)
-    selected_name = next(iter(selected.projectors)) if doc_key is not None else ""
     folded = await fold_log(source, selected, doc_key=doc_key, progress=progress)
     ids = list(folded.documents)
     stored = await documents.get_documents(ids)
@@ -163,7 +162,8 @@ async def plan_reprojection(
         else:
             rewrites.append((update, reference))
     if doc_key is not None:
-        one = [(selected_name, doc_key)]
+        (name,) = selected.projectors  # select() kept the document's projection only
+        one = [(name, doc_key)]
         scope = set(await documents.get_documents(one)) | set(await checkpoints.get_many(one))
     else:
         scope = set()
