@@ -383,6 +383,9 @@ class ProjectorWorker:
         Every document writer allocates watermarks under the watermark lock, so when the last
         watermark is still the one our previous batch committed, nobody else has written a
         document since and the cached states are exact. Otherwise the cache is dropped.
+        (Writing checkpoints alone, e.g. ``PostgresCheckpointStore.put_many`` by hand while a
+        worker runs, bypasses this; restart the worker after such surgery, or use
+        :func:`oa_sync_server.db.admin.reproject`, which allocates watermarks.)
         """
         if last != self._cache_at:
             self._cache.clear()
