@@ -152,18 +152,6 @@ class ParityReport:
         }
 
 
-def _joined(sink: str) -> tuple[sa.FromClause, Any, Any, Any]:
-    d, p = documents, http_sink_parity
-    joined = d.outerjoin(p, sa.and_(p.c.doc_key == d.c.doc_key, p.c.sink == sink))
-    shadow_version = sa.func.coalesce(p.c.shadow_version, 0)
-    behind = shadow_version < d.c.version
-    mismatch = sa.or_(
-        shadow_version > d.c.version,
-        sa.and_(shadow_version == d.c.version, p.c.shadow_hash != d.c.content_hash),
-    )
-    return joined, shadow_version, behind, mismatch
-
-
 async def compute_parity(
     engine: AsyncEngine, *, sink: str = DEFAULT_SINK, limit: int = DEFAULT_DIVERGENCE_LIMIT
 ) -> ParityReport:
@@ -178,7 +166,13 @@ async def compute_parity(
         The :class:`ParityReport`, read in one repeatable-read snapshot.
     """
     d, p, dl = documents, http_sink_parity, http_sink_dead_letters
-    joined, shadow_version, behind, mismatch = _joined(sink)
+    joined = d.outerjoin(p, sa.and_(p.c.doc_key == d.c.doc_key, p.c.sink == sink))
+    shadow_version = sa.func.coalesce(p.c.shadow_version, 0)
+    behind = shadow_version < d.c.version
+    mismatch = sa.or_(
+        shadow_version > d.c.version,
+        sa.and_(shadow_version == d.c.version, p.c.shadow_hash != d.c.content_hash),
+    )
     gap = d.c.version - shadow_version
     age = sa.func.extract("epoch", sa.func.clock_timestamp() - d.c.updated_at)
     per_projection = (
