@@ -10,7 +10,10 @@ Fast and database-free. What it proves:
 - every close code (4xxx) named in docs/protocol.md or docs/security.md is in
   :mod:`oa_sync_server.errors`' table;
 - every endpoint written as `` `GET /path` `` in the docs is a route the server registers;
-- the Python example of README.md runs and prints the run summary it promises.
+- the Python example of README.md runs and prints the run summary it promises;
+- the defaults, ranges and choices in docs/configuration.md's tables are what the code does:
+  setting a variable to its documented default changes nothing, both ends of a documented range
+  are accepted and the values just outside are refused, every documented choice is accepted.
 
 What it does not prove: that the prose around those names is right.
 """
@@ -22,11 +25,13 @@ import ast
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Final
 
 import pytest
 from oa_sync_server import errors
 from oa_sync_server.cli import build_parser
 from oa_sync_server.config import ENV_PREFIX, Settings
+from oa_sync_server.errors import ConfigError
 from oa_sync_server.sinks.selection import plan_sinks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,3 +313,65 @@ def test_the_readme_library_example_runs(capsys: pytest.CaptureFixture[str]) -> 
     printed = capsys.readouterr().out
     assert "'runId': 'r1'" in printed
     assert "'progressPercent': 40" in printed
+
+
+# A complete tee configuration, so the HTTP sink's extra variables are read too.
+TEE_ENV: Final = {
+    "OA_SYNC_SINK": "tee",
+    "OA_SYNC_HTTP_SINK_URL": "http://127.0.0.1:9/sink",
+    "OA_SYNC_HTTP_SINK_SECRET": "s" * 40,
+}
+TABLE_ROW = re.compile(r"^\| `(OA_SYNC_[A-Z0-9_]+)` \|[^|]*\| ([^|]*) \| ([^|]*) \|$", re.M)
+RANGE = re.compile(r"(integer )?([0-9][0-9.]*) \u2013 ([0-9][0-9.]*)")  # an en dash
+
+
+def _configured(environ: Mapping[str, str]) -> tuple[object, object]:
+    settings = Settings.from_env(environ)
+    return settings, plan_sinks(settings, environ)
+
+
+def _configuration_rows() -> list[tuple[str, str, str]]:
+    """``(variable, default cell, valid-values cell)`` of the tables read by ``Settings``."""
+    read = _settings_variables()
+    rows = [row for row in TABLE_ROW.findall(_prose(CONFIGURATION)) if row[0] in read]
+    assert len(rows) >= 35
+    return rows
+
+
+def test_documented_defaults_are_the_defaults() -> None:
+    checked = 0
+    for variable, default, _ in _configuration_rows():
+        literal = re.match(r"`([^`]+)`", default)
+        if literal is None or literal.group(1).startswith(ENV_PREFIX):
+            continue  # "unset", "the defaults", or another variable's value
+        base = {k: v for k, v in TEE_ENV.items() if k != variable}
+        assert _configured({**base, variable: literal.group(1)}) == _configured(base), variable
+        checked += 1
+    assert checked >= 30
+
+
+def test_documented_ranges_and_choices_are_enforced() -> None:
+    checked = 0
+    for variable, _, valid in _configuration_rows():
+        accepted: list[str] = []
+        refused: list[str] = []
+        if (found := RANGE.fullmatch(valid)) is not None:
+            integer, low, high = found.groups()
+            accepted = [low, high]
+            if integer:
+                refused = [str(int(low) - 1), str(int(high) + 1), f"{low}.5"]
+            else:
+                refused = [repr(float(low) - 0.5), repr(float(high) + 0.5)]
+        elif valid.startswith("`") and "://" not in valid:
+            accepted = re.findall(r"`([^`]+)`", valid)
+            refused = ["no-such-choice"]
+        else:
+            continue
+        for value in accepted:
+            _configured({**TEE_ENV, variable: value})
+        for value in refused:
+            with pytest.raises(ConfigError, match=variable) as refusal:
+                _configured({**TEE_ENV, variable: value})
+            assert refusal.value.variable == variable, f"{variable}={value}"
+        checked += 1
+    assert checked >= 25
