@@ -10,6 +10,7 @@ Fast and database-free. What it proves:
 - every close code (4xxx) named in docs/protocol.md or docs/security.md is in
   :mod:`oa_sync_server.errors`' table;
 - every endpoint written as `` `GET /path` `` in the docs is a route the server registers;
+- every `nox -s <session>` named in the docs is a session of noxfile.py;
 - the Python example of README.md runs and prints the run summary it promises;
 - the defaults, ranges and choices in docs/configuration.md's tables are what the code does:
   setting a variable to its documented default changes nothing, both ends of a documented range
@@ -375,3 +376,33 @@ def test_documented_ranges_and_choices_are_enforced() -> None:
             assert refusal.value.variable == variable, f"{variable}={value}"
         checked += 1
     assert checked >= 25
+
+
+def _nox_sessions() -> set[str]:
+    tree = ast.parse((ROOT / "noxfile.py").read_text(encoding="utf-8"))
+    return {
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        for decorator in node.decorator_list
+        if "nox.session" in ast.unparse(decorator)
+    }
+
+
+def test_every_nox_session_named_exists() -> None:
+    sessions = _nox_sessions()
+    assert {"tests", "serve"} <= sessions
+    unknown = set()
+    for path in MARKDOWN:
+        fenced = False
+        for line in _prose(path).splitlines():
+            fenced ^= line.startswith("```")
+            for match in re.finditer(r"nox -s ([a-z_]+(?: [a-z_]+)*)(`|\s*$|\s+#)?", line):
+                # Several sessions only in code: inline up to a backtick, or a fenced line up to
+                # a comment or its end. In prose the words after the first are prose.
+                names = match.group(1).split()
+                code = match.group(2) == "`" or (fenced and match.group(2) is not None)
+                for name in names if code else names[:1]:
+                    if name not in sessions:
+                        unknown.add(f"{path.name}: {name}")
+    assert not unknown, f"not a nox session: {sorted(unknown)}"
