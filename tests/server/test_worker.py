@@ -233,3 +233,33 @@ async def test_a_new_projector_version_rebuilds_its_projection(engine: AsyncEngi
     assert await new.catch_up() == 1
     assert after["documents"]["runtime/run_summary:r1"][0] == 4
     assert (await read_model(engine))["documents"]["runtime/run_summary:r1"][0] == 5
+
+
+async def test_an_idle_running_worker_keeps_its_lease(engine: AsyncEngine) -> None:
+    """While idle, run() renews the lease before it expires, so a standby never takes over."""
+    worker = ProjectorWorker(engine, holder="idle", lease_ttl_s=3, poll_interval_s=0.05)
+    standby = ProjectorWorker(engine, holder="standby", lease_ttl_s=3)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(worker.run(stop))
+
+    async def expiry() -> object:
+        async with engine.connect() as conn:
+            query = sa.text("SELECT expires_at FROM oa_sync.projector_leases")
+            return (await conn.execute(query)).scalar_one_or_none()
+
+    try:
+        seen: list[object] = []
+
+        async def renewed_three_times() -> bool:
+            value = await expiry()
+            if value is not None and value not in seen:
+                seen.append(value)
+            assert not await standby.acquire()
+            return len(seen) >= 4
+
+        await wait_until(renewed_three_times, within=30, what="three renewals")
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 30)
+    assert worker.epoch == 0  # released on stop
+    assert await standby.acquire()

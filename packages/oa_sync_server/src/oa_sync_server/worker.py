@@ -210,6 +210,7 @@ class ProjectorWorker:
         self.retention_s = retention_s
         self._next_prune = 0.0
         self._checked_epoch = 0  # the lease epoch whose stale projections were rebuilt
+        self._renew_due = 0.0  # monotonic time at which an idle worker renews its lease
         self._cache: dict[DocId, DocumentState] = {}
         self._cache_at = -1  # the last watermark when the cache was known to be exact
 
@@ -236,6 +237,7 @@ class ProjectorWorker:
         if epoch != self.epoch:
             log.info("projector_lease_acquired", name=self.name, holder=self.holder, epoch=epoch)
         self.epoch = int(epoch)
+        self._renew_due = time.monotonic() + self.lease_ttl_s / 3
         await self._ensure_current()
         return True
 
@@ -343,14 +345,18 @@ class ProjectorWorker:
             cursor = LogCursor(tx_id=lease.tx, position=lease.cursor_position)
             events, after = await read_committed(conn, cursor, self.batch_size)
             await self._pause("read", conn)
+            if not events:
+                # Idle: no lock and no write (no transaction id burnt) unless renewal is due.
+                if time.monotonic() >= self._renew_due:
+                    if (await conn.execute(_RENEW, self._lease_params())).rowcount != 1:
+                        self._lost()
+                    self._renew_due = time.monotonic() + self.lease_ttl_s / 3
+                return 0
             locked = (await conn.execute(_LOCK_LEASE, {"name": self.name})).one()
             if locked.holder != self.holder or locked.epoch != self.epoch:
                 self._lost()
             if (locked.tx, locked.cursor_position) != (cursor.tx_id, cursor.position):
                 return None  # our own earlier incarnation moved it; read again
-            if not events:
-                await conn.execute(_RENEW, self._lease_params())
-                return 0
             last = await lock_watermarks(conn)
             await self._pause("locked", conn)
             states = await self._states(conn, self.projection.route(events), last)
@@ -369,6 +375,7 @@ class ProjectorWorker:
             if written.updates:
                 await conn.execute(_NOTIFY, {"watermark": str(written.last_watermark)})
             await self._pause("written", conn)
+        self._renew_due = time.monotonic() + self.lease_ttl_s / 3  # _ADVANCE renewed it
         self._remember(result.updates, result.checkpoints, written.last_watermark)
         if written.updates:
             self.watermark = written.last_watermark
