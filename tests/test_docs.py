@@ -148,13 +148,21 @@ COMMANDS = _sub_parsers(build_parser())
 
 
 def _command_mentions() -> Iterator[tuple[str, int, str, str]]:
-    """``(file, line number, sub-command, the rest of its command line)`` for each mention."""
+    """``(file, line number, sub-command, the rest of its command line)`` for each mention.
+
+    The rest is the command line: inside inline code up to its closing backtick, on a line of a
+    fenced block up to a pipe, ``&&``, ``;`` or comment; in plain prose it is empty.
+    """
     for path in MARKDOWN:
+        fenced = False
         for number, line in enumerate(_prose(path).splitlines(), start=1):
+            fenced ^= line.startswith("```")
             for match in COMMAND.finditer(line):
                 rest = line[match.end() :]
                 if line.count("`", 0, match.start()) % 2 == 1:
-                    rest = rest.split("`", 1)[0]  # inside inline code: up to its end
+                    rest = rest.split("`", 1)[0]
+                elif not fenced:
+                    rest = ""
                 rest = re.split(r"\s(?:\||&&|;|#)\s", rest, maxsplit=1)[0]
                 yield path.name, number, match.group(1), rest
 
