@@ -23,8 +23,9 @@ raise :class:`WireError` (a :class:`~oa_sync_core.errors.CodecError` *and* a
 repeated singular fields, wrong wire types, truncation, invalid UTF-8, non-finite numbers and
 nesting deeper than :data:`oa_sync_core.codec.MAX_DEPTH`.
 
-The binary encoding is written by hand too (betterproto 2.0.0b7 cannot encode
-``google.protobuf.Struct``); tests check it against the official ``google.protobuf`` runtime.
+Both encodings are written by hand too, from the same schema tables (betterproto 2.0.0b7
+cannot encode ``google.protobuf.Struct``); tests check them against the official
+``google.protobuf`` runtime.
 ``Struct`` numbers are doubles: an integral number comes back as ``int``, so a document holding
 ``1.0`` reads back as ``1`` over the binary subprotocol (its ``contentHash`` is the server's).
 
@@ -430,42 +431,90 @@ def _to_json(kind: str, body: JsonObject) -> str:
     return _json_text({kind: body})
 
 
+_Field: TypeAlias = tuple[int, str, Any, str]
+"""(field number, JSON name, kind or the nested message's fields, frame attribute)."""
+
+
+def _fields(schema: Schema) -> tuple[_Field, ...]:
+    return tuple(
+        (
+            number,
+            name,
+            kind if isinstance(kind, str) else _fields(kind),
+            "".join("_" + c.lower() if c.isupper() else c for c in name),  # subscription_id
+        )
+        for number, (name, kind) in schema.items()
+    )
+
+
+def _json_body(value: Any, fields: tuple[_Field, ...]) -> JsonObject:
+    # Every field, defaults included, in field-number order; 64-bit integers as strings.
+    body: JsonObject = {}
+    for _, name, kind, attribute in fields:
+        item = getattr(value, attribute)
+        if kind == I64:
+            body[name] = str(item)
+        elif kind == REP_STR:
+            body[name] = list(item)
+        elif not isinstance(kind, str):  # a nested message, absent when None
+            if item is not None:
+                body[name] = _json_body(item, kind)
+        else:
+            body[name] = item
+    return body
+
+
+def _proto_body(value: Any, fields: tuple[_Field, ...]) -> bytes:
+    # proto3 defaults are omitted (but not the empty items of a repeated field).
+    out = b""
+    for number, _, kind, attribute in fields:
+        item = getattr(value, attribute)
+        if kind == STR:
+            out += str_field(number, item)
+        elif kind in (I64, U32):
+            out += int_field(number, item)
+        elif kind == REP_STR:
+            out += b"".join(len_field(number, text.encode("utf-8")) for text in item)
+        elif item is not None:  # a nested message
+            out += len_field(number, _proto_body(item, kind))
+    return out
+
+
+_FRAME_CLASSES: Final[Mapping[str, type]] = {
+    "authenticate": Authenticate,
+    "subscribe": Subscribe,
+    "unsubscribe": Unsubscribe,
+    "ping": Ping,
+    "welcome": Welcome,
+    "synced": Synced,
+    "reset": Reset,
+    "heartbeat": Heartbeat,
+    "pong": Pong,
+    "error": ErrorFrame,
+}
+_ENCODING: Final = {
+    _FRAME_CLASSES[name]: (number, name, _fields(kind))
+    for schema in (_CLIENT, _SERVER)
+    for number, (name, kind) in schema.items()
+    if name in _FRAME_CLASSES
+}
+"""Frame class -> (message field number, kind, fields): the schema tables drive encoding as
+they drive decoding (``update`` frames go through :class:`EncodedUpdate`)."""
+
+
+def _encode(frame: ClientFrame | ServerFrame, fmt: WireFormat) -> bytes | str:
+    number, kind, fields = _ENCODING[type(frame)]
+    if fmt is WireFormat.JSON:
+        return _to_json(kind, _json_body(frame, fields))
+    return len_field(number, _proto_body(frame, fields))
+
+
 def encode_client(frame: ClientFrame, fmt: WireFormat) -> bytes | str:
     """Encode a client frame: ``str`` for :attr:`WireFormat.JSON`, ``bytes`` for PROTO.
 
     JSON carries every field (64-bit integers as strings); binary omits proto3 defaults.
     """
-    if isinstance(frame, Authenticate):
-        if fmt is WireFormat.JSON:
-            return _to_json("authenticate", {"token": frame.token})
-        return len_field(1, str_field(1, frame.token))
-    if isinstance(frame, Subscribe):
-        if fmt is WireFormat.JSON:
-            body: JsonObject = {
-                "subscriptionId": frame.subscription_id,
-                "topics": list(frame.topics),
-            }
-            if frame.resume is not None:
-                body["resume"] = {
-                    "epoch": frame.resume.epoch,
-                    "watermark": str(frame.resume.watermark),
-                }
-            return _to_json("subscribe", body)
-        inner = str_field(1, frame.subscription_id) + b"".join(
-            len_field(2, topic.encode("utf-8")) for topic in frame.topics
-        )
-        if frame.resume is not None:
-            inner += len_field(
-                3, str_field(1, frame.resume.epoch) + int_field(2, frame.resume.watermark)
-            )
-        return len_field(2, inner)
-    if isinstance(frame, Unsubscribe):
-        if fmt is WireFormat.JSON:
-            return _to_json("unsubscribe", {"subscriptionId": frame.subscription_id})
-        return len_field(3, str_field(1, frame.subscription_id))
-    if fmt is WireFormat.JSON:
-        return _to_json("ping", {"nonce": frame.nonce})
-    return len_field(4, str_field(1, frame.nonce))
+    return _encode(frame, fmt)
 
 
 def encode_server(frame: ServerFrame, fmt: WireFormat) -> bytes | str:
@@ -491,80 +540,7 @@ def encode_server(frame: ServerFrame, fmt: WireFormat) -> bytes | str:
             body,
         )
         return update.frame(frame.subscription_id, fmt)
-    json_fmt = fmt is WireFormat.JSON
-    if isinstance(frame, Welcome):
-        if json_fmt:
-            return _to_json(
-                "welcome",
-                {
-                    "sessionId": frame.session_id,
-                    "epoch": frame.epoch,
-                    "watermark": str(frame.watermark),
-                    "heartbeatIntervalMs": frame.heartbeat_interval_ms,
-                },
-            )
-        return len_field(
-            1,
-            str_field(1, frame.session_id)
-            + str_field(2, frame.epoch)
-            + int_field(3, frame.watermark)
-            + int_field(4, frame.heartbeat_interval_ms),
-        )
-    if isinstance(frame, Synced):
-        if json_fmt:
-            return _to_json(
-                "synced",
-                {
-                    "subscriptionId": frame.subscription_id,
-                    "watermark": str(frame.watermark),
-                    "epoch": frame.epoch,
-                },
-            )
-        return len_field(
-            3,
-            str_field(1, frame.subscription_id)
-            + int_field(2, frame.watermark)
-            + str_field(3, frame.epoch),
-        )
-    if isinstance(frame, Reset):
-        if json_fmt:
-            return _to_json(
-                "reset",
-                {
-                    "subscriptionId": frame.subscription_id,
-                    "reason": frame.reason,
-                    "epoch": frame.epoch,
-                },
-            )
-        return len_field(
-            4,
-            str_field(1, frame.subscription_id)
-            + str_field(2, frame.reason)
-            + str_field(3, frame.epoch),
-        )
-    if isinstance(frame, Heartbeat):
-        if json_fmt:
-            return _to_json("heartbeat", {"watermark": str(frame.watermark)})
-        return len_field(5, int_field(1, frame.watermark))
-    if isinstance(frame, Pong):
-        if json_fmt:
-            return _to_json("pong", {"nonce": frame.nonce})
-        return len_field(6, str_field(1, frame.nonce))
-    if json_fmt:
-        return _to_json(
-            "error",
-            {
-                "code": frame.code,
-                "message": frame.message,
-                "subscriptionId": frame.subscription_id,
-            },
-        )
-    return len_field(
-        7,
-        str_field(1, frame.code)
-        + str_field(2, frame.message)
-        + str_field(3, frame.subscription_id),
-    )
+    return _encode(frame, fmt)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
