@@ -89,7 +89,11 @@ def create_app(
         hub=hub,
         event_log=PostgresEventLog(engine),
         projector=(
-            ProjectorWorker(engine, poll_interval_s=settings.poll_interval_s)
+            ProjectorWorker(
+                engine,
+                poll_interval_s=settings.poll_interval_s,
+                retention_s=settings.changes_retention_s,
+            )
             if run_projector
             else None
         ),
