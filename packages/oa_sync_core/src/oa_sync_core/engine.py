@@ -147,7 +147,7 @@ class ProjectionEngine:
         Raises:
             ProjectionError: a projector broke its contract.
         """
-        working: dict[DocId, tuple[JsonObject, int, int, Checkpoint | None]] = {}
+        working: dict[DocId, tuple[JsonObject, int, int]] = {}  # body, version, covered
         touched: dict[DocId, None] = {}
         applied = skipped = ignored = 0
         last_position = 0
@@ -166,11 +166,11 @@ class ProjectionEngine:
                     checkpoint = state.checkpoint
                     fresh = checkpoint is None or checkpoint.projector_version != projector.version
                     if fresh or state.body is None:
-                        current = (projector.initial(key), 0, 0, None)
+                        current = (projector.initial(key), 0, 0)
                     else:
                         assert checkpoint is not None
-                        current = (state.body, state.version, checkpoint.last_position, checkpoint)
-                body, version, covered, _ = current
+                        current = (state.body, state.version, checkpoint.last_position)
+                body, version, covered = current
                 if event.position <= covered:
                     skipped += 1
                     working[doc_id] = current
@@ -182,7 +182,7 @@ class ProjectionEngine:
                         projection=projector.name,
                         position=event.position,
                     )
-                working[doc_id] = (new_body, version + 1, event.position, current[3])
+                working[doc_id] = (new_body, version + 1, event.position)
                 touched.pop(doc_id, None)
                 touched[doc_id] = None
                 applied += 1
@@ -191,7 +191,7 @@ class ProjectionEngine:
         updates: list[DocumentUpdate] = []
         checkpoints: list[Checkpoint] = []
         for doc_id in touched:
-            body, version, covered, _ = working[doc_id]
+            body, version, covered = working[doc_id]
             projection, key = doc_id
             canonical = canonical_json(body)
             digest = content_hash(canonical)
