@@ -415,11 +415,10 @@ class HttpDeliveryLoop:
                             error=exc.last_error,
                         )
                         break
-                    except DeliveryStoppedError:
+                    except DeliveryStoppedError:  # ``stop`` is set: the while loop ends too
                         if pending is not None:
                             await self._advance_alone(pending)
                             checkpoint = pending
-                        blocked = "stopped"
                         break
                     if isinstance(outcome, Delivered):
                         shadow_hash = await self._record_delivered(doc, outcome, watermark)
@@ -445,7 +444,7 @@ class HttpDeliveryLoop:
             dead_lettered=dead,
             skipped=skipped,
             checkpoint=checkpoint,
-            blocked=None if blocked == "stopped" else blocked,
+            blocked=blocked,
         )
         self.last_pass = result
         return result
