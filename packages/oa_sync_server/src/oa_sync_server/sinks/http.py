@@ -38,6 +38,7 @@ Errors (all :class:`~oa_sync_server.errors.ServerError`)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import email.utils
@@ -488,13 +489,10 @@ class HttpDeliveryClient:
         if stop is None:
             await asyncio.sleep(delay)
             return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)  # at once when already set
         if stop.is_set():
             raise DeliveryStoppedError("stopped", doc_key=request.doc_key, version=request.version)
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        except TimeoutError:
-            return
-        raise DeliveryStoppedError("stopped", doc_key=request.doc_key, version=request.version)
 
 
 class HttpSink:
