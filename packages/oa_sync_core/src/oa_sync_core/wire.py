@@ -271,6 +271,48 @@ _SERVER: Final[Schema] = {
 }
 
 
+_Field: TypeAlias = tuple[int, str, Any, str]
+"""(field number, JSON name, kind or the nested message's fields, frame attribute)."""
+
+
+def _fields(schema: Schema) -> tuple[_Field, ...]:
+    return tuple(
+        (
+            number,
+            name,
+            kind if isinstance(kind, str) else _fields(kind),
+            "".join("_" + c.lower() if c.isupper() else c for c in name),  # subscription_id
+        )
+        for number, (name, kind) in schema.items()
+    )
+
+
+_MESSAGE_CLASSES: Final[Mapping[str, type[Any]]] = {
+    "authenticate": Authenticate,
+    "subscribe": Subscribe,
+    "resume": Resume,
+    "unsubscribe": Unsubscribe,
+    "ping": Ping,
+    "welcome": Welcome,
+    "update": UpdateFrame,
+    "synced": Synced,
+    "reset": Reset,
+    "heartbeat": Heartbeat,
+    "pong": Pong,
+    "error": ErrorFrame,
+}
+"""The frame class of each message kind (and of the nested ``resume``)."""
+
+_MESSAGES: Final = {
+    _MESSAGE_CLASSES[name]: (number, name, _fields(kind))
+    for schema in (_CLIENT, _SERVER)
+    for number, (name, kind) in schema.items()
+}
+"""Frame class -> (field number in ClientMessage / ServerMessage, kind, fields): the schema
+tables drive encoding and decoding (``update`` frames are encoded by :class:`EncodedUpdate`)."""
+_BY_KIND: Final = {name: (cls, fields) for cls, (_, name, fields) in _MESSAGES.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # JSON reading
 # ---------------------------------------------------------------------------------------------
@@ -329,51 +371,22 @@ def _decode(
         raise WireError(exc.code, str(exc).split(": ", 1)[-1], path=exc.path) from None
 
 
-def _int(body: Mapping[str, Any], key: str) -> int:
-    # JSON gives 64-bit integers as canonical strings, binary as ints.
-    return int(body.get(key, 0))
-
-
-def _client_frame(kind: str, body: dict[str, Any]) -> ClientFrame:
-    if kind == "authenticate":
-        return Authenticate(body.get("token", ""))
-    if kind == "subscribe":
-        raw = body.get("resume")
-        resume = None if raw is None else Resume(raw.get("epoch", ""), _int(raw, "watermark"))
-        return Subscribe(body.get("subscriptionId", ""), tuple(body.get("topics", ())), resume)
-    if kind == "unsubscribe":
-        return Unsubscribe(body.get("subscriptionId", ""))
-    return Ping(body.get("nonce", ""))
-
-
-def _server_frame(kind: str, body: dict[str, Any]) -> ServerFrame:
-    sid = body.get("subscriptionId", "")
-    if kind == "update":
-        return UpdateFrame(
-            sid,
-            body.get("docKey", ""),
-            body.get("projection", ""),
-            _int(body, "version"),
-            _int(body, "watermark"),
-            body.get("contentHash", ""),
-            body.get("document", {}),
-        )
-    if kind == "welcome":
-        return Welcome(
-            body.get("sessionId", ""),
-            body.get("epoch", ""),
-            _int(body, "watermark"),
-            int(body.get("heartbeatIntervalMs", 0)),
-        )
-    if kind == "synced":
-        return Synced(sid, _int(body, "watermark"), body.get("epoch", ""))
-    if kind == "reset":
-        return Reset(sid, body.get("reason", ""), body.get("epoch", ""))
-    if kind == "heartbeat":
-        return Heartbeat(_int(body, "watermark"))
-    if kind == "pong":
-        return Pong(body.get("nonce", ""))
-    return ErrorFrame(body.get("code", ""), body.get("message", ""), sid)
+def _build(cls: type[Any], fields: tuple[_Field, ...], body: Mapping[str, Any]) -> Any:
+    # An absent field is its proto3 default; JSON gives 64-bit integers as strings.
+    values: dict[str, Any] = {}
+    for _, name, kind, attribute in fields:
+        raw = body.get(name)
+        if kind == STR:
+            values[attribute] = "" if raw is None else raw
+        elif kind in (I64, U32):
+            values[attribute] = 0 if raw is None else int(raw)
+        elif kind == REP_STR:
+            values[attribute] = tuple(raw or ())
+        elif kind == STRUCT:
+            values[attribute] = {} if raw is None else raw
+        else:  # a nested message
+            values[attribute] = None if raw is None else _build(_MESSAGE_CLASSES[name], kind, raw)
+    return cls(**values)
 
 
 def decode_client(data: bytes | str, fmt: WireFormat, *, max_bytes: int) -> ClientFrame:
@@ -396,7 +409,8 @@ def decode_client(data: bytes | str, fmt: WireFormat, *, max_bytes: int) -> Clie
     kind, body = _decode(
         data, fmt, max_bytes=max_bytes, schema=_CLIENT, cls=v1.ClientMessage, kinds=_CLIENT_KINDS
     )
-    return _client_frame(kind, body)
+    frame: ClientFrame = _build(*_BY_KIND[kind], body)
+    return frame
 
 
 def decode_server(data: bytes | str, fmt: WireFormat, *, max_bytes: int) -> ServerFrame:
@@ -408,7 +422,8 @@ def decode_server(data: bytes | str, fmt: WireFormat, *, max_bytes: int) -> Serv
     kind, body = _decode(
         data, fmt, max_bytes=max_bytes, schema=_SERVER, cls=v1.ServerMessage, kinds=_SERVER_KINDS
     )
-    return _server_frame(kind, body)
+    frame: ServerFrame = _build(*_BY_KIND[kind], body)
+    return frame
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,22 +444,6 @@ def _json_text(value: Any) -> str:
 
 def _to_json(kind: str, body: JsonObject) -> str:
     return _json_text({kind: body})
-
-
-_Field: TypeAlias = tuple[int, str, Any, str]
-"""(field number, JSON name, kind or the nested message's fields, frame attribute)."""
-
-
-def _fields(schema: Schema) -> tuple[_Field, ...]:
-    return tuple(
-        (
-            number,
-            name,
-            kind if isinstance(kind, str) else _fields(kind),
-            "".join("_" + c.lower() if c.isupper() else c for c in name),  # subscription_id
-        )
-        for number, (name, kind) in schema.items()
-    )
 
 
 def _json_body(value: Any, fields: tuple[_Field, ...]) -> JsonObject:
@@ -480,30 +479,8 @@ def _proto_body(value: Any, fields: tuple[_Field, ...]) -> bytes:
     return out
 
 
-_FRAME_CLASSES: Final[Mapping[str, type]] = {
-    "authenticate": Authenticate,
-    "subscribe": Subscribe,
-    "unsubscribe": Unsubscribe,
-    "ping": Ping,
-    "welcome": Welcome,
-    "synced": Synced,
-    "reset": Reset,
-    "heartbeat": Heartbeat,
-    "pong": Pong,
-    "error": ErrorFrame,
-}
-_ENCODING: Final = {
-    _FRAME_CLASSES[name]: (number, name, _fields(kind))
-    for schema in (_CLIENT, _SERVER)
-    for number, (name, kind) in schema.items()
-    if name in _FRAME_CLASSES
-}
-"""Frame class -> (message field number, kind, fields): the schema tables drive encoding as
-they drive decoding (``update`` frames go through :class:`EncodedUpdate`)."""
-
-
 def _encode(frame: ClientFrame | ServerFrame, fmt: WireFormat) -> bytes | str:
-    number, kind, fields = _ENCODING[type(frame)]
+    number, kind, fields = _MESSAGES[type(frame)]
     if fmt is WireFormat.JSON:
         return _to_json(kind, _json_body(frame, fields))
     return len_field(number, _proto_body(frame, fields))
