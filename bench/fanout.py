@@ -49,6 +49,8 @@ from _server import BareProcess, ServerProcess, token
 DB_NAME = "oa_sync_bench_fanout"
 CLIENT_PROCESSES = 2
 BURST_BATCH = 500
+LIGHT = (100, 100, 200, 10)
+"""(subscribers, documents, appends/s, seconds) of the extra light run of the full suite."""
 FULL_RATE = int(os.environ.get("BENCH_FANOUT_RATE", "1000"))
 """Appends/s of the full run. The issue asks 2,000 (x 5 subscribers = 10,000 deliveries/s); on
 2 shared cores the appender, Postgres, the server and 1,000 client sockets cannot hold that
@@ -186,6 +188,36 @@ def analyse(phase: dict[str, Any], sets: list[list[str]], per_doc: int) -> dict[
     }
 
 
+def server_phase(
+    url: str,
+    sets: list[list[str]],
+    *,
+    docs: int,
+    rate: float,
+    seconds: float,
+    batch: int,
+    burst: int,
+) -> dict[str, Any]:
+    """Preload one event per run, start ``oa-sync serve``, run both load phases against it."""
+    copy_events(url, [run_event(run, 0, 2) for run in range(docs)])
+    with ServerProcess(url) as server:
+        return run_phase(
+            server.ws_url,
+            token(),
+            sets,
+            appender_process,
+            {"url": url, "docs": docs},
+            rate=rate,
+            seconds=seconds,
+            burst=burst,
+            server_pid=server.ps.pid,
+            docs=docs,
+            start_seq=1,
+            batch=batch,
+            burst_batch=BURST_BATCH,
+        )
+
+
 def main() -> int:
     """Run both servers under the same load; write bench/results/fanout.json."""
     if quick():
@@ -206,22 +238,27 @@ def main() -> int:
     load_before = load_average()
     url = migrated_database(admin, DB_NAME)
     try:
-        copy_events(url, [run_event(run, 0, 2) for run in range(docs)])
-        with ServerProcess(url) as server:
-            khala = run_phase(
-                server.ws_url,
-                token(),
-                sets,
-                appender_process,
-                {"url": url, "docs": docs},
-                rate=rate,
-                seconds=seconds,
-                burst=burst,
-                server_pid=server.ps.pid,
-                docs=docs,
-                start_seq=1,
-                batch=batch,
-                burst_batch=BURST_BATCH,
+        khala = server_phase(
+            url, sets, docs=docs, rate=rate, seconds=seconds, batch=batch, burst=burst
+        )
+        light: dict[str, float] = {}
+        if not quick():
+            # The same code at a tenth of the subscribers, to show where it stops scaling.
+            drop_database(admin, DB_NAME)
+            url = migrated_database(admin, DB_NAME)
+            light_sets = topic_sets(LIGHT[0], LIGHT[1], per_doc)
+            light = analyse(
+                server_phase(
+                    url,
+                    light_sets,
+                    docs=LIGHT[1],
+                    rate=LIGHT[2],
+                    seconds=LIGHT[3],
+                    batch=10,
+                    burst=1_000,
+                ),
+                light_sets,
+                per_doc,
             )
         body = dict(run_event(0, 0, 2).payload)
         with BareProcess() as bare:
@@ -243,6 +280,7 @@ def main() -> int:
     finally:
         drop_database(admin, DB_NAME)
     ours = analyse(khala, sets, per_doc)
+    ours.update({f"light_{k}": v for k, v in light.items() if k.startswith(("latency", "lost"))})
     bare_figures = analyse(baseline, sets, per_doc)
     result = Result(
         name="fanout",
@@ -252,6 +290,14 @@ def main() -> int:
             "subscribers_per_document": per_doc,
             "append_rate_per_s": rate,
             "issue_append_rate_per_s": 2_000,
+            "light_scenario": None
+            if quick()
+            else {
+                "subscribers": LIGHT[0],
+                "documents": LIGHT[1],
+                "rate": LIGHT[2],
+                "seconds": LIGHT[3],
+            },
             "steady_seconds": seconds,
             "append_batch": batch,
             "burst_events": burst,
