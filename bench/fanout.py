@@ -130,8 +130,10 @@ def run_phase(
         fleet.kill()
     records = collected["records"]
     received = collected["bytes"]
+    closed = collected["dropped"]
     return {
         "subscribers_failed": started["failed"],
+        "sockets_closed_by_server": closed,
         "subscriber_errors": started["errors"],
         "connect_seconds": connect_seconds,
         "steady": steady,
@@ -181,6 +183,7 @@ def analyse(phase: dict[str, Any], sets: list[list[str]], per_doc: int) -> dict[
         "burst_load_per_s": burst_events / phase["burst"]["seconds"],
         "connect_seconds": phase["connect_seconds"],
         "subscribers_failed": phase["subscribers_failed"],
+        "sockets_closed_by_server": phase["sockets_closed_by_server"],
         "server_cpu_percent_steady": phase["server_cpu_percent_steady"],
         "load_batches_behind": phase["steady"]["batches_behind"],
     }
