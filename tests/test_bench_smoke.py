@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CHEAP = ("wire_codec",)
+CHEAP = ("wire_codec", "rebuild", "projection")
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +53,12 @@ def test_report_splices_tables_between_markers(
     """`bench/report.py --write` replaces only the text between the markers."""
     _, env = quick_results
     doc = tmp_path / "doc.md"
-    doc.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\nnotes\n", "utf-8")
+    stale = "intro\n<!-- results:begin -->\nSTALE-TABLE-TEXT\n<!-- results:end -->\nnotes\n"
+    doc.write_text(stale, "utf-8")
     report = [sys.executable, str(ROOT / "bench/report.py"), "--write", str(doc)]
     assert subprocess.run(report, env=env, timeout=60, check=False).returncode == 0  # noqa: S603
     text = doc.read_text("utf-8")
     assert text.startswith("intro\n<!-- results:begin -->\n")
     assert text.endswith("<!-- results:end -->\nnotes\n")
-    assert "old" not in text
+    assert "STALE-TABLE-TEXT" not in text
     assert "### wire_codec (--quick: NOT the full parameters)" in text
