@@ -8,6 +8,7 @@ import asyncio
 import psycopg
 import sqlalchemy as sa
 from oa_sync_core.testing import new_event
+from oa_sync_core.topics import parse_topic
 from oa_sync_server.db.tables import sync_meta
 from oa_sync_server.fanout import Feed, Hub, LiveDoc
 
@@ -59,6 +60,74 @@ async def test_overflowed_feed_ends_and_others_keep_receiving(live_server: LiveS
     await live_server.append([new_event("run.created", "late")])
     assert (await take(fast, 1))[0].row.doc_key == "runtime/run_summary:late"
     assert hub.feeds == 1
+
+
+async def test_feeds_with_topics_get_only_their_changes_each_once(
+    live_server: LiveServer,
+) -> None:
+    """A feed that declared topics is offered only what they cover (exact keys and prefixes),
+    a change covered twice arrives once, and a feed without topics still gets everything."""
+    hub = live_server.state.hub
+    everything = hub.attach(100)
+    exact = hub.attach(100)
+    exact.set_topics([parse_topic("runtime/run_summary:r1")])
+    both = hub.attach(100)
+    both.set_topics([parse_topic("runtime/run_summary:r1"), parse_topic("runtime/run_*")])
+    workers = hub.attach(100)
+    workers.set_topics([parse_topic("runtime/codex_worker_summary:*")])
+    nothing = hub.attach(100)
+    nothing.set_topics([])
+    await live_server.append(
+        [
+            new_event("run.created", "r1"),
+            new_event("run.created", "r2"),
+            new_event("worker.started", "w1"),
+        ]
+    )
+    got = [x.row.doc_key for x in await take(everything, 3)]
+    assert sorted(got) == [
+        "runtime/codex_worker_summary:w1",
+        "runtime/run_summary:r1",
+        "runtime/run_summary:r2",
+    ]
+    await live_server.append([new_event("run.created", "last")])
+    assert (await take(everything, 1))[0].row.doc_key == "runtime/run_summary:last"
+    # Everything up to "last" has been offered: what each feed holds now is all it will get.
+    assert [x.row.doc_key for x in drain(exact)] == ["runtime/run_summary:r1"]
+    assert [x.row.doc_key for x in drain(both)] == [
+        key for key in got if key.startswith("runtime/run_")
+    ] + ["runtime/run_summary:last"]
+    assert [x.row.doc_key for x in drain(workers)] == ["runtime/codex_worker_summary:w1"]
+    assert drain(nothing) == []
+    for feed in (exact, both, workers, nothing):
+        feed.close()
+    everything.set_topics(None)
+    assert hub.feeds == 1
+
+
+async def test_retargeted_feed_follows_its_new_topics(live_server: LiveServer) -> None:
+    """Changing a feed's topics moves it in the hub's index: old topics stop, new ones start."""
+    hub = live_server.state.hub
+    probe, feed = hub.attach(100), hub.attach(100)
+    feed.set_topics([parse_topic("runtime/run_summary:a")])
+    await live_server.append([new_event("run.created", "a")])
+    assert len(await take(probe, 1)) == 1
+    feed.set_topics([parse_topic("runtime/run_summary:b*")])
+    await live_server.append([new_event("run.created", "a2"), new_event("run.created", "b1")])
+    await live_server.append([new_event("run.started", "a")])
+    assert len(await take(probe, 3)) == 3
+    assert [x.row.doc_key for x in drain(feed)] == [
+        "runtime/run_summary:a",
+        "runtime/run_summary:b1",
+    ]
+
+
+def drain(feed: Feed) -> list[LiveDoc]:
+    """What a feed holds right now, without waiting."""
+    out: list[LiveDoc] = []
+    while feed.pending:
+        out.append(feed._queue.get_nowait())
+    return out
 
 
 async def test_closed_feed_stops_iteration(live_server: LiveServer) -> None:

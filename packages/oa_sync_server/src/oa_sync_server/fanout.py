@@ -12,12 +12,19 @@ trusts its payload. Two tasks run per hub:
   lost), then reads ``documents WHERE watermark > hub.watermark ORDER BY watermark`` page by
   page (the coalesced catch-up of :mod:`oa_sync_server.db.read_model`), builds each row's
   :class:`~oa_sync_core.wire.EncodedUpdate` once, hands the same :class:`LiveDoc` to every
-  attached :class:`Feed`, and advances ``hub.watermark``.
+  attached :class:`Feed` that wants it, and advances ``hub.watermark``.
+
+Routing. A feed that declared its topics (:meth:`Feed.set_topics`) is offered only the changes
+those topics cover; the hub finds them through an index (exact keys in a dict, ``*`` prefixes
+in a dict probed with the key's prefixes of the lengths in use), so a change costs work in
+proportion to the feeds that want it, not to every connection of the process. A feed that
+declared nothing receives every change. Topics are a coarse filter: the owner still checks
+each change against its subscriptions and grant. An owner must declare a topic *before* it
+reads that topic's snapshot or catch-up, so every change is in one or the other.
 
 Each :class:`Feed` has a bounded queue. A feed whose queue is full is *overflowed*: it stops
 receiving and its iteration ends, and its owner closes the connection (4429) — one slow
-consumer never holds back the hub or the other feeds. A feed yields every change (it does not
-filter by topic); the session that owns it filters against its subscriptions.
+consumer never holds back the hub or the other feeds.
 
 Epoch. Each pass also reads the log epoch. When it changes (a rebuild restarted watermarks),
 the hub jumps to the new log's watermark and ends every feed with ``feed.epoch_changed`` set:
@@ -31,12 +38,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
 from typing import Final
 
 import psycopg
 import sqlalchemy as sa
 import structlog
+from oa_sync_core.topics import Topic
 from oa_sync_core.wire import EncodedUpdate
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -94,6 +103,8 @@ class Feed:
         """True once the log epoch changed; the owner should reset its subscriptions."""
         self.closed = False
         """True once the feed no longer receives anything."""
+        self.topics: frozenset[Topic] | None = None
+        """The topics this feed is offered (``None``: every change). See :meth:`set_topics`."""
 
     def __aiter__(self) -> AsyncIterator[LiveDoc]:
         return self
@@ -116,6 +127,17 @@ class Feed:
     def pending(self) -> int:
         """Changes queued and not yet taken."""
         return self._queue.qsize()
+
+    def set_topics(self, topics: Iterable[Topic] | None) -> None:
+        """Receive from now on only changes these topics cover (``None``: every change).
+
+        Call it before reading a snapshot or catch-up of a newly added topic, so that no change
+        falls between that read and the feed.
+        """
+        new = None if topics is None else frozenset(topics)
+        if new != self.topics and not self.closed:
+            self._hub._route(self, self.topics, new)
+            self.topics = new
 
     def close(self) -> None:
         """Stop receiving; a pending iteration ends. Idempotent."""
@@ -171,6 +193,11 @@ class Hub:
             hide_password=False
         )
         self._feeds: list[Feed] = []
+        # Routing index (see the module docstring); dicts as ordered sets of feeds.
+        self._everything: dict[Feed, None] = {}
+        self._exact: dict[str, dict[Feed, None]] = {}
+        self._prefixes: dict[str, dict[Feed, None]] = {}
+        self._prefix_lengths: Counter[int] = Counter()
         self._wake_flag = asyncio.Event()
         self._advanced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -217,6 +244,7 @@ class Hub:
         """
         feed = Feed(self, max_queue)
         self._feeds.append(feed)
+        self._everything[feed] = None
         return feed
 
     @property
@@ -242,6 +270,57 @@ class Hub:
     def _detach(self, feed: Feed) -> None:
         with contextlib.suppress(ValueError):
             self._feeds.remove(feed)
+        self._route(feed, feed.topics, frozenset())
+
+    def _route(
+        self, feed: Feed, old: frozenset[Topic] | None, new: frozenset[Topic] | None
+    ) -> None:
+        """Move a feed in the routing index from topics ``old`` to ``new``."""
+        if old is None:
+            self._everything.pop(feed, None)
+        else:
+            for topic in old:
+                table = self._prefixes if topic.wildcard else self._exact
+                feeds = table.get(topic.prefix)
+                if feeds is not None:
+                    feeds.pop(feed, None)
+                    if not feeds:
+                        del table[topic.prefix]
+                        if topic.wildcard:
+                            self._prefix_lengths[len(topic.prefix)] -= 1
+                            if not self._prefix_lengths[len(topic.prefix)]:
+                                del self._prefix_lengths[len(topic.prefix)]
+        if new is None:
+            self._everything[feed] = None
+            return
+        for topic in new:
+            table = self._prefixes if topic.wildcard else self._exact
+            feeds = table.get(topic.prefix)
+            if feeds is None:
+                feeds = table[topic.prefix] = {}
+                if topic.wildcard:
+                    self._prefix_lengths[len(topic.prefix)] += 1
+            feeds[feed] = None
+
+    def _targets(self, doc_key: str) -> list[Feed]:
+        """The feeds a change of ``doc_key`` is offered to, each once."""
+        found: list[dict[Feed, None]] = []
+        if self._everything:
+            found.append(self._everything)
+        exact = self._exact.get(doc_key)
+        if exact:
+            found.append(exact)
+        for length in self._prefix_lengths:
+            if length <= len(doc_key):
+                feeds = self._prefixes.get(doc_key[:length])
+                if feeds:
+                    found.append(feeds)
+        if len(found) == 1:
+            return list(found[0])
+        targets: dict[Feed, None] = {}
+        for feeds in found:
+            targets.update(feeds)
+        return list(targets)
 
     # -- listener ---------------------------------------------------------------------------
 
@@ -307,7 +386,7 @@ class Hub:
                 rows = await changed_after(conn, self.watermark, self.page_size)
                 for row, committed_at in rows:
                     live = LiveDoc(row=row, update=_encode(row), committed_at=committed_at)
-                    for feed in list(self._feeds):
+                    for feed in self._targets(row.doc_key):
                         feed._offer(live)
                     self.watermark = row.watermark
                 if rows:

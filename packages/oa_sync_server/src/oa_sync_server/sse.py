@@ -96,6 +96,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     limits = state.settings.limits
     # Room for one hub page on top of the queue: a burst is not a slow consumer.
     feed = state.hub.attach(limits.send_queue_messages + state.hub.page_size)
+    feed.set_topics(patterns)  # before the catch-up read below
     state.streams.add(feed)
     gauge = state.metrics.connections.labels(transport="sse")
     gauge.inc()

@@ -395,6 +395,7 @@ class _Connection:
     # -- performing actions ----------------------------------------------------------------
 
     def _perform(self, actions: Sequence[Action[_Item]]) -> None:
+        catching_up = False
         for action in actions:
             if isinstance(action, SendUpdate):
                 update = action.update
@@ -411,6 +412,7 @@ class _Connection:
                     self.state.metrics.limit_breaches.labels(kind=action.limit).inc()
                 self.request_close(action.code, action.reason)
             elif isinstance(action, CatchUp):
+                catching_up = True
                 self.catch_ups[action.serial] = asyncio.create_task(
                     self._guard(self._catch_up(action)), name="oa-sync-ws-catch-up"
                 )
@@ -421,6 +423,10 @@ class _Connection:
             elif isinstance(action, VerifyToken):  # pragma: no cover - handled by the reader
                 raise TypeError("VerifyToken must be handled by the reader")
         count = len(self.session.subscription_ids)
+        if catching_up or count != self.subscriptions:
+            # Before any catch-up task runs (none has yielded yet): the feed must already carry
+            # the new topics when their snapshot is read, or a change could fall in between.
+            self._route_feed()
         if count != self.subscriptions:
             self.state.metrics.subscriptions.inc(count - self.subscriptions)
             self.subscriptions = count
@@ -566,9 +572,18 @@ class _Connection:
 
     def _attach(self) -> None:
         self.feed = self.state.hub.attach(self.limits.send_queue_messages + _HUB_BURST)
+        self._route_feed()
         if self.feed_task is None or self.feed_task.done():
             self.feed_task = asyncio.create_task(
                 self._guard(self._feed_loop()), name="oa-sync-ws-feed"
+            )
+
+    def _route_feed(self) -> None:
+        """Offer the feed only the changes the open subscriptions' topics cover."""
+        if self.feed is not None:
+            session = self.session
+            self.feed.set_topics(
+                topic for sid in session.subscription_ids for topic in session.topics_of(sid)
             )
 
     async def _feed_loop(self) -> None:
@@ -597,7 +612,7 @@ class _Connection:
                 return
             if not feed.epoch_changed:
                 return  # the hub stopped: the app is shutting down
-            self.feed = self.state.hub.attach(self.limits.send_queue_messages + _HUB_BURST)
+            self._attach()
             self._perform(self.session.epoch_changed(self.state.hub.epoch, self.loop.time()))
 
     def _slow_consumer(self) -> None:
