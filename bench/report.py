@@ -39,8 +39,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     lines: list[str] = []
     if not results:
         return "_No results yet: run `nox -s bench`._\n"
-    first = next(iter(results.values()))
-    m = first["machine"]
+    with_db = [d for d in results.values() if "postgres" in d["machine"]]
+    m = (with_db or list(results.values()))[0]["machine"]
     lines += [
         f"Machine: {m.get('cores')} cores ({m.get('cpu')}), {m.get('memory_gib')} GiB, "
         f"Python {m.get('python')}, Postgres {m.get('postgres', 'n/a')} "
