@@ -248,6 +248,12 @@ async def test_an_idle_running_worker_keeps_its_lease(engine: AsyncEngine) -> No
             return (await conn.execute(query)).scalar_one_or_none()
 
     try:
+
+        async def holding() -> bool:
+            return worker.epoch != 0
+
+        # Until run() has taken the lease for the first time, anyone may take it.
+        await wait_until(holding, within=30, what="the running worker's lease")
         seen: list[object] = []
 
         async def renewed_three_times() -> bool:
