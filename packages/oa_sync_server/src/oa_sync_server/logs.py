@@ -58,7 +58,7 @@ _PARAM = re.compile(
 )
 _MAX_DEPTH: Final = 8
 _HANDLER_NAME: Final = "oa_sync"
-_QUIET: Final = ("sqlalchemy",)
+_QUIET: Final = ("sqlalchemy", "pgserver")
 
 
 def scrub(text: str) -> str:
@@ -186,10 +186,12 @@ def configure_logging(
 
 
 def quiet_libraries() -> None:
-    """Keep SQLAlchemy's loggers at WARNING whatever the root level.
+    """Keep SQLAlchemy's and pgserver's loggers at WARNING whatever the root level.
 
     SQLAlchemy logs every statement with its bound parameters (event payloads) as soon as its
     logger is enabled for INFO, and result rows at DEBUG: too much, and data, not diagnostics.
+    pgserver logs every ``initdb``/``pg_ctl`` command line and its output at INFO, which buries
+    what ``oa-sync serve --demo`` prints (the token and the commands to paste).
     """
     for name in _QUIET:
         logger = logging.getLogger(name)
