@@ -94,8 +94,9 @@ def _token_provider(token: str | None, topics: Sequence[str]) -> str | Callable[
         raise ConfigError(
             "--token", "no token: pass --token, set OA_SYNC_TOKEN or OA_SYNC_JWT_HS256_SECRET"
         )
-    issuer = os.environ.get("OA_SYNC_JWT_ISSUER", "oa-sync")
-    audience = os.environ.get("OA_SYNC_JWT_AUDIENCE", "oa-sync")
+    # Empty means "the default", as Settings.from_env reads these variables.
+    issuer = os.environ.get("OA_SYNC_JWT_ISSUER", "").strip() or "oa-sync"
+    audience = os.environ.get("OA_SYNC_JWT_AUDIENCE", "").strip() or "oa-sync"
 
     def mint() -> str:
         return mint_token(
