@@ -385,7 +385,7 @@ class Hub:
             while True:
                 rows = await changed_after(conn, self.watermark, self.page_size)
                 for row, committed_at in rows:
-                    live = LiveDoc(row=row, update=_encode(row), committed_at=committed_at)
+                    live = LiveDoc(row=row, update=row.encoded(), committed_at=committed_at)
                     for feed in self._targets(row.doc_key):
                         feed._offer(live)
                     self.watermark = row.watermark
@@ -398,14 +398,3 @@ class Hub:
     def _signal(self) -> None:
         self._advanced.set()
         self._advanced = asyncio.Event()
-
-
-def _encode(row: DocRow) -> EncodedUpdate:
-    return EncodedUpdate(
-        doc_key=row.doc_key,
-        projection=row.projection,
-        version=row.version,
-        watermark=row.watermark,
-        content_hash=row.content_hash,
-        body=row.body,
-    )

@@ -132,15 +132,7 @@ class _Item:
 
     @classmethod
     def of_row(cls, row: read_model.DocRow) -> _Item:
-        encoded = EncodedUpdate(
-            doc_key=row.doc_key,
-            projection=row.projection,
-            version=row.version,
-            watermark=row.watermark,
-            content_hash=row.content_hash,
-            body=row.body,
-        )
-        return cls(row.doc_key, row.version, row.watermark, encoded)
+        return cls(row.doc_key, row.version, row.watermark, row.encoded())
 
 
 class _Registry:

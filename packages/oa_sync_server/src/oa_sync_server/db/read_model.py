@@ -28,6 +28,7 @@ from typing import Any, Final
 import sqlalchemy as sa
 from oa_sync_core.codec import canonical_json
 from oa_sync_core.topics import Grant, Topic
+from oa_sync_core.wire import EncodedUpdate
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oa_sync_server.db.tables import changes, documents, sync_meta
@@ -92,6 +93,17 @@ class DocRow:
     watermark: int
     content_hash: str
     body: bytes
+
+    def encoded(self) -> EncodedUpdate:
+        """This version as a wire update, ready to be framed for any subscription."""
+        return EncodedUpdate(
+            doc_key=self.doc_key,
+            projection=self.projection,
+            version=self.version,
+            watermark=self.watermark,
+            content_hash=self.content_hash,
+            body=self.body,
+        )
 
 
 def _row(row: Any) -> DocRow:
