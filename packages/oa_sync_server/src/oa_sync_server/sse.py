@@ -42,7 +42,7 @@ from aiohttp import web
 from oa_sync_server.db import read_model
 from oa_sync_server.db.read_model import DocRow
 from oa_sync_server.fanout import LiveDoc
-from oa_sync_server.http_api import authenticate, bad_query, parse_topics
+from oa_sync_server.http_api import authenticate, bad_query, document_json, parse_topics
 from oa_sync_server.state import STATE
 
 __all__ = ["CATCH_UP_PAGE", "add_routes", "stream", "update_event"]
@@ -55,18 +55,12 @@ _log = structlog.get_logger(__name__)
 
 
 def update_event(row: DocRow) -> bytes:
-    """The SSE ``update`` event of one document version (the proto3 JSON ``Update``)."""
-    data = orjson.dumps(
-        {
-            "docKey": row.doc_key,
-            "projection": row.projection,
-            "version": str(row.version),
-            "watermark": str(row.watermark),
-            "contentHash": row.content_hash,
-            "document": orjson.Fragment(row.body),
-        }
-    )
-    return b"id: %d\nevent: update\ndata: %b\n\n" % (row.watermark, data)
+    """The SSE ``update`` event of one document version.
+
+    Its data is the proto3 JSON ``Update`` without a subscription id, which has exactly the
+    fields of a ``Document``.
+    """
+    return b"id: %d\nevent: update\ndata: %b\n\n" % (row.watermark, document_json(row))
 
 
 def _live_event(live: LiveDoc) -> bytes:
