@@ -24,7 +24,14 @@ PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 PROTO_ROOT = ROOT / "proto"
 PROTO_FILES = sorted(str(p) for p in (PROTO_ROOT / "openagents/sync/v1").glob("*.proto"))
 GENERATED = ROOT / "packages/oa_sync_core/src/oa_sync_core/contracts/v1.py"
-PACKAGES = ["-e", "packages/oa_sync_core", "-e", "packages/oa_sync_server"]
+PACKAGES = [
+    "-e",
+    "packages/oa_sync_core",
+    "-e",
+    "packages/oa_sync_client",
+    "-e",
+    "packages/oa_sync_server[embedded]",
+]
 
 
 def _install(session: nox.Session, *groups: str, packages: bool = True) -> None:

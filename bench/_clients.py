@@ -346,8 +346,8 @@ async def _append_paced(
     url: str, *, docs: int, rate: float, seconds: float, batch: int, start_seq: int
 ) -> dict[str, Any]:
     from oa_sync_core import NewEvent  # noqa: PLC0415
-    from oa_sync_server.db import create_engine  # noqa: PLC0415
-    from oa_sync_server.db.event_log import PostgresEventLog  # noqa: PLC0415
+    from oa_sync_server.postgres import create_engine  # noqa: PLC0415
+    from oa_sync_server.postgres.event_log import PostgresEventLog  # noqa: PLC0415
 
     total = int(rate * seconds) if rate > 0 else int(seconds)
     plan = _schedule(total, batch, docs)

@@ -108,7 +108,7 @@ def batches(events: list[NewEvent], size: int) -> Iterator[list[NewEvent]]:
 
 def migrated_database(admin: str, name: str) -> str:
     """A fresh database ``name`` migrated to head; returns its URL."""
-    from oa_sync_server.migrations import upgrade  # noqa: PLC0415
+    from oa_sync_server.postgres.migrate import upgrade  # noqa: PLC0415
 
     url = temp_database(admin, name)
     upgrade(url)
@@ -127,8 +127,8 @@ def append_process(url: str, total: int, streams: int, batch: int) -> dict[str, 
 
 
 async def _append_all(url: str, events: list[NewEvent], batch: int) -> dict[str, Any]:
-    from oa_sync_server.db import create_engine  # noqa: PLC0415
-    from oa_sync_server.db.event_log import PostgresEventLog  # noqa: PLC0415
+    from oa_sync_server.postgres import create_engine  # noqa: PLC0415
+    from oa_sync_server.postgres.event_log import PostgresEventLog  # noqa: PLC0415
 
     engine = create_engine(url, pool_size=2)
     log = PostgresEventLog(engine)

@@ -47,7 +47,7 @@ FULL_EVENTS, FULL_STREAMS = 200_000, 10_000
 async def project(url: str, batch_size: int) -> dict[str, Any]:
     """Catch the projector up from the start; returns events applied, seconds and row counts."""
     import sqlalchemy as sa  # noqa: PLC0415
-    from oa_sync_server.db import create_engine  # noqa: PLC0415
+    from oa_sync_server.postgres import create_engine  # noqa: PLC0415
     from oa_sync_server.worker import ProjectorWorker  # noqa: PLC0415
 
     engine = create_engine(url, pool_size=2)

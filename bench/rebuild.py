@@ -45,9 +45,9 @@ async def rebuild(url: str) -> dict[str, Any]:
     from oa_sync_core import DEFAULT_PROJECTORS  # noqa: PLC0415
     from oa_sync_core.engine import ProjectionEngine  # noqa: PLC0415
     from oa_sync_core.replay import plan_reprojection  # noqa: PLC0415
-    from oa_sync_server.db import create_engine  # noqa: PLC0415
-    from oa_sync_server.db.event_log import PostgresEventLog  # noqa: PLC0415
-    from oa_sync_server.db.stores import (  # noqa: PLC0415
+    from oa_sync_server.postgres import create_engine  # noqa: PLC0415
+    from oa_sync_server.postgres.event_log import PostgresEventLog  # noqa: PLC0415
+    from oa_sync_server.postgres.stores import (  # noqa: PLC0415
         PostgresCheckpointStore,
         PostgresDocumentSink,
         put_checkpoints,

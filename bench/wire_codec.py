@@ -2,9 +2,9 @@
 
 Contenders, all on the same realistic ``runtime/run_summary`` document (folded from events):
 
-- ``oa_sync_core.wire`` ``encode_server`` / ``decode_server`` in both formats (the codec the
-  server and the Python client use), and ``EncodedUpdate.frame`` — the per-subscriber hot path
-  that splices a document encoded once per change into each subscriber's frame;
+- ``oa_sync_core.protocol.wire`` ``encode_server`` / ``decode_server`` in both formats (the
+  codec the server and the Python client use), and ``EncodedUpdate.frame`` — the per-subscriber hot
+  path that splices a document encoded once per change into each subscriber's frame;
 - betterproto 2.0.0b7 (the generated bindings; it cannot encode a ``Struct`` built from a dict,
   so its encode includes building ``Value`` objects by hand);
 - the official ``google.protobuf`` runtime (upb), bindings generated at run time with
@@ -140,12 +140,14 @@ def main() -> int:
     baseline["orjson_decode_msgs_per_s"] = rate(lambda: orjson.loads(raw), n)
     sizes["json"] = len(raw)
 
-    # -- oa_sync_core.wire ----------------------------------------------------------------
+    # -- oa_sync_core.protocol.wire ----------------------------------------------------------------
     try:
         from oa_sync_core import wire  # noqa: PLC0415
     except ImportError:
         wire = None
-        notes.append("oa_sync_core.wire not available in this checkout: wire figures missing")
+        notes.append(
+            "oa_sync_core.protocol.wire not available in this checkout: wire figures missing"
+        )
     if wire is not None:
         frame = wire.UpdateFrame(
             subscription_id="s1",

@@ -24,9 +24,9 @@ import sqlalchemy as sa
 from oa_sync_core import NewEvent
 from oa_sync_core.codec import JsonObject
 from oa_sync_server.config import Settings
-from oa_sync_server.db.admin import check_drift
-from oa_sync_server.db.event_log import PostgresEventLog
-from oa_sync_server.db.stores import PostgresDocumentSink
+from oa_sync_server.postgres.admin import check_drift
+from oa_sync_server.postgres.event_log import PostgresEventLog
+from oa_sync_server.postgres.stores import PostgresDocumentSink
 from oa_sync_server.runtime import open_database
 from oa_sync_server.worker import ProjectorWorker
 from sqlalchemy.ext.asyncio import AsyncEngine

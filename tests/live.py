@@ -30,8 +30,8 @@ from oa_sync_core.events import NewEvent
 from oa_sync_server.app import STATE, ServerState, create_app
 from oa_sync_server.auth import mint_token
 from oa_sync_server.config import JwtSettings, Secret, Settings
-from oa_sync_server.db import create_engine, read_model
-from oa_sync_server.http_api import projector_lag
+from oa_sync_server.postgres import create_engine, read_model
+from oa_sync_server.transports.http import projector_lag
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["LiveServer", "live_server", "make_live_server"]
@@ -75,7 +75,7 @@ class LiveServer:
         return mint_token(self.secret, subject=subject, topics=topics, scopes=scopes, ttl_s=ttl_s)
 
     async def append(self, events: Sequence[dict[str, Any] | NewEvent]) -> list[int]:
-        """Append through :class:`~oa_sync_server.db.event_log.PostgresEventLog`.
+        """Append through :class:`~oa_sync_server.postgres.event_log.PostgresEventLog`.
 
         Dicts are proto3 JSON ``AppendEvent`` objects (``streamId``, ``type``, ``payload``,
         optional ``idempotencyKey`` / ``expectedSeq``) or snake_case ``NewEvent`` fields.

@@ -27,8 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-from oa_sync_server.db import create_engine
-from oa_sync_server.migrations import upgrade
+from oa_sync_server.postgres import create_engine
+from oa_sync_server.postgres.migrate import upgrade
 from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from oa_sync_core.client_session import (
+from oa_sync_core.errors import ProtocolError
+from oa_sync_core.protocol.client_session import (
     Backoff,
     BackoffPolicy,
     ClientSession,
@@ -24,9 +25,7 @@ from oa_sync_core.client_session import (
     SubscriptionSynced,
     read_token_times,
 )
-from oa_sync_core.errors import ProtocolError
-from oa_sync_core.topics import parse_topic
-from oa_sync_core.wire import (
+from oa_sync_core.protocol.wire import (
     Authenticate,
     ClientFrame,
     ErrorFrame,
@@ -41,6 +40,7 @@ from oa_sync_core.wire import (
     UpdateFrame,
     Welcome,
 )
+from oa_sync_core.topics import parse_topic
 
 NOW = 1_700_000_000.0
 

@@ -1,6 +1,6 @@
 """The sans-IO server session: transition tables and a hypothesis state machine.
 
-The tables pin each decision of :mod:`oa_sync_core.server_session` (auth, limits, resume,
+The tables pin each decision of :mod:`oa_sync_core.protocol.server_session` (auth, limits, resume,
 catch-up, live, heartbeats); the state machine drives a session against a model change log with
 random interleavings of appends, deliveries, subscriptions, catch-ups and token refreshes, and
 checks that a client following the session's output never sees an older version after a newer
@@ -23,7 +23,7 @@ from hypothesis.stateful import (
     rule,
 )
 from oa_sync_core.errors import ProtocolError
-from oa_sync_core.server_session import (
+from oa_sync_core.protocol.server_session import (
     Action,
     CancelCatchUp,
     CatchUp,
@@ -39,8 +39,7 @@ from oa_sync_core.server_session import (
     VerifyToken,
     decide_resume,
 )
-from oa_sync_core.topics import Grant
-from oa_sync_core.wire import (
+from oa_sync_core.protocol.wire import (
     Authenticate,
     ErrorFrame,
     Heartbeat,
@@ -53,6 +52,7 @@ from oa_sync_core.wire import (
     Unsubscribe,
     Welcome,
 )
+from oa_sync_core.topics import Grant
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

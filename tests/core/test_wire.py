@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oa_sync_core.codec import MAX_DEPTH, canonical_json, content_hash
 from oa_sync_core.errors import CodecError, CodecErrorCode, ProtocolError
-from oa_sync_core.wire import (
+from oa_sync_core.protocol.wire import (
     Authenticate,
     ClientFrame,
     EncodedUpdate,

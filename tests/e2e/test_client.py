@@ -12,21 +12,21 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from oa_sync_core.client_session import BackoffPolicy, ConnectionState, DocumentChanged
-from oa_sync_core.events import NewEvent
-from oa_sync_core.testing import new_event
-from oa_sync_core.wire import WireFormat
-from oa_sync_server.auth import mint_token
-from oa_sync_server.client import (
+from oa_sync_client.client import (
     ClientClosedError,
     SubscriptionRefusedError,
     SubscriptionReset,
     SubscriptionSynced,
     SyncClient,
 )
+from oa_sync_core.events import NewEvent
+from oa_sync_core.protocol.client_session import BackoffPolicy, ConnectionState, DocumentChanged
+from oa_sync_core.protocol.wire import WireFormat
+from oa_sync_core.testing import new_event
+from oa_sync_server.auth import mint_token
 from oa_sync_server.config import JwtSettings, Secret
-from oa_sync_server.db import read_model
-from oa_sync_server.db.tables import sync_meta
+from oa_sync_server.postgres import read_model
+from oa_sync_server.postgres.tables import sync_meta
 
 from tests.live import LiveServer, make_live_server
 

@@ -9,8 +9,8 @@ import psycopg
 import sqlalchemy as sa
 from oa_sync_core.testing import new_event
 from oa_sync_core.topics import parse_topic
-from oa_sync_server.db.tables import sync_meta
 from oa_sync_server.fanout import Feed, Hub, LiveDoc
+from oa_sync_server.postgres.tables import sync_meta
 
 from tests.live import LiveServer, make_live_server
 

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import sqlalchemy as sa
 from oa_sync_server.config import Limits
-from oa_sync_server.db.tables import sync_meta
+from oa_sync_server.postgres.tables import sync_meta
 
 from tests.live import LiveServer, make_live_server
 

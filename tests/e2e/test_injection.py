@@ -8,7 +8,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 import sqlalchemy as sa
-from oa_sync_server.db import tables
+from oa_sync_server.postgres import tables
 
 from tests.live import LiveServer
 

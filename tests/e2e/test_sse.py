@@ -15,7 +15,7 @@ import orjson
 import sqlalchemy as sa
 from oa_sync_server.auth import mint_token
 from oa_sync_server.config import Limits
-from oa_sync_server.db.tables import sync_meta
+from oa_sync_server.postgres.tables import sync_meta
 
 from tests.e2e.test_http import auth, run_event
 from tests.live import LiveServer, make_live_server

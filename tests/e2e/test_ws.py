@@ -13,8 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 import sqlalchemy as sa
-from oa_sync_core.testing import new_event
-from oa_sync_core.wire import (
+from oa_sync_core.protocol.wire import (
     Authenticate,
     ClientFrame,
     ErrorFrame,
@@ -32,9 +31,10 @@ from oa_sync_core.wire import (
     decode_server,
     encode_client,
 )
+from oa_sync_core.testing import new_event
 from oa_sync_server.config import Limits
-from oa_sync_server.db.tables import sync_meta
-from oa_sync_server.ws import close_all
+from oa_sync_server.postgres.tables import sync_meta
+from oa_sync_server.transports.ws import close_all
 
 from tests.live import LiveServer, make_live_server
 

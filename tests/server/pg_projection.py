@@ -9,8 +9,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from oa_sync_core import DEFAULT_PROJECTORS, ProjectionEngine, canonical_json, fold_log
-from oa_sync_server.db.event_log import PostgresEventLog
-from oa_sync_server.db.tables import changes, checkpoints, documents, leases
+from oa_sync_server.postgres.event_log import PostgresEventLog
+from oa_sync_server.postgres.tables import changes, checkpoints, documents, leases
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [

@@ -13,10 +13,10 @@ import pytest
 import sqlalchemy as sa
 from oa_sync_core.testing import new_event
 from oa_sync_server.cli import main
-from oa_sync_server.db import create_engine
-from oa_sync_server.db.admin import check_drift, prune_changes, reproject
-from oa_sync_server.db.event_log import PostgresEventLog
-from oa_sync_server.db.tables import changes, documents
+from oa_sync_server.postgres import create_engine
+from oa_sync_server.postgres.admin import check_drift, prune_changes, reproject
+from oa_sync_server.postgres.event_log import PostgresEventLog
+from oa_sync_server.postgres.tables import changes, documents
 from oa_sync_server.worker import ProjectorWorker
 from sqlalchemy.ext.asyncio import AsyncEngine
 

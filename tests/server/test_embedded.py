@@ -6,8 +6,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from oa_sync_server.embedded import EmbeddedPostgres
 from oa_sync_server.errors import EmbeddedPostgresError
+from oa_sync_server.postgres.embedded import EmbeddedPostgres
 
 
 async def test_embedded_postgres_starts_answers_and_stops(tmp_path: Path) -> None:

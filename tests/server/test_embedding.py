@@ -10,7 +10,7 @@ from types import ModuleType
 import pytest
 import sqlalchemy as sa
 from oa_sync_core import NewEvent
-from oa_sync_server.db.event_log import PostgresEventLog
+from oa_sync_server.postgres.event_log import PostgresEventLog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "embed.py"

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import sqlalchemy as sa
 from oa_sync_core.testing import new_event
-from oa_sync_server.db.event_log import PostgresEventLog
+from oa_sync_server.postgres.event_log import PostgresEventLog
 from oa_sync_server.worker import LeaseBusyError, LeaseLost, ProjectorWorker
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine

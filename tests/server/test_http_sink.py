@@ -26,9 +26,9 @@ from oa_sync_core.projectors import RUN_SUMMARY, WORKER_SUMMARY
 from oa_sync_core.sinks import DocumentUpdate
 from oa_sync_server.cli import main
 from oa_sync_server.config import HttpSinkSettings, Secret, Settings, SinkKind
-from oa_sync_server.db.tables import changes, documents
 from oa_sync_server.errors import ConfigError
 from oa_sync_server.metrics import Metrics
+from oa_sync_server.postgres.tables import changes, documents
 from oa_sync_server.sinks import (
     HttpDeliveryClient,
     HttpDeliveryLoop,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 
 import psycopg
-from oa_sync_server.migrations import downgrade, upgrade
+from oa_sync_server.postgres.migrate import downgrade, upgrade
 
 from tests.pg import drop_database, make_database
 

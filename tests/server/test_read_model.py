@@ -8,8 +8,8 @@ import datetime as dt
 import pytest
 import sqlalchemy as sa
 from oa_sync_core.topics import Grant, parse_topic
-from oa_sync_server.db import read_model
-from oa_sync_server.db.tables import documents
+from oa_sync_server.postgres import read_model
+from oa_sync_server.postgres.tables import documents
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 

@@ -62,7 +62,7 @@ def test_every_http_status_is_documented_with_its_error_code() -> None:
 
 def test_core_close_codes_match_the_server_table() -> None:
     """The sans-IO session's close codes are the server's (and so documented)."""
-    session = pytest.importorskip("oa_sync_core.server_session")
+    session = pytest.importorskip("oa_sync_core.protocol.server_session")
     assert {int(code) for code in session.CloseCode} <= all_close_codes()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from oa_sync_core import CheckpointStore
-from oa_sync_server.db.stores import PostgresCheckpointStore, PostgresDocumentSink
+from oa_sync_server.postgres.stores import PostgresCheckpointStore, PostgresDocumentSink
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.core.test_checkpoints import CheckpointStoreContract

@@ -10,9 +10,9 @@ import pytest
 import sqlalchemy as sa
 from oa_sync_core import CodexWorkerSummaryProjector, NewEvent, RunSummaryProjector
 from oa_sync_core.testing import new_event
-from oa_sync_server.db.event_log import PostgresEventLog
-from oa_sync_server.db.stores import PostgresCheckpointStore, PostgresDocumentSink
-from oa_sync_server.db.tables import changes, documents
+from oa_sync_server.postgres.event_log import PostgresEventLog
+from oa_sync_server.postgres.stores import PostgresCheckpointStore, PostgresDocumentSink
+from oa_sync_server.postgres.tables import changes, documents
 from oa_sync_server.worker import LeaseBusyError, LeaseLost, ProjectorWorker
 from sqlalchemy.ext.asyncio import AsyncEngine
 

@@ -47,6 +47,8 @@ from oa_sync_core.projectors import (
     CodexWorkerSummaryProjector,
     RunSummaryProjector,
 )
+from oa_sync_core.protocol.server_session import ServerSession, SessionLimits
+from oa_sync_core.protocol.wire import EncodedUpdate, WireError, WireFormat
 from oa_sync_core.replay import (
     FoldResult,
     ReprojectionPlan,
@@ -54,7 +56,6 @@ from oa_sync_core.replay import (
     fold_log,
     plan_reprojection,
 )
-from oa_sync_core.server_session import ServerSession, SessionLimits
 from oa_sync_core.sinks import (
     DocumentReader,
     DocumentUpdate,
@@ -66,7 +67,6 @@ from oa_sync_core.sinks import (
     TeeSink,
 )
 from oa_sync_core.topics import Grant, Topic, parse_topic
-from oa_sync_core.wire import EncodedUpdate, WireError, WireFormat
 
 try:
     __version__ = version("oa-sync-core")

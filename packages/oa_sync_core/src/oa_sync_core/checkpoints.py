@@ -6,7 +6,7 @@ applying a batch twice changes nothing. A checkpoint written by another ``projec
 is void: the document is rebuilt from the log.
 
 :class:`CheckpointStore` is the port; :class:`oa_sync_core.memory.MemoryCheckpointStore` and
-``oa_sync_server.db.PostgresCheckpointStore`` implement it.
+``oa_sync_server.postgres.PostgresCheckpointStore`` implement it.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ What this is:
   timestamps, defaults omitted. Unknown fields and wrong types are refused.
 
 What this is not: a general protobuf runtime. Binary wire encoding lives in
-:mod:`oa_sync_core.wire`.
+:mod:`oa_sync_core.protocol.wire`.
 """
 
 from __future__ import annotations

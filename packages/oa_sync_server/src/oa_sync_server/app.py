@@ -9,11 +9,12 @@ live in cleanup contexts, started in order and stopped in reverse:
 4. the configured extra sink (``OA_SYNC_SINK=http|tee``, :func:`~oa_sync_server.sinks.start_sink`)
    beside the projector.
 
-On shutdown the WebSocket connections are closed with 1001 (``oa_sync_server.ws.close_all``)
-and the SSE streams end, before the cleanup contexts run, so a SIGTERM drains promptly.
+On shutdown the WebSocket connections are closed with 1001
+(``oa_sync_server.transports.ws.close_all``) and the SSE streams end, before the cleanup contexts
+run, so a SIGTERM drains promptly.
 
-What this is not: the handlers (``http_api``, ``sse``, ``ws``) or the process entry point
-(``commands/serve.py`` opens the database and runs the app).
+What this is not: the handlers (``transports.http``, ``transports.sse``, ``transports.ws``) or the
+process entry point (``commands/serve.py`` opens the database and runs the app).
 """
 
 from __future__ import annotations
@@ -26,19 +27,21 @@ import structlog
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from oa_sync_server import http_api, openapi, sse
+from oa_sync_server import openapi
 from oa_sync_server.auth import TokenVerifier
 from oa_sync_server.config import Settings
-from oa_sync_server.db.engine import create_engine
-from oa_sync_server.db.event_log import PostgresEventLog
 from oa_sync_server.errors import ConfigError
 from oa_sync_server.fanout import Hub
 from oa_sync_server.keys import METRICS, SETTINGS, VERIFIER
 from oa_sync_server.metrics import Metrics
+from oa_sync_server.postgres.engine import create_engine
+from oa_sync_server.postgres.event_log import PostgresEventLog
 from oa_sync_server.sinks import start_sink
 from oa_sync_server.state import STATE, ServerState
+from oa_sync_server.transports import http as http_api
+from oa_sync_server.transports import sse
+from oa_sync_server.transports.ws import close_all, sync_handler
 from oa_sync_server.worker import ProjectorWorker
-from oa_sync_server.ws import close_all, sync_handler
 
 __all__ = ["STATE", "ServerState", "create_app"]
 

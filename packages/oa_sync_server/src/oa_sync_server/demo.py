@@ -23,7 +23,7 @@ import structlog
 from oa_sync_core.codec import datetime_to_timestamp
 from oa_sync_core.events import NewEvent
 
-from oa_sync_server.db.event_log import PostgresEventLog
+from oa_sync_server.postgres.event_log import PostgresEventLog
 
 __all__ = ["demo_events", "run_demo"]
 

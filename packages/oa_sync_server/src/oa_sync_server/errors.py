@@ -153,6 +153,20 @@ class LimitExceededError(ServerError):
         super().__init__(f"{kind.value} limit of {limit:g} exceeded")
 
 
+class MigrationsMissingError(ServerError):
+    """The migration scripts are not where the package keeps them (a broken install).
+
+    Attributes:
+        location: the directory that was looked for.
+    """
+
+    def __init__(self, location: str):
+        self.location = location
+        super().__init__(
+            f"migration scripts missing at {location}: reinstall oa-sync-server from its wheel"
+        )
+
+
 class EmbeddedPostgresError(ServerError):
     """The embedded Postgres failed to start or stop.
 

@@ -10,8 +10,8 @@ trusts its payload. Two tasks run per hub:
   and *then* sets the wake flag, so changes committed while it was deaf are re-read.
 * the **reader** waits for the wake flag or the poll interval (the fallback when hints are
   lost), then reads ``documents WHERE watermark > hub.watermark ORDER BY watermark`` page by
-  page (the coalesced catch-up of :mod:`oa_sync_server.db.read_model`), builds each row's
-  :class:`~oa_sync_core.wire.EncodedUpdate` once, hands the same :class:`LiveDoc` to every
+  page (the coalesced catch-up of :mod:`oa_sync_server.postgres.read_model`), builds each row's
+  :class:`~oa_sync_core.protocol.wire.EncodedUpdate` once, hands the same :class:`LiveDoc` to every
   attached :class:`Feed` that wants it, and advances ``hub.watermark``.
 
 Routing. A feed that declared its topics (:meth:`Feed.set_topics`) is offered only the changes
@@ -45,13 +45,13 @@ from typing import Final
 import psycopg
 import sqlalchemy as sa
 import structlog
+from oa_sync_core.protocol.wire import EncodedUpdate
 from oa_sync_core.topics import Topic
-from oa_sync_core.wire import EncodedUpdate
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from oa_sync_server.db.read_model import DocRow, changed_after, read_meta
-from oa_sync_server.db.tables import sync_meta
 from oa_sync_server.metrics import Metrics
+from oa_sync_server.postgres.read_model import DocRow, changed_after, read_meta
+from oa_sync_server.postgres.tables import sync_meta
 
 __all__ = ["CHANGES_CHANNEL", "Feed", "Hub", "LiveDoc"]
 

@@ -1,10 +1,11 @@
 """Opening the database a process works on: the configured one, or an embedded Postgres.
 
 :func:`open_database` is shared by ``oa-sync serve`` and the database commands (``migrate``,
-``append``, ``reproject``, ``drift``): it starts :class:`~oa_sync_server.embedded.EmbeddedPostgres`
-under ``settings.data_dir`` when ``settings.database_url`` is unset, applies the alembic
-migrations (unless told not to), checks the database answers, and yields an async engine that
-it disposes of (and an embedded server it stops) on exit.
+``append``, ``reproject``, ``drift``): it starts
+:class:`~oa_sync_server.postgres.embedded.EmbeddedPostgres` under ``settings.data_dir`` when
+``settings.database_url`` is unset, applies the alembic migrations (unless told not to), checks the
+database answers, and yields an async engine that it disposes of (and an embedded server it stops)
+on exit.
 
 What this is not: the projector, the HTTP app, or the migrations themselves.
 """
@@ -20,10 +21,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.config import Settings
-from oa_sync_server.db.engine import create_engine
-from oa_sync_server.embedded import EmbeddedPostgres
 from oa_sync_server.errors import ServerError
-from oa_sync_server.migrations import upgrade_async
+from oa_sync_server.postgres.embedded import EmbeddedPostgres
+from oa_sync_server.postgres.engine import create_engine
+from oa_sync_server.postgres.migrate import upgrade_async
 
 __all__ = ["DatabaseUnavailableError", "open_database"]
 
@@ -41,7 +42,7 @@ async def open_database(
     Args:
         settings: ``database_url`` (``None``: embedded Postgres under ``data_dir``).
         migrate: apply the alembic migrations up to head first.
-        **engine_kwargs: passed to :func:`oa_sync_server.db.create_engine`.
+        **engine_kwargs: passed to :func:`oa_sync_server.postgres.create_engine`.
 
     Yields:
         The engine, disposed of on exit.

@@ -1,7 +1,7 @@
 """The state one server app shares with its handlers: :class:`ServerState` under :data:`STATE`.
 
-It lives apart from :mod:`oa_sync_server.app` so that handler modules (``http_api``, ``sse``,
-``ws``) can import it without importing the app factory that imports them.
+It lives apart from :mod:`oa_sync_server.app` so that handler modules (the
+``transports``) can import it without importing the app factory that imports them.
 ``oa_sync_server.app`` re-exports both names.
 
 What this is not: a place that creates anything; :func:`oa_sync_server.app.create_app` does.
@@ -18,9 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.auth import TokenVerifier
 from oa_sync_server.config import Settings
-from oa_sync_server.db.event_log import PostgresEventLog
 from oa_sync_server.fanout import Feed, Hub
 from oa_sync_server.metrics import Metrics
+from oa_sync_server.postgres.event_log import PostgresEventLog
 
 if TYPE_CHECKING:
     from oa_sync_server.worker import ProjectorWorker

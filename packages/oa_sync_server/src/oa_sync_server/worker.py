@@ -9,7 +9,7 @@ renews it on every batch and while idle.
 Each batch is one transaction in two phases:
 
 1. *read* (no locks): the lease row's cursor, then up to ``batch_size`` final events after it
-   in log order (:func:`oa_sync_server.db.event_log.read_committed`: only below the snapshot
+   in log order (:func:`oa_sync_server.postgres.event_log.read_committed`: only below the snapshot
    xmin, so nothing still in flight is ever passed — DESIGN.md rule 1);
 2. *write*: ``SELECT ... FOR UPDATE`` on the lease row; if ``holder``/``epoch`` changed the
    lease was taken over and the batch aborts with :class:`LeaseLost` (rule 3: a paused old
@@ -30,7 +30,7 @@ partition) could keep or lose it independently of the transactions that write; f
 be checked *inside* each write transaction anyway. The row lock taken by ``FOR UPDATE`` in
 the batch transaction is both the mutual exclusion and the fencing check, and it is released
 exactly when the writes commit or abort. The only advisory lock is the transaction-scoped
-watermark lock (:data:`oa_sync_server.db.stores.WATERMARK_LOCK`) shared with reprojection.
+watermark lock (:data:`oa_sync_server.postgres.stores.WATERMARK_LOCK`) shared with reprojection.
 
 :meth:`ProjectorWorker.run` is the long-running loop: it LISTENs on ``oa_sync_events`` for
 append hints, polls as a fallback, re-acquires the lease after losing it, and backs off on
@@ -63,15 +63,15 @@ from oa_sync_core import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.db.admin import prune_changes, reproject
-from oa_sync_server.db.event_log import LogCursor, read_committed
-from oa_sync_server.db.stores import (
+from oa_sync_server.errors import ServerError
+from oa_sync_server.postgres.admin import prune_changes, reproject
+from oa_sync_server.postgres.event_log import LogCursor, read_committed
+from oa_sync_server.postgres.stores import (
     load_states,
     lock_watermarks,
     put_checkpoints,
     write_updates,
 )
-from oa_sync_server.errors import ServerError
 
 __all__ = [
     "LeaseBusyError",
@@ -392,7 +392,7 @@ class ProjectorWorker:
         document since and the cached states are exact. Otherwise the cache is dropped.
         (Writing checkpoints alone, e.g. ``PostgresCheckpointStore.put_many`` by hand while a
         worker runs, bypasses this; restart the worker after such surgery, or use
-        :func:`oa_sync_server.db.admin.reproject`, which allocates watermarks.)
+        :func:`oa_sync_server.postgres.admin.reproject`, which allocates watermarks.)
         """
         if last != self._cache_at:
             self._cache.clear()

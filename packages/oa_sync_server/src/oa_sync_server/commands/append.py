@@ -35,7 +35,7 @@ from oa_sync_core import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.commands._db import Progress, UsageError, with_database
-from oa_sync_server.db.event_log import PostgresEventLog, StreamOrderConflict
+from oa_sync_server.postgres.event_log import PostgresEventLog, StreamOrderConflict
 
 NAME = "append"
 HELP = "append events from JSON lines (a file, or stdin)"

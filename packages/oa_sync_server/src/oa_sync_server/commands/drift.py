@@ -14,7 +14,7 @@ from oa_sync_core import DriftReport
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.commands._db import Progress, UsageError, add_worker_option, with_database
-from oa_sync_server.db.admin import check_drift
+from oa_sync_server.postgres.admin import check_drift
 
 NAME = "drift"
 HELP = "check the read model against a fold of the event log (exit 1 on drift)"

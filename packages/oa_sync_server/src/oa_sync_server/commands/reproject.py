@@ -12,7 +12,7 @@ import asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.commands._db import Progress, UsageError, add_worker_option, with_database
-from oa_sync_server.db.admin import ReprojectionOutcome, reproject
+from oa_sync_server.postgres.admin import ReprojectionOutcome, reproject
 
 NAME = "reproject"
 HELP = "refold documents from the event log and repair the ones that differ"

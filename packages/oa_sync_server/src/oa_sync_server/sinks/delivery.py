@@ -44,7 +44,7 @@ import structlog
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.db.tables import documents, sync_meta
+from oa_sync_server.postgres.tables import documents, sync_meta
 from oa_sync_server.sinks.http import (
     Delivered,
     DeliveryRequest,

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from oa_sync_server.db.tables import documents
+from oa_sync_server.postgres.tables import documents
 from oa_sync_server.sinks.delivery import DEFAULT_SINK, DeliveryPass
 from oa_sync_server.sinks.tables import http_sink_dead_letters, http_sink_parity
 

@@ -1,6 +1,6 @@
 """SQLAlchemy Core descriptions of the HTTP sink's tables (migration ``0002_http_sink``).
 
-They share the ``oa_sync`` :data:`~oa_sync_server.db.tables.metadata`; alembic creates them,
+They share the ``oa_sync`` :data:`~oa_sync_server.postgres.tables.metadata`; alembic creates them,
 this module only describes them for queries. ``sink`` names the delivery lane (``"http"`` by
 default) so that several endpoints could share the schema.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from oa_sync_server.db.tables import metadata
+from oa_sync_server.postgres.tables import metadata
 
 __all__ = ["http_sink_checkpoints", "http_sink_dead_letters", "http_sink_parity"]
 

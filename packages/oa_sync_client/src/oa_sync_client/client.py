@@ -1,9 +1,9 @@
 """The Python client of Khala: follow documents live over the WebSocket, surviving faults.
 
 What this is: :class:`SyncClient`, a thin aiohttp driver around the sans-IO
-:class:`oa_sync_core.client_session.ClientSession`. The session decides (what to send, what to
-cache, when and whether to reconnect, when to refresh the token); this module owns the socket,
-the clock and the tasks. Follow a run's summary::
+:class:`oa_sync_core.protocol.client_session.ClientSession`. The session decides (what to
+send, what to cache, when and whether to reconnect, when to refresh the token); this module owns the
+socket, the clock and the tasks. Follow a run's summary::
 
     async with SyncClient("http://127.0.0.1:8787", token_provider) as client:
         async for event in client.subscribe(["runtime/run_summary:r1"]):
@@ -34,7 +34,8 @@ from types import TracebackType
 from typing import Final, TypeAlias
 
 import aiohttp
-from oa_sync_core.client_session import (
+from oa_sync_core.errors import OaSyncError
+from oa_sync_core.protocol.client_session import (
     BackoffPolicy,
     CachedDocument,
     ClientEvent,
@@ -47,8 +48,7 @@ from oa_sync_core.client_session import (
     SubscriptionReset,
     SubscriptionSynced,
 )
-from oa_sync_core.errors import OaSyncError
-from oa_sync_core.wire import (
+from oa_sync_core.protocol.wire import (
     ClientFrame,
     WireError,
     WireFormat,

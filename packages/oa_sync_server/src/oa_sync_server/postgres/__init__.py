@@ -7,6 +7,6 @@ What this is not: the projector loop (:mod:`oa_sync_server.worker`) or the HTTP 
 
 from __future__ import annotations
 
-from oa_sync_server.db.engine import create_engine, normalise_url
+from oa_sync_server.postgres.engine import create_engine, normalise_url
 
 __all__ = ["create_engine", "normalise_url"]

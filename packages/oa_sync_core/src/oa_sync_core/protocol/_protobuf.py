@@ -1,13 +1,13 @@
 """Binary protobuf primitives for the wire codec: varints, fields, ``Struct``, a strict reader.
 
-What this is: the hand-written proto3 binary encoding :mod:`oa_sync_core.wire` uses (betterproto
-2.0.0b7 cannot encode ``google.protobuf.Struct``), and a schema-table-driven reader that refuses
-unknown fields, repeated singular fields, wrong wire types, truncation, invalid UTF-8,
+What this is: the hand-written proto3 binary encoding :mod:`oa_sync_core.protocol.wire` uses
+(betterproto 2.0.0b7 cannot encode ``google.protobuf.Struct``), and a schema-table-driven reader
+that refuses unknown fields, repeated singular fields, wrong wire types, truncation, invalid UTF-8,
 non-finite numbers and nesting deeper than :data:`oa_sync_core.codec.MAX_DEPTH`. Every failure
 is a :class:`WireError`. Tests check both directions against the official ``google.protobuf``.
 
 What this is not: a general protobuf runtime, or public API (import from
-:mod:`oa_sync_core.wire`).
+:mod:`oa_sync_core.protocol.wire`).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def encode_struct(obj: Mapping[str, Any]) -> bytes:
 # Binary reading
 # ---------------------------------------------------------------------------------------------
 
-# Field kinds of the schema tables of oa_sync_core.wire.
+# Field kinds of the schema tables of oa_sync_core.protocol.wire.
 STR: Final = "string"
 I64: Final = "int64"
 U32: Final = "uint32"

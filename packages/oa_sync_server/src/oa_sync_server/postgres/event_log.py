@@ -42,7 +42,7 @@ from oa_sync_core import ConcurrencyError, Event, NewEvent, validate_new_event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.db.tables import events
+from oa_sync_server.postgres.tables import events
 
 __all__ = [
     "EVENTS_CHANNEL",

@@ -39,11 +39,11 @@ import sqlalchemy as sa
 import structlog
 from aiohttp import web
 
-from oa_sync_server.db import read_model
-from oa_sync_server.db.read_model import DocRow
 from oa_sync_server.fanout import LiveDoc
-from oa_sync_server.http_api import authenticate, bad_query, document_json, parse_topics
+from oa_sync_server.postgres import read_model
+from oa_sync_server.postgres.read_model import DocRow
 from oa_sync_server.state import STATE
+from oa_sync_server.transports.http import authenticate, bad_query, document_json, parse_topics
 
 __all__ = ["CATCH_UP_PAGE", "add_routes", "stream", "update_event"]
 

@@ -8,16 +8,16 @@ Before the upgrade the handler refuses what HTTP can answer: a server shutting d
 too many connections (429). After the upgrade a client that chose no known subprotocol is
 closed with 4400.
 
-Each connection then runs one :class:`~oa_sync_core.server_session.ServerSession` and four
+Each connection then runs one :class:`~oa_sync_core.protocol.server_session.ServerSession` and four
 kinds of task, all of them feeding the session and performing the actions it returns:
 
-* the **reader** decodes each message (:func:`oa_sync_core.wire.decode_client`; a bad one
+* the **reader** decodes each message (:func:`oa_sync_core.protocol.wire.decode_client`; a bad one
   closes with the code :func:`oa_sync_server.errors.classify` gives) and verifies tokens;
 * the **feed** task takes the live changes of the process's :class:`~oa_sync_server.fanout.Hub`
   (the feed is attached *before* any snapshot is read, so nothing falls between a snapshot and
   the live stream; the session drops what the snapshot already covered);
 * one **catch-up** task per new subscription reads the change-log metadata, then the matching
-  documents page by page (:func:`oa_sync_server.db.read_model.documents_matching`);
+  documents page by page (:func:`oa_sync_server.postgres.read_model.documents_matching`);
 * the **timer** calls ``tick`` at the session's next deadline (auth deadline, token expiry,
   idleness, heartbeats).
 
@@ -50,7 +50,7 @@ from typing import Any, Final
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 from oa_sync_core.errors import OaSyncError
-from oa_sync_core.server_session import (
+from oa_sync_core.protocol.server_session import (
     Action,
     CancelCatchUp,
     CatchUp,
@@ -63,7 +63,7 @@ from oa_sync_core.server_session import (
     SessionLimits,
     VerifyToken,
 )
-from oa_sync_core.wire import (
+from oa_sync_core.protocol.wire import (
     EncodedUpdate,
     ErrorFrame,
     WireFormat,
@@ -73,7 +73,6 @@ from oa_sync_core.wire import (
 
 from oa_sync_server.auth import Principal
 from oa_sync_server.config import Limits
-from oa_sync_server.db import read_model
 from oa_sync_server.errors import (
     AuthError,
     AuthFailure,
@@ -83,6 +82,7 @@ from oa_sync_server.errors import (
     classify,
 )
 from oa_sync_server.fanout import Feed
+from oa_sync_server.postgres import read_model
 from oa_sync_server.state import STATE, ServerState
 
 __all__ = ["SUBPROTOCOLS", "close_all", "session_limits", "sync_handler"]

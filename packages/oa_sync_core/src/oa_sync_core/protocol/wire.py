@@ -19,9 +19,9 @@ raise :class:`WireError` (a :class:`~oa_sync_core.errors.CodecError` *and* a
 :class:`~oa_sync_core.errors.CodecErrorCode`: ``too_large`` (close 4413) or anything else
 (close 4400). JSON goes through :func:`oa_sync_core.codec.loads_strict` and
 :func:`oa_sync_core.codec.read_message`; binary goes through the hand-written reader of
-:mod:`oa_sync_core._protobuf`, driven by the schema tables below, which refuses unknown fields,
-repeated singular fields, wrong wire types, truncation, invalid UTF-8, non-finite numbers and
-nesting deeper than :data:`oa_sync_core.codec.MAX_DEPTH`.
+:mod:`oa_sync_core.protocol._protobuf`, driven by the schema tables below, which refuses
+unknown fields, repeated singular fields, wrong wire types, truncation, invalid UTF-8, non-finite
+numbers and nesting deeper than :data:`oa_sync_core.codec.MAX_DEPTH`.
 
 Both encodings are written by hand too, from the same schema tables (betterproto 2.0.0b7
 cannot encode ``google.protobuf.Struct``); tests check them against the official
@@ -30,7 +30,7 @@ cannot encode ``google.protobuf.Struct``); tests check them against the official
 ``1.0`` reads back as ``1`` over the binary subprotocol (its ``contentHash`` is the server's).
 
 What this is not: the session logic (which frame is legal when) — see
-:mod:`oa_sync_core.client_session` and the server session.
+:mod:`oa_sync_core.protocol.client_session` and the server session.
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final, TypeAlias
 
-from oa_sync_core._protobuf import (
+from oa_sync_core.codec import JsonObject, canonical_json, loads_strict, read_message
+from oa_sync_core.contracts import v1
+from oa_sync_core.errors import CodecError, CodecErrorCode
+from oa_sync_core.protocol._protobuf import (
     I64,
     INT64_MAX,
     REP_STR,
@@ -58,9 +61,6 @@ from oa_sync_core._protobuf import (
     str_field,
     varint,
 )
-from oa_sync_core.codec import JsonObject, canonical_json, loads_strict, read_message
-from oa_sync_core.contracts import v1
-from oa_sync_core.errors import CodecError, CodecErrorCode
 
 __all__ = [
     "Authenticate",

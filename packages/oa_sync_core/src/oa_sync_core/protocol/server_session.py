@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 A :class:`ServerSession` is what one WebSocket connection *means*, without the socket. The
-driver (``oa_sync_server.ws``) feeds it decoded client frames, the results of the work it asked
-for, live document changes and the passing of time; each call returns a list of actions for
-the driver to perform, in order. The session never awaits, reads a clock or touches the
+driver (``oa_sync_server.transports.ws``) feeds it decoded client frames, the results of the
+work it asked for, live document changes and the passing of time; each call returns a list of
+actions for the driver to perform, in order. The session never awaits, reads a clock or touches the
 network or the database: every input carries ``now`` (seconds, any monotonic origin).
 
 States (:class:`SessionState`)::
@@ -40,7 +40,7 @@ subscription and has received nothing for ``idle_timeout_s`` is closed with 4408
 ``heartbeat`` goes out when nothing was sent for ``heartbeat_interval_s``.
 :meth:`ServerSession.next_deadline` tells the driver when to call :meth:`tick` next.
 
-What this is not: a codec (frames come decoded, from :mod:`oa_sync_core.wire`), a token
+What this is not: a codec (frames come decoded, from :mod:`oa_sync_core.protocol.wire`), a token
 verifier, or a reader of documents. Slow consumers (a full send queue) are the driver's to
 detect; the session only decides what should be sent.
 """
@@ -54,8 +54,7 @@ from collections.abc import Sequence
 from typing import Final, Generic, Protocol, TypeAlias, TypeVar
 
 from oa_sync_core.errors import ProtocolError
-from oa_sync_core.topics import Grant, Topic, parse_topic
-from oa_sync_core.wire import (
+from oa_sync_core.protocol.wire import (
     Authenticate,
     ClientFrame,
     ErrorFrame,
@@ -70,6 +69,7 @@ from oa_sync_core.wire import (
     Unsubscribe,
     Welcome,
 )
+from oa_sync_core.topics import Grant, Topic, parse_topic
 
 __all__ = [
     "MAX_SUBSCRIPTION_ID_LENGTH",

@@ -22,7 +22,7 @@ Bulk writes send the whole batch as one JSON array parameter expanded by
 ``jsonb_to_recordset`` (document bodies spliced in as their precomputed canonical bytes): one
 statement and one bound parameter per batch, whatever its size, and no per-row Python escaping.
 
-What this is not: the read side used by the sync server (:mod:`oa_sync_server.db.read_model`).
+What this is not: the read side used by the sync server (:mod:`oa_sync_server.postgres.read_model`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from oa_sync_core import Checkpoint, DocId, DocumentState, DocumentUpdate, Store
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.db.tables import checkpoints, documents
+from oa_sync_server.postgres.tables import checkpoints, documents
 
 __all__ = [
     "CHANGES_CHANNEL",

@@ -27,11 +27,11 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 from oa_sync_core.codec import canonical_json
+from oa_sync_core.protocol.wire import EncodedUpdate
 from oa_sync_core.topics import Grant, Topic
-from oa_sync_core.wire import EncodedUpdate
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from oa_sync_server.db.tables import changes, documents, sync_meta
+from oa_sync_server.postgres.tables import changes, documents, sync_meta
 
 __all__ = [
     "DocRow",

@@ -17,7 +17,8 @@ whose status comes from :func:`oa_sync_server.errors.classify` — the one table
 exceptions become a bare 500 ``internal`` (logged with their type, never shown). Bodies are
 proto3 JSON: 64-bit integers as strings, lowerCamelCase names.
 
-What this is not: SSE (:mod:`oa_sync_server.sse`) or the WebSocket (:mod:`oa_sync_server.ws`).
+What this is not: SSE (:mod:`oa_sync_server.transports.sse`) or the WebSocket
+(:mod:`oa_sync_server.transports.ws`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from oa_sync_core.events import NewEvent, validate_new_event
 from oa_sync_core.topics import Topic, parse_topic
 
 from oa_sync_server.auth import Principal
-from oa_sync_server.db import read_model
 from oa_sync_server.errors import (
     AuthError,
     AuthFailure,
@@ -48,6 +48,7 @@ from oa_sync_server.errors import (
     LimitKind,
     classify,
 )
+from oa_sync_server.postgres import read_model
 from oa_sync_server.state import STATE, ServerState
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Alembic environment for the ``oa_sync`` schema.
 
 The URL comes from the config attribute ``sqlalchemy.url`` (set by
-:func:`oa_sync_server.migrations.upgrade`), else from ``OA_SYNC_DATABASE_URL``. Migrations run
+:func:`oa_sync_server.postgres.migrate.upgrade`), else from ``OA_SYNC_DATABASE_URL``. Migrations run
 on a synchronous psycopg 3 connection; ``postgresql://`` URLs are normalised to
 ``postgresql+psycopg://``. The version table lives outside the schema
 (``public.oa_sync_alembic_version``) so that ``downgrade base`` can drop the schema whole.
@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 
 import sqlalchemy as sa
-from oa_sync_server.db.engine import normalise_url
-
 from alembic import context
+
+from oa_sync_server.postgres.engine import normalise_url
 
 VERSION_TABLE = "oa_sync_alembic_version"
 

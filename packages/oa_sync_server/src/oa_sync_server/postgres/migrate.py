@@ -1,20 +1,21 @@
 """Run the alembic migrations of the ``oa_sync`` schema from Python.
 
 Used by ``oa-sync migrate``, the server's start-up and the test fixtures. The alembic scripts
-live at the repository root (``alembic/``, ``alembic.ini``); :func:`script_location` finds them
-from this file, or from ``OA_SYNC_ALEMBIC_DIR``. What this is not: the migrations themselves.
+ship inside this package (``oa_sync_server/postgres/migrations``, in the wheel too); the
+repository's ``alembic.ini`` points there for developers who run ``alembic`` by hand. What this
+is not: the migrations themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
-from oa_sync_server.db.engine import normalise_url
+from oa_sync_server.errors import MigrationsMissingError
+from oa_sync_server.postgres.engine import normalise_url
 
 __all__ = [
     "HEAD",
@@ -29,25 +30,21 @@ HEAD = "head"
 
 
 def script_location() -> Path:
-    """The ``alembic`` directory holding ``env.py`` and ``versions/``.
+    """The directory holding ``env.py`` and ``versions/``, inside this package.
 
     Raises:
-        FileNotFoundError: it cannot be found.
+        MigrationsMissingError: the package was installed without its migration scripts.
     """
-    override = os.environ.get("OA_SYNC_ALEMBIC_DIR")
-    candidates = [Path(override)] if override else []
-    candidates += [parent / "alembic" for parent in Path(__file__).resolve().parents]
-    for candidate in candidates:
-        if (candidate / "env.py").is_file() and (candidate / "versions").is_dir():
-            return candidate
-    raise FileNotFoundError("alembic scripts not found; set OA_SYNC_ALEMBIC_DIR")
+    location = Path(__file__).resolve().with_name("migrations")
+    if (location / "env.py").is_file() and (location / "versions").is_dir():
+        return location
+    raise MigrationsMissingError(str(location))
 
 
 def alembic_config(url: str) -> Config:
     """An alembic :class:`Config` for ``url`` (normalised to the psycopg driver)."""
     location = script_location()
-    ini = location.parent / "alembic.ini"
-    config = Config(str(ini)) if ini.is_file() else Config()
+    config = Config()
     config.set_main_option("script_location", str(location))
     # ConfigParser interpolates '%': escape it so passwords with '%' survive.
     config.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))

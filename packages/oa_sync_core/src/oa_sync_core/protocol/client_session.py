@@ -5,7 +5,7 @@ Theory of operation
 A :class:`ClientSession` is what a following client *knows*, without a socket: its
 subscriptions with their (epoch, watermark) and cached documents, the token it presents and
 when to refresh it, and what to do when a connection ends. The driver
-(``oa_sync_server.client.SyncClient``) opens sockets, encodes the frames the session returns,
+(``oa_sync_client.client.SyncClient``) opens sockets, encodes the frames the session returns,
 decodes what arrives and passes it in, and sleeps when told to. Nothing here awaits, reads a
 clock or touches the network: every input that depends on time carries ``now`` (wall-clock
 seconds, the clock of JWT ``exp``).
@@ -39,8 +39,8 @@ that is the server's job) and schedules a refresh a fifth of the token's lifetim
 ``exp``; when connected, the new token is sent in-band as ``authenticate``. The driver never
 connects with a token :meth:`token_expired` says is expired.
 
-What this is not: a transport, a codec (frames come from :mod:`oa_sync_core.wire`) or a token
-verifier.
+What this is not: a transport, a codec (frames come from :mod:`oa_sync_core.protocol.wire`) or a
+token verifier.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from typing import Final, TypeAlias
 
 from oa_sync_core.codec import JsonObject
 from oa_sync_core.errors import ProtocolError
-from oa_sync_core.wire import (
+from oa_sync_core.protocol.wire import (
     Authenticate,
     ClientFrame,
     ErrorFrame,

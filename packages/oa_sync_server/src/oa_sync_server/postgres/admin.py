@@ -1,7 +1,7 @@
 """Drift detection and reprojection over the live Postgres read model.
 
 Both compare the read model with a pure fold of *the part of the log the projector has
-folded*: events up to the projector lease's cursor (:class:`~oa_sync_server.db.event_log.
+folded*: events up to the projector lease's cursor (:class:`~oa_sync_server.postgres.event_log.
 BoundedLog`), so events appended but not yet projected never show up as drift.
 
 * :func:`check_drift` runs in one ``REPEATABLE READ`` read-only transaction: the cursor, the
@@ -44,8 +44,8 @@ from oa_sync_core import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.db.event_log import BoundedLog, LogCursor
-from oa_sync_server.db.stores import (
+from oa_sync_server.postgres.event_log import BoundedLog, LogCursor
+from oa_sync_server.postgres.stores import (
     PostgresCheckpointStore,
     PostgresDocumentSink,
     lock_watermarks,
