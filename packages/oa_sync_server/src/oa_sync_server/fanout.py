@@ -40,7 +40,7 @@ import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from typing import Final
+from typing import Final, Protocol
 
 import psycopg
 import sqlalchemy as sa
@@ -53,7 +53,7 @@ from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.read_model import DocRow, changed_after, read_meta
 from oa_sync_server.postgres.tables import sync_meta
 
-__all__ = ["CHANGES_CHANNEL", "Feed", "Hub", "LiveDoc"]
+__all__ = ["CHANGES_CHANNEL", "Feed", "Hub", "LiveDoc", "Receiver", "Tap"]
 
 CHANGES_CHANNEL: Final = "oa_sync_changes"
 """NOTIFY channel on which the projector hints at a new watermark (payload: the watermark)."""
@@ -83,8 +83,94 @@ class LiveDoc:
     committed_at: float = 0.0
     cache: dict[str, bytes] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
+    @classmethod
+    def of_row(cls, row: DocRow, committed_at: float = 0.0) -> LiveDoc:
+        """A row read by a snapshot or catch-up (or the hub), with its encoding."""
+        return cls(row=row, update=row.encoded(), committed_at=committed_at)
 
-class Feed:
+    # What a protocol session needs of a document version (its ``DocVersion``).
+    @property
+    def doc_key(self) -> str:
+        """The document's key."""
+        return self.row.doc_key
+
+    @property
+    def version(self) -> int:
+        """The document's version."""
+        return self.row.version
+
+    @property
+    def watermark(self) -> int:
+        """The watermark of this change."""
+        return self.row.watermark
+
+
+class Receiver(Protocol):
+    """What a :class:`Tap` hands the hub's changes to, synchronously, inside the hub's pass."""
+
+    def offer(self, live: LiveDoc) -> None:
+        """Take one change (must not block or await; must not raise)."""
+
+    def tap_ended(self, tap: Tap) -> None:
+        """The tap stopped receiving: ``tap.epoch_changed``, or the hub stopped."""
+
+
+class _Attachment:
+    """What the hub routes changes to: topics, and closing (shared by :class:`Feed` and
+    :class:`Tap`)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self.epoch_changed = False
+        """True once the log epoch changed; the owner should reset its subscriptions."""
+        self.closed = False
+        """True once the attachment no longer receives anything."""
+        self.topics: frozenset[Topic] | None = None
+        """The topics this is offered (``None``: every change). See :meth:`set_topics`."""
+
+    def set_topics(self, topics: Iterable[Topic] | None) -> None:
+        """Receive from now on only changes these topics cover (``None``: every change).
+
+        Call it before reading a snapshot or catch-up of a newly added topic, so that no change
+        falls between that read and the feed.
+        """
+        new = None if topics is None else frozenset(topics)
+        if new != self.topics and not self.closed:
+            self._hub._route(self, self.topics, new)
+            self.topics = new
+
+    def close(self) -> None:
+        """Stop receiving. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._hub._detach(self)
+            self._ended()
+
+    def _ended(self) -> None:
+        """Called once when closed."""
+
+    def _offer(self, live: LiveDoc) -> None:
+        raise NotImplementedError
+
+
+class Tap(_Attachment):
+    """A push attachment: the hub hands each change straight to a :class:`Receiver`, no queue
+    and no task in between (the WebSocket connections use one each). Create with
+    :meth:`Hub.tap`."""
+
+    def __init__(self, hub: Hub, receiver: Receiver) -> None:
+        super().__init__(hub)
+        self._receiver = receiver
+
+    def _offer(self, live: LiveDoc) -> None:
+        if not self.closed:
+            self._receiver.offer(live)
+
+    def _ended(self) -> None:
+        self._receiver.tap_ended(self)
+
+
+class Feed(_Attachment):
     """One consumer's view of the hub: an async iterator of :class:`LiveDoc` in watermark order.
 
     Create with :meth:`Hub.attach`. Iteration ends when the feed is closed, overflows
@@ -94,17 +180,11 @@ class Feed:
     def __init__(self, hub: Hub, max_queue: int) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
-        self._hub = hub
+        super().__init__(hub)
         self._queue: asyncio.Queue[LiveDoc] = asyncio.Queue(max_queue)
         self._waiter: asyncio.Future[None] | None = None
         self.overflowed = False
         """True once the bounded queue overflowed; the owner should close with 4429."""
-        self.epoch_changed = False
-        """True once the log epoch changed; the owner should reset its subscriptions."""
-        self.closed = False
-        """True once the feed no longer receives anything."""
-        self.topics: frozenset[Topic] | None = None
-        """The topics this feed is offered (``None``: every change). See :meth:`set_topics`."""
 
     def __aiter__(self) -> AsyncIterator[LiveDoc]:
         return self
@@ -128,23 +208,8 @@ class Feed:
         """Changes queued and not yet taken."""
         return self._queue.qsize()
 
-    def set_topics(self, topics: Iterable[Topic] | None) -> None:
-        """Receive from now on only changes these topics cover (``None``: every change).
-
-        Call it before reading a snapshot or catch-up of a newly added topic, so that no change
-        falls between that read and the feed.
-        """
-        new = None if topics is None else frozenset(topics)
-        if new != self.topics and not self.closed:
-            self._hub._route(self, self.topics, new)
-            self.topics = new
-
-    def close(self) -> None:
-        """Stop receiving; a pending iteration ends. Idempotent."""
-        if not self.closed:
-            self.closed = True
-            self._hub._detach(self)
-            self._wake()
+    def _ended(self) -> None:
+        self._wake()  # a pending iteration ends
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -192,11 +257,11 @@ class Hub:
         self._listen_url = listen_url or engine.url.set(drivername="postgresql").render_as_string(
             hide_password=False
         )
-        self._feeds: list[Feed] = []
+        self._feeds: list[_Attachment] = []
         # Routing index (see the module docstring); dicts as ordered sets of feeds.
-        self._everything: dict[Feed, None] = {}
-        self._exact: dict[str, dict[Feed, None]] = {}
-        self._prefixes: dict[str, dict[Feed, None]] = {}
+        self._everything: dict[_Attachment, None] = {}
+        self._exact: dict[str, dict[_Attachment, None]] = {}
+        self._prefixes: dict[str, dict[_Attachment, None]] = {}
         self._prefix_lengths: Counter[int] = Counter()
         self._wake_flag = asyncio.Event()
         self._advanced = asyncio.Event()
@@ -247,6 +312,15 @@ class Hub:
         self._everything[feed] = None
         return feed
 
+    def tap(self, receiver: Receiver, topics: Iterable[Topic] | None = None) -> Tap:
+        """A new push attachment handing ``receiver`` every change read from now on that
+        ``topics`` cover (``None``: every change)."""
+        tap = Tap(self, receiver)
+        self._feeds.append(tap)
+        self._everything[tap] = None
+        tap.set_topics(topics)
+        return tap
+
     @property
     def feeds(self) -> int:
         """Number of attached feeds."""
@@ -267,13 +341,13 @@ class Hub:
                 self.wake()
                 await self._advanced.wait()
 
-    def _detach(self, feed: Feed) -> None:
+    def _detach(self, feed: _Attachment) -> None:
         with contextlib.suppress(ValueError):
             self._feeds.remove(feed)
         self._route(feed, feed.topics, frozenset())
 
     def _route(
-        self, feed: Feed, old: frozenset[Topic] | None, new: frozenset[Topic] | None
+        self, feed: _Attachment, old: frozenset[Topic] | None, new: frozenset[Topic] | None
     ) -> None:
         """Move a feed in the routing index from topics ``old`` to ``new``."""
         if old is None:
@@ -302,9 +376,9 @@ class Hub:
                     self._prefix_lengths[len(topic.prefix)] += 1
             feeds[feed] = None
 
-    def _targets(self, doc_key: str) -> list[Feed]:
+    def _targets(self, doc_key: str) -> list[_Attachment]:
         """The feeds a change of ``doc_key`` is offered to, each once."""
-        found: list[dict[Feed, None]] = []
+        found: list[dict[_Attachment, None]] = []
         if self._everything:
             found.append(self._everything)
         exact = self._exact.get(doc_key)
@@ -317,7 +391,7 @@ class Hub:
                     found.append(feeds)
         if len(found) == 1:
             return list(found[0])
-        targets: dict[Feed, None] = {}
+        targets: dict[_Attachment, None] = {}
         for feeds in found:
             targets.update(feeds)
         return list(targets)
@@ -385,7 +459,7 @@ class Hub:
             while True:
                 rows = await changed_after(conn, self.watermark, self.page_size)
                 for row, committed_at in rows:
-                    live = LiveDoc(row=row, update=row.encoded(), committed_at=committed_at)
+                    live = LiveDoc.of_row(row, committed_at)
                     for feed in self._targets(row.doc_key):
                         feed._offer(live)
                     self.watermark = row.watermark
