@@ -39,7 +39,8 @@ wait for the buffer to fall below half. A connection full for :data:`SLOW_CONSUM
 past a hard bound, or whose catch-up waited the grace for room, is closed with 4429 and counted
 in ``slow_consumer_disconnects``; its buffer is dropped at once. Memory per connection is so
 bounded by twice ``send_queue_bytes`` plus the transport's :data:`_TRANSPORT_HIGH_BYTES` and
-one catch-up page. The hub and every other connection carry on. aiohttp's own refusals are mapped
+one catch-up page, and the kernel's by :data:`SOCKET_SEND_BUFFER_BYTES`. The hub and every
+other connection carry on. aiohttp's own refusals are mapped
 to the protocol's codes: a message over ``max_message_bytes`` closes with 4413 (not 1009),
 invalid UTF-8 or a frame-level protocol error with 4400.
 
@@ -57,12 +58,13 @@ import asyncio
 import collections
 import contextlib
 import math
+import socket
 import struct
 import time
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -114,7 +116,10 @@ SLOW_CONSUMER_GRACE_S: Final = 2.0
 """How long a full send buffer may stay full before its client counts as a slow consumer."""
 TIMER_RESOLUTION_S: Final = 0.05
 """Granularity of the timer wheel: a deadline fires at most this late."""
-_TRANSPORT_HIGH_BYTES: Final = 256 * 1024
+_TRANSPORT_HIGH_BYTES: Final = 64 * 1024
+SOCKET_SEND_BUFFER_BYTES: Final = 256 * 1024
+"""The kernel send buffer of each WebSocket (``SO_SNDBUF``; Linux doubles it): without it the
+kernel's auto-tuning lets a reader that stopped reading hold up to 4 MiB (``tcp_wmem``)."""
 """Bytes the transport may hold unsent before the connection stops writing to it."""
 _REASON_BYTES: Final = 120
 _OP_TEXT: Final = 0x81  # FIN + text
@@ -151,6 +156,18 @@ def frame_header(opcode: int, length: int) -> bytes:
     return struct.pack("!BBQ", opcode, 127, length)
 
 
+class _Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Scheduler(Protocol):
+    """What the wheel needs of an event loop (an ``asyncio`` loop is one)."""
+
+    def call_at(self, when: float, callback: Callable[[int], None], slot: int, /) -> _Cancellable:
+        """Run ``callback(slot)`` at loop time ``when``."""
+        ...
+
+
 class TimerWheel:
     """One event-loop timer per occupied time slot, for any number of owners.
 
@@ -160,11 +177,11 @@ class TimerWheel:
     callbacks runs once.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, resolution_s: float) -> None:
+    def __init__(self, loop: Scheduler, resolution_s: float) -> None:
         self._loop = loop
         self._resolution = resolution_s
         self._slots: dict[int, dict[int, Callable[[], None]]] = {}
-        self._handles: dict[int, asyncio.TimerHandle] = {}
+        self._handles: dict[int, _Cancellable] = {}
         self._slot_of: dict[int, int] = {}  # owner id -> its slot
 
     def __len__(self) -> int:
@@ -330,6 +347,10 @@ async def sync_handler(request: web.Request) -> web.StreamResponse:
             registry.release(principal.subject)
         await ws.close(code=CloseCode.MALFORMED, message=b"unsupported subprotocol")
         return ws
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):  # bound what the kernel holds for a slow reader
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER_BYTES)
     connection = _Connection(ws, WireFormat(ws.ws_protocol), state, registry, request.transport)
     registry.connections.add(connection)
     try:
@@ -665,7 +686,12 @@ class _Connection:
         if self.closing:
             return
         try:
-            self._perform(self.session.on_live(live, self.loop.time()))
+            for action in self.session.on_live(live, self.loop.time()):
+                if type(action) is SendUpdate:  # the common case, without _perform's dispatch
+                    frame = live.update.frame_bytes(action.subscription_id, self.fmt)
+                    self._enqueue(frame, live.committed_at, update=True)
+                else:  # a close (token expired): sends only ever move deadlines later
+                    self._perform([action])
         except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the hub
             self.log.error("ws_failed", error=type(exc).__name__)
             self.request_close(1011, "internal error")
