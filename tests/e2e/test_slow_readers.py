@@ -196,6 +196,35 @@ async def test_stalled_readers_are_closed_4429_with_bounded_memory(
         assert breaches == 4
 
 
+@pytest.mark.slow
+async def test_stalled_sse_reader_in_its_snapshot_is_dropped_and_counted(database_url: str) -> None:
+    """An SSE client that stops reading during its snapshot is disconnected within the grace
+    and counted as a slow consumer, while a WebSocket bystander keeps receiving."""
+    async with make_live_server(database_url) as server:
+        await append_big_runs(server, DOCUMENTS)
+        await server.settle()
+        connector = aiohttp.TCPConnector(socket_factory=_small_buffer_socket)
+        async with (
+            open_socket(server, subject="bystander") as bystander,
+            aiohttp.ClientSession(connector=connector) as http,
+        ):
+            await send(bystander, "subscribe", {"subscriptionId": "b", "topics": [RUNS + "by-*"]})
+            async with asyncio.timeout(WAIT_S):
+                while (await frame(bystander))[0] != "synced":
+                    pass
+            headers = {"Authorization": f"Bearer {server.token()}"}
+            url = f"{server.url}/v1/stream?topic={RUNS}*"
+            async with http.get(url, headers=headers) as response:
+                assert response.status == 200  # and the body is never read
+                await server.append([new_event("run.created", "by-live")])
+                async with asyncio.timeout(GRACE_S + 5):
+                    while True:
+                        kind, update = await frame(bystander)
+                        if kind == "update" and update["docKey"] == RUNS + "by-live":
+                            break
+                await wait_for_slow_disconnects(server, 1, within_s=GRACE_S + 15, peaks=[])
+
+
 # -- a few hundred sockets, a random tenth stall and resume -------------------------------------
 
 SOCKETS = 200
