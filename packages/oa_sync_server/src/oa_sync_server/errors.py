@@ -14,8 +14,8 @@ Every server error derives from :class:`ServerError`, itself an
 :func:`classify` is the only place that turns an exception into an HTTP status, a WebSocket
 close code and a machine-readable ``error`` code: handlers call it, they never pick numbers.
 
-What this is not: the close-code constants of the wire protocol. Those are the core's
-(:mod:`oa_sync_core.protocol`) once it defines them; until then they live here.
+What this is not: the protocol's vocabulary. Close codes, error codes and limit kinds are the
+core's (:mod:`oa_sync_core.protocol.codes`); this module only maps exceptions onto them.
 """
 
 from __future__ import annotations
@@ -32,14 +32,9 @@ from oa_sync_core.errors import (
     OaSyncError,
     ProtocolError,
 )
+from oa_sync_core.protocol.codes import CloseCode, ErrorCode, LimitKind
 
 __all__ = [
-    "CLOSE_GOING_AWAY",
-    "CLOSE_MALFORMED",
-    "CLOSE_NO_AUTH_IN_TIME",
-    "CLOSE_RATE_LIMITED",
-    "CLOSE_TOO_LARGE",
-    "CLOSE_UNAUTHENTICATED",
     "AuthError",
     "AuthFailure",
     "ConfigError",
@@ -47,18 +42,9 @@ __all__ = [
     "ErrorMapping",
     "ForbiddenError",
     "LimitExceededError",
-    "LimitKind",
     "ServerError",
     "classify",
 ]
-
-# Close codes of DESIGN.md "Wire protocol v1".
-CLOSE_GOING_AWAY: Final = 1001
-CLOSE_MALFORMED: Final = 4400
-CLOSE_UNAUTHENTICATED: Final = 4401
-CLOSE_NO_AUTH_IN_TIME: Final = 4408
-CLOSE_TOO_LARGE: Final = 4413
-CLOSE_RATE_LIMITED: Final = 4429
 
 
 class ServerError(OaSyncError):
@@ -125,20 +111,6 @@ class ForbiddenError(ServerError):
         super().__init__(f"not granted: {needed}")
 
 
-class LimitKind(enum.StrEnum):
-    """The configured limits; used as the ``kind`` label of the limit-breach metric."""
-
-    MESSAGE_SIZE = "message_size"
-    SUBSCRIPTIONS = "subscriptions"
-    TOPICS = "topics"
-    CONNECTIONS_PER_SUBJECT = "connections_per_subject"
-    RATE = "rate"
-    AUTH_DEADLINE = "auth_deadline"
-    IDLE = "idle"
-    SEND_QUEUE = "send_queue"
-    BODY_SIZE = "body_size"
-
-
 class LimitExceededError(ServerError):
     """A configured limit was breached.
 
@@ -151,6 +123,16 @@ class LimitExceededError(ServerError):
         self.kind = kind
         self.limit = limit
         super().__init__(f"{kind.value} limit of {limit:g} exceeded")
+
+
+class EmbeddedUnavailableError(ServerError):
+    """No database URL is set and the embedded Postgres (the ``[embedded]`` extra) is absent."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "OA_SYNC_DATABASE_URL: not set, and the embedded Postgres is not installed: set "
+            "OA_SYNC_DATABASE_URL=postgresql://... or pip install 'oa-sync-server[embedded]'"
+        )
 
 
 class MigrationsMissingError(ServerError):
@@ -196,27 +178,39 @@ class ErrorMapping:
 
 
 _LIMIT_CLOSE: Final[dict[LimitKind, ErrorMapping]] = {
-    LimitKind.MESSAGE_SIZE: ErrorMapping(status=413, close_code=CLOSE_TOO_LARGE, code="too_large"),
-    LimitKind.BODY_SIZE: ErrorMapping(status=413, close_code=CLOSE_TOO_LARGE, code="too_large"),
+    LimitKind.MESSAGE_SIZE: ErrorMapping(
+        status=413, close_code=CloseCode.TOO_LARGE, code=ErrorCode.TOO_LARGE
+    ),
+    LimitKind.BODY_SIZE: ErrorMapping(
+        status=413, close_code=CloseCode.TOO_LARGE, code=ErrorCode.TOO_LARGE
+    ),
     LimitKind.AUTH_DEADLINE: ErrorMapping(
-        status=401, close_code=CLOSE_NO_AUTH_IN_TIME, code="auth_timeout"
+        status=401, close_code=CloseCode.TIMEOUT, code=ErrorCode.AUTH_TIMEOUT
     ),
-    LimitKind.IDLE: ErrorMapping(status=408, close_code=CLOSE_NO_AUTH_IN_TIME, code="idle_timeout"),
+    LimitKind.IDLE: ErrorMapping(
+        status=408, close_code=CloseCode.TIMEOUT, code=ErrorCode.IDLE_TIMEOUT
+    ),
     LimitKind.SUBSCRIPTIONS: ErrorMapping(
-        status=429, close_code=None, code="too_many_subscriptions"
+        status=429, close_code=None, code=ErrorCode.TOO_MANY_SUBSCRIPTIONS
     ),
-    LimitKind.TOPICS: ErrorMapping(status=400, close_code=None, code="too_many_topics"),
+    LimitKind.TOPICS: ErrorMapping(status=400, close_code=None, code=ErrorCode.TOO_MANY_TOPICS),
 }
-_LIMIT_DEFAULT: Final = ErrorMapping(status=429, close_code=CLOSE_RATE_LIMITED, code="rate_limited")
-
-_CODEC_TOO_LARGE: Final = ErrorMapping(status=413, close_code=CLOSE_TOO_LARGE, code="too_large")
-_MALFORMED: Final = ErrorMapping(status=400, close_code=CLOSE_MALFORMED, code="malformed")
-_UNAUTHENTICATED: Final = ErrorMapping(
-    status=401, close_code=CLOSE_UNAUTHENTICATED, code="unauthenticated"
+_LIMIT_DEFAULT: Final = ErrorMapping(
+    status=429, close_code=CloseCode.RATE_LIMITED, code=ErrorCode.RATE_LIMITED
 )
-_FORBIDDEN: Final = ErrorMapping(status=403, close_code=None, code="forbidden")
-_CONFLICT: Final = ErrorMapping(status=409, close_code=None, code="conflict")
-_INTERNAL: Final = ErrorMapping(status=500, close_code=1011, code="internal")
+
+_CODEC_TOO_LARGE: Final = ErrorMapping(
+    status=413, close_code=CloseCode.TOO_LARGE, code=ErrorCode.TOO_LARGE
+)
+_MALFORMED: Final = ErrorMapping(
+    status=400, close_code=CloseCode.MALFORMED, code=ErrorCode.MALFORMED
+)
+_UNAUTHENTICATED: Final = ErrorMapping(
+    status=401, close_code=CloseCode.UNAUTHENTICATED, code=ErrorCode.UNAUTHENTICATED
+)
+_FORBIDDEN: Final = ErrorMapping(status=403, close_code=None, code=ErrorCode.FORBIDDEN)
+_CONFLICT: Final = ErrorMapping(status=409, close_code=None, code=ErrorCode.CONFLICT)
+_INTERNAL: Final = ErrorMapping(status=500, close_code=CloseCode.INTERNAL, code=ErrorCode.INTERNAL)
 
 
 def classify(exc: BaseException) -> ErrorMapping:

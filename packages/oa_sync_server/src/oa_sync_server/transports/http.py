@@ -37,6 +37,7 @@ from oa_sync_core.codec import loads_strict, read_message
 from oa_sync_core.contracts import v1
 from oa_sync_core.errors import CodecError, EventValidationError, OaSyncError
 from oa_sync_core.events import NewEvent, validate_new_event
+from oa_sync_core.protocol.codes import LimitKind
 from oa_sync_core.topics import Topic, parse_topic
 
 from oa_sync_server.auth import Principal
@@ -45,7 +46,6 @@ from oa_sync_server.errors import (
     AuthFailure,
     ForbiddenError,
     LimitExceededError,
-    LimitKind,
     classify,
 )
 from oa_sync_server.postgres import read_model
