@@ -6,7 +6,6 @@ import dataclasses
 import re
 from pathlib import Path
 
-import pytest
 from oa_sync_core.protocol.codes import CloseCode, LimitKind
 from oa_sync_server import errors
 from oa_sync_server.config import ENV_PREFIX, Limits

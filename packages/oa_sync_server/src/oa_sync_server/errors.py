@@ -1,15 +1,30 @@
 """The error tree of ``oa_sync_server`` and the one table mapping errors to HTTP and close codes.
 
 Every server error derives from :class:`ServerError`, itself an
-:class:`oa_sync_core.errors.OaSyncError`; each carries its context as attributes::
+:class:`oa_sync_core.errors.OaSyncError`; each carries its context as attributes. Every error
+class the distribution raises is defined here::
 
-    OaSyncError                       (oa_sync_core)
+    OaSyncError                           (oa_sync_core)
     └── ServerError
-        ├── ConfigError               a setting is invalid; ``variable`` names it
-        ├── AuthError                 a token was refused; ``reason`` says why (401 / 4401)
-        ├── ForbiddenError            authenticated, but not allowed (403 / ``error`` frame)
-        ├── LimitExceededError             a configured limit was breached; ``kind`` names it
-        └── EmbeddedPostgresError     the embedded Postgres could not start or stop
+        ├── ConfigError                   a setting is invalid; ``variable`` names it
+        ├── UsageError                    bad input on a command line or in a file (exit 2)
+        ├── AuthError                     a token was refused; ``reason`` says why (401 / 4401)
+        ├── ForbiddenError                authenticated, but not allowed (403 / ``error`` frame)
+        ├── LimitExceededError            a configured limit was breached; ``kind`` names it
+        ├── StaleCursorError              a polling position cannot continue (410 ``reset``)
+        ├── DatabaseUnavailableError      unreachable, credentials refused, no such database
+        ├── MigrationsMissingError        the package's migration scripts are missing
+        ├── EmbeddedUnavailableError      no database URL and no ``[embedded]`` extra
+        ├── EmbeddedPostgresError         the embedded Postgres could not start or stop
+        ├── LeaseError                    the projector lease is not ours
+        │   ├── LeaseLost                 another holder took it over mid-batch
+        │   └── LeaseBusyError            another live holder has it; stand by
+        ├── HttpSinkError                 a document could not be delivered over HTTP
+        │   ├── DeliveryUnavailableError  every attempt failed retryably
+        │   ├── DeliveryRejectedError     the receiver refused it for good
+        │   └── DeliveryStoppedError      the stop event ended a retry wait
+        └── StreamOrderConflict           (also a ConcurrencyError) a newer transaction wrote
+                                          the stream first; retry in a new transaction
 
 :func:`classify` is the only place that turns an exception into an HTTP status, a WebSocket
 close code and a machine-readable ``error`` code: handlers call it, they never pick numbers.
@@ -159,6 +174,126 @@ class EmbeddedPostgresError(ServerError):
     def __init__(self, message: str, *, data_dir: str):
         self.data_dir = data_dir
         super().__init__(f"{data_dir}: {message}")
+
+
+class LeaseError(ServerError):
+    """The projector lease is not ours. Attributes: ``name`` (the worker name)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class LeaseLost(LeaseError):  # noqa: N818 - the name says what happened
+    """Another holder took the lease over (a higher epoch); nothing of this batch committed."""
+
+
+class LeaseBusyError(LeaseError):
+    """The lease is held by another live holder; this worker stands by."""
+
+
+class HttpSinkError(ServerError):
+    """Root of the HTTP sink's errors.
+
+    Attributes:
+        doc_key: the document being delivered.
+        version: its version.
+    """
+
+    def __init__(self, message: str, *, doc_key: str, version: int):
+        self.doc_key = doc_key
+        self.version = version
+        super().__init__(f"{doc_key}@{version}: {message}")
+
+
+class DeliveryUnavailableError(HttpSinkError):
+    """Every attempt failed with a retryable status or a connection error.
+
+    Attributes:
+        attempts: attempts made.
+        last_status: the last HTTP status, or ``None`` after a connection error.
+        last_error: a one-line description of the last failure.
+    """
+
+    def __init__(
+        self, *, doc_key: str, version: int, attempts: int, last_status: int | None, last_error: str
+    ):
+        self.attempts = attempts
+        self.last_status = last_status
+        self.last_error = last_error
+        super().__init__(
+            f"gave up after {attempts} attempts: {last_error}", doc_key=doc_key, version=version
+        )
+
+
+class DeliveryRejectedError(HttpSinkError):
+    """The receiver refused an update with a non-retryable status (raised by :class:`HttpSink`).
+
+    Attributes:
+        status: the HTTP status (0 when refused before sending, e.g. no mutation configured).
+        body: the response body, truncated.
+    """
+
+    def __init__(self, *, doc_key: str, version: int, status: int, body: str):
+        self.status = status
+        self.body = body
+        super().__init__(f"rejected with {status}", doc_key=doc_key, version=version)
+
+
+class DeliveryStoppedError(HttpSinkError):
+    """The stop event was set while a delivery waited to retry; nothing more was sent."""
+
+
+class StreamOrderConflict(ServerError, ConcurrencyError):  # noqa: N818 - named for its cause
+    """A stream's last event was written by a newer transaction than the appending one.
+
+    Appending now would put this event before an earlier ``stream_seq`` in log order. Retry
+    in a new transaction (the log does so itself when it owns the transaction).
+
+    Attributes:
+        stream_id: the stream.
+        expected_seq: the caller's ``expected_seq`` (or the seq the append would follow).
+        actual_seq: the stream's last sequence number.
+    """
+
+    def __init__(self, stream_id: str, last_seq: int, expected_seq: int | None = None) -> None:
+        super().__init__(stream_id, last_seq if expected_seq is None else expected_seq, last_seq)
+        self.args = (
+            f"stream {stream_id!r} was last written by a newer transaction; "
+            "retry the append in a new transaction",
+        )
+
+
+class StaleCursorError(ServerError):
+    """A polling position can no longer be continued (410, code ``reset``).
+
+    Attributes:
+        reason: ``epoch_changed`` or ``retention``.
+        epoch: the current epoch.
+    """
+
+    def __init__(self, reason: str, epoch: str):
+        self.reason = reason
+        self.epoch = epoch
+        super().__init__(f"{reason}: restart from after=0 with epoch {epoch}")
+
+
+class DatabaseUnavailableError(ServerError):
+    """The database could not be reached or refused us. The message never shows the URL.
+
+    Attributes:
+        reason: ``unreachable`` (nothing answers at the host and port), ``credentials`` (the
+            server refused the user or password), ``no_database`` (the server has no such
+            database) or ``error`` (anything else the driver reported).
+    """
+
+    def __init__(self, message: str, *, reason: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+class UsageError(ServerError):
+    """Bad input on the command line or in a file: one line for the user, exit code 2."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

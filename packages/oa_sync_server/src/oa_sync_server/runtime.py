@@ -21,26 +21,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.config import Settings
-from oa_sync_server.errors import ServerError
+from oa_sync_server.errors import DatabaseUnavailableError
 from oa_sync_server.postgres.embedded import EmbeddedPostgres
 from oa_sync_server.postgres.engine import create_engine
 from oa_sync_server.postgres.migrate import upgrade_async
 
 __all__ = ["DatabaseUnavailableError", "explain_connect_error", "open_database"]
-
-
-class DatabaseUnavailableError(ServerError):
-    """The database could not be reached or refused us. The message never shows the URL.
-
-    Attributes:
-        reason: ``unreachable`` (nothing answers at the host and port), ``credentials`` (the
-            server refused the user or password), ``no_database`` (the server has no such
-            database) or ``error`` (anything else the driver reported).
-    """
-
-    def __init__(self, message: str, *, reason: str):
-        self.reason = reason
-        super().__init__(message)
 
 
 # libpq reports connection-phase refusals as text only (no SQLSTATE reaches the client), so

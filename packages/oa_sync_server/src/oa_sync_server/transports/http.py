@@ -35,7 +35,7 @@ import structlog
 from aiohttp import web
 from oa_sync_core.codec import loads_strict, read_message
 from oa_sync_core.contracts import v1
-from oa_sync_core.errors import CodecError, EventValidationError, OaSyncError
+from oa_sync_core.errors import CodecError, EventValidationError
 from oa_sync_core.events import NewEvent, validate_new_event
 from oa_sync_core.protocol.codes import LimitKind
 from oa_sync_core.topics import Topic, parse_topic
@@ -46,6 +46,7 @@ from oa_sync_server.errors import (
     AuthFailure,
     ForbiddenError,
     LimitExceededError,
+    StaleCursorError,
     classify,
 )
 from oa_sync_server.postgres import read_model
@@ -91,20 +92,6 @@ _LAG = sa.text(
     "COALESCE((SELECT l.cursor_position FROM oa_sync.projector_leases l WHERE l.name = :name), 0)"
     ") ORDER BY e.tx_id, e.position LIMIT :cap) AS s"
 )
-
-
-class StaleCursorError(OaSyncError):
-    """A polling position can no longer be continued (410, code ``reset``).
-
-    Attributes:
-        reason: ``epoch_changed`` or ``retention``.
-        epoch: the current epoch.
-    """
-
-    def __init__(self, reason: str, epoch: str):
-        self.reason = reason
-        self.epoch = epoch
-        super().__init__(f"{reason}: restart from after=0 with epoch {epoch}")
 
 
 def _state(request: web.Request) -> ServerState:
