@@ -268,7 +268,7 @@ class StaleCursorError(ServerError):
     """A polling position can no longer be continued (410, code ``reset``).
 
     Attributes:
-        reason: ``epoch_changed`` or ``retention``.
+        reason: a :class:`~oa_sync_core.protocol.codes.ResetReason` value.
         epoch: the current epoch.
     """
 

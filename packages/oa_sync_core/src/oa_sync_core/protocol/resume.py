@@ -59,15 +59,17 @@ def decide_resume(
     Returns:
         ``(after, reset)``: read documents changed after ``after`` (``None``: everything),
         preceded by a ``reset`` for ``reset`` when it is not ``None``. Same epoch (or none
-        given) and a watermark in ``[retained_from, meta.watermark]`` → coalesced catch-up
-        after it; another epoch, an expired watermark or one from the future → reset +
+        given) and a watermark of 0 or in ``[retained_from, meta.watermark]`` → coalesced
+        catch-up after it; another epoch, an expired watermark or one from the future → reset +
         snapshot.
     """
     if position is None:
         return None, None
     if position.epoch is not None and position.epoch != meta.epoch:
         return None, ResetReason.EPOCH_CHANGED
-    if position.watermark < meta.retained_from:
+    if 0 < position.watermark < meta.retained_from:
+        # Watermark 0 holds nothing, so nothing it holds can be stale: reading every document
+        # changed after 0 is the snapshot itself, and no reset is needed to clear a cache.
         return None, ResetReason.WATERMARK_EXPIRED
     if position.watermark > meta.watermark:
         return None, ResetReason.WATERMARK_AHEAD

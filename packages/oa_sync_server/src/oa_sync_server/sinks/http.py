@@ -54,6 +54,7 @@ from oa_sync_core.checkpoints import DocId
 from oa_sync_core.codec import JsonObject, canonical_json, loads_strict
 from oa_sync_core.errors import CodecError
 from oa_sync_core.projectors import RUN_SUMMARY, WORKER_SUMMARY
+from oa_sync_core.protocol.backoff import full_jitter
 from oa_sync_core.sinks import DocumentUpdate
 
 from oa_sync_server.config import Secret
@@ -157,8 +158,7 @@ class RetryPolicy:
         Returns:
             The delay in seconds.
         """
-        ceiling = min(self.cap_s, self.base_s * 2 ** min(attempt - 1, 62))
-        jittered = rng.uniform(0.0, ceiling)
+        jittered = full_jitter(attempt - 1, base_s=self.base_s, cap_s=self.cap_s, rng=rng)
         if retry_after is None:
             return jittered
         return max(jittered, min(retry_after, self.max_retry_after_s))
