@@ -69,12 +69,12 @@ from typing import Final, Protocol
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 from oa_sync_core.errors import OaSyncError
+from oa_sync_core.protocol.codes import CloseCode, ErrorCode, LimitKind
 from oa_sync_core.protocol.server_session import (
     Action,
     CancelCatchUp,
     CatchUp,
     Close,
-    CloseCode,
     Credentials,
     Send,
     SendUpdate,
@@ -97,7 +97,6 @@ from oa_sync_server.errors import (
     AuthFailure,
     ForbiddenError,
     LimitExceededError,
-    LimitKind,
     classify,
 )
 from oa_sync_server.fanout import LiveDoc, Tap
@@ -125,9 +124,9 @@ _REASON_BYTES: Final = 120
 _OP_TEXT: Final = 0x81  # FIN + text
 _OP_BINARY: Final = 0x82  # FIN + binary
 
-_LIMIT_ERRORS: Final = {
-    "too_many_subscriptions": LimitKind.SUBSCRIPTIONS.value,
-    "too_many_topics": LimitKind.TOPICS.value,
+_LIMIT_ERRORS: Final[dict[str, str]] = {
+    ErrorCode.TOO_MANY_SUBSCRIPTIONS: LimitKind.SUBSCRIPTIONS.value,
+    ErrorCode.TOO_MANY_TOPICS: LimitKind.TOPICS.value,
 }
 """Error frames that report a limit breach, and the breach's kind for the metric."""
 
