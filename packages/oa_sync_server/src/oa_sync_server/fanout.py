@@ -4,12 +4,11 @@ Theory of operation. The projector worker commits a batch, then ``pg_notify('oa_
 <watermark>)``. A notification is only a *hint* (DESIGN.md rule 5): the :class:`Hub` never
 trusts its payload. Two tasks run per hub:
 
-* the **listener** holds a dedicated psycopg connection (outside the engine's pool) that
-  ``LISTEN``s on ``oa_sync_changes``; every notification sets the wake flag. When the
-  connection dies (network, restart, ``pg_terminate_backend``) it reconnects, re-``LISTEN``s
-  and *then* sets the wake flag, so changes committed while it was deaf are re-read.
-* the **reader** waits for the wake flag or the poll interval (the fallback when hints are
-  lost), then reads ``documents WHERE watermark > hub.watermark ORDER BY watermark`` page by
+* the **follower** (:class:`~oa_sync_server.postgres.follower.LogFollower`) holds a dedicated
+  psycopg connection that ``LISTEN``s on ``oa_sync_changes``, reconnects with backoff and
+  re-reads after a reconnect;
+* the **reader** waits for the follower's hint or the poll interval (the fallback when hints
+  are lost), then reads ``documents WHERE watermark > hub.watermark ORDER BY watermark`` page by
   page (the coalesced catch-up of :mod:`oa_sync_server.postgres.read_model`), builds each row's
   :class:`~oa_sync_core.protocol.wire.EncodedUpdate` once, hands the same :class:`LiveDoc` to every
   attached :class:`Feed` that wants it, and advances ``hub.watermark``.
@@ -50,6 +49,7 @@ from oa_sync_core.topics import Topic
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.metrics import Metrics
+from oa_sync_server.postgres.follower import LogFollower
 from oa_sync_server.postgres.read_model import DocRow, changed_after, read_meta
 from oa_sync_server.postgres.tables import sync_meta
 
@@ -58,9 +58,6 @@ __all__ = ["CHANGES_CHANNEL", "Feed", "Hub", "LiveDoc", "Receiver", "Tap"]
 CHANGES_CHANNEL: Final = "oa_sync_changes"
 """NOTIFY channel on which the projector hints at a new watermark (payload: the watermark)."""
 
-_LISTEN = "LISTEN oa_sync_changes"
-_RECONNECT_DELAY_S: Final = 0.2
-_MAX_RECONNECT_DELAY_S: Final = 5.0
 
 _log = structlog.get_logger(__name__)
 
@@ -250,7 +247,6 @@ class Hub:
         listen_url: str | None = None,
     ) -> None:
         self._engine = engine
-        self._poll_interval_s = poll_interval_s
         self.page_size = page_size
         """Changes read per query: a feed may receive this many at once."""
         self._metrics = metrics
@@ -263,17 +259,26 @@ class Hub:
         self._exact: dict[str, dict[_Attachment, None]] = {}
         self._prefixes: dict[str, dict[_Attachment, None]] = {}
         self._prefix_lengths: Counter[int] = Counter()
-        self._wake_flag = asyncio.Event()
+        self._follower = LogFollower(
+            self._listen_url,
+            CHANGES_CHANNEL,
+            poll_interval_s=poll_interval_s,
+            on_reconnect=None if metrics is None else metrics.listener_reconnects.inc,
+            name="hub",
+        )
         self._advanced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.watermark = 0
         """The highest watermark read and delivered to the feeds."""
         self.epoch = ""
         """The log epoch the hub is following."""
-        self.listener_pid: int | None = None
-        """Backend pid of the LISTEN connection while it is up (tests terminate it)."""
-        self.listening = asyncio.Event()
+        self.listening = self._follower.listening
         """Set while the LISTEN connection is up."""
+
+    @property
+    def listener_pid(self) -> int | None:
+        """Backend pid of the LISTEN connection while it is up (tests terminate it)."""
+        return self._follower.backend_pid
 
     async def start(self) -> None:
         """Read the current watermark and epoch, then start listening and reading.
@@ -285,10 +290,8 @@ class Hub:
             meta = await read_meta(conn)
         self.watermark = meta.watermark
         self.epoch = meta.epoch
-        self._tasks = [
-            asyncio.create_task(self._listen(), name="oa-sync-hub-listener"),
-            asyncio.create_task(self._read_loop(), name="oa-sync-hub-reader"),
-        ]
+        self._follower.start()
+        self._tasks = [asyncio.create_task(self._read_loop(), name="oa-sync-hub-reader")]
 
     async def stop(self) -> None:
         """Stop both tasks and close every feed."""
@@ -298,6 +301,7 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self._follower.stop()
         for feed in list(self._feeds):
             feed.close()
 
@@ -328,7 +332,7 @@ class Hub:
 
     def wake(self) -> None:
         """Ask for a read now (as a NOTIFY hint would)."""
-        self._wake_flag.set()
+        self._follower.wake()
 
     async def wait_for(self, watermark: int, within_s: float) -> None:
         """Wait until the hub has delivered ``watermark``.
@@ -396,44 +400,11 @@ class Hub:
             targets.update(feeds)
         return list(targets)
 
-    # -- listener ---------------------------------------------------------------------------
-
-    async def _listen(self) -> None:
-        delay = _RECONNECT_DELAY_S
-        first = True
-        while True:
-            if not first and self._metrics is not None:
-                self._metrics.listener_reconnects.inc()
-            first = False
-            try:
-                conn = await psycopg.AsyncConnection.connect(self._listen_url, autocommit=True)
-                async with conn:
-                    await conn.execute(_LISTEN)
-                    self.listener_pid = conn.info.backend_pid
-                    self.listening.set()
-                    delay = _RECONNECT_DELAY_S
-                    self.wake()  # re-read whatever was committed while not listening
-                    async for _ in conn.notifies():
-                        self.wake()
-            except (psycopg.Error, OSError) as exc:
-                _log.warning("listener_lost", error=type(exc).__name__)
-            except Exception as exc:  # noqa: BLE001 - a bug must not silence live delivery
-                _log.error("listener_failed", error=type(exc).__name__, exc_info=exc)
-            finally:
-                self.listening.clear()
-                self.listener_pid = None
-            self.wake()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _MAX_RECONNECT_DELAY_S)
-
     # -- reader -----------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_interval_s):
-                    await self._wake_flag.wait()
-            self._wake_flag.clear()
+            await self._follower.wait()
             try:
                 await self._read_pass()
             except (sa.exc.SQLAlchemyError, psycopg.Error, OSError) as exc:
