@@ -10,8 +10,7 @@ import time
 import pytest
 import sqlalchemy as sa
 from oa_sync_core.protocol.backoff import BackoffPolicy
-from oa_sync_server.postgres.follower import LogFollower
-from oa_sync_server.worker import libpq_url
+from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 WAIT_S = 15.0

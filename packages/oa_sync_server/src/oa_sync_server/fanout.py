@@ -39,7 +39,7 @@ import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from typing import Final, Protocol
+from typing import Protocol
 
 import psycopg
 import sqlalchemy as sa
@@ -51,12 +51,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.follower import LogFollower
 from oa_sync_server.postgres.read_model import DocRow, changed_after, read_meta
+from oa_sync_server.postgres.stores import CHANGES_CHANNEL
 from oa_sync_server.postgres.tables import sync_meta
 
 __all__ = ["CHANGES_CHANNEL", "Feed", "Hub", "LiveDoc", "Receiver", "Tap"]
-
-CHANGES_CHANNEL: Final = "oa_sync_changes"
-"""NOTIFY channel on which the projector hints at a new watermark (payload: the watermark)."""
 
 
 _log = structlog.get_logger(__name__)

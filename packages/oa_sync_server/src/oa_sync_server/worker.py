@@ -67,7 +67,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.event_log import LogCursor, read_committed
-from oa_sync_server.postgres.follower import LogFollower
+from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.stores import (
     load_states,
     lock_watermarks,
@@ -135,12 +135,6 @@ DEFAULT_LEASE_TTL_S: Final = 10.0
 def default_holder() -> str:
     """A holder id unique to this process: ``<host>:<pid>:<random>``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def libpq_url(engine: AsyncEngine) -> str:
-    """The engine's URL as libpq takes it (for the raw psycopg LISTEN connection)."""
-    url = engine.url.set(drivername="postgresql")
-    return url.render_as_string(hide_password=False)
 
 
 class ProjectorWorker:

@@ -29,8 +29,9 @@ from typing import Final, LiteralString
 import psycopg
 import structlog
 from oa_sync_core.protocol.backoff import Backoff, BackoffPolicy
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["FOLLOWER_BACKOFF", "LogFollower"]
+__all__ = ["FOLLOWER_BACKOFF", "LogFollower", "libpq_url"]
 
 _LISTEN: Final[dict[str, LiteralString]] = {
     "oa_sync_events": "LISTEN oa_sync_events",
@@ -42,6 +43,12 @@ FOLLOWER_BACKOFF: Final = BackoffPolicy(base_s=0.1, cap_s=5.0)
 """Reconnect schedule of the LISTEN connection (full jitter, forever)."""
 
 _log = structlog.get_logger(__name__)
+
+
+def libpq_url(engine: AsyncEngine) -> str:
+    """The engine's URL as libpq takes it (for the raw psycopg LISTEN connection)."""
+    url = engine.url.set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
 
 
 class LogFollower:
