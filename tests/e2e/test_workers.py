@@ -82,7 +82,7 @@ async def test_two_workers_share_the_port_and_the_live_stream(database_url: str)
             held = [
                 sum(
                     1
-                    for c in child.net_connections("tcp")
+                    for c in getattr(child, "net_connections", child.connections)("tcp")
                     if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
                 )
                 for child in children
@@ -120,6 +120,41 @@ async def test_two_workers_share_the_port_and_the_live_stream(database_url: str)
         async with asyncio.timeout(30):
             assert await proc.wait() == 0
         assert not any(child.is_running() and child.status() != "zombie" for child in children)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.slow
+async def test_workers_stop_when_their_supervisor_is_killed(database_url: str) -> None:
+    """Killing the supervisor (SIGKILL, no chance to clean up) stops its workers too: they
+    see their standard input close and shut down instead of lingering as orphans."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OA_SYNC_")}
+    env |= {"OA_SYNC_DATABASE_URL": database_url, "OA_SYNC_JWT_HS256_SECRET": "k" * 48}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "oa_sync_server.cli",
+        "serve",
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await _serving_url(proc.stdout)
+        children = psutil.Process(proc.pid).children()
+        assert len(children) == 2
+        proc.kill()
+        await proc.wait()
+        _, alive = await asyncio.to_thread(psutil.wait_procs, children, timeout=30)
+        assert alive == []
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -11,7 +11,8 @@ opens (and migrates, or starts embedded) the database, reserves the port, then s
 ``oa-sync serve`` children that each bind it with ``SO_REUSEPORT`` (the kernel spreads the
 connections) and each run their own app: hub, LISTEN connection, sessions, and a projector
 worker of which exactly one holds the lease (the others stand by, as across machines). It
-forwards SIGINT/SIGTERM to them and stops them all when one exits. Per-process figures
+forwards SIGINT/SIGTERM to them and stops them all when one exits; a worker whose supervisor
+died (its standard input closed) stops too. Per-process figures
 (``/metrics``, the per-subject connection limit) are per worker.
 
 ``--demo`` also runs a synthetic runtime (:mod:`oa_sync_server.demo`), generates a throw-away
@@ -134,6 +135,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if child:
+        _stop_with_parent(loop, stop)
     try:
         async with open_database(settings) as engine:
             app = create_app(settings, engine=engine)
@@ -192,6 +195,23 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(supervise(settings, workers=args.workers, demo=args.demo))
 
 
+def _stop_with_parent(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Set ``stop`` when standard input ends: the supervisor holds the other end of the pipe,
+    so a supervisor that dies (even killed) stops its workers instead of orphaning them."""
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            stop.set()
+
+    loop.add_reader(fd, readable)
+
+
 def _reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound (not listening) to ``host:port`` with ``SO_REUSEPORT``: it fixes the port
     (``0`` picks one) for the children, and receives no connection itself."""
@@ -244,6 +264,7 @@ async def supervise(settings: Settings, *, workers: int, demo: bool) -> int:
                             "--worker-child",
                             *extra,
                             env=env,
+                            stdin=asyncio.subprocess.PIPE,  # its end: see _stop_with_parent
                             stdout=asyncio.subprocess.PIPE,
                         )
                     )
