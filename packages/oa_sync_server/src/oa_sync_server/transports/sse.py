@@ -47,6 +47,7 @@ from aiohttp import web
 from oa_sync_core.protocol.codes import LimitKind, ResetReason
 from oa_sync_core.protocol.resume import Position, decide_resume
 
+from oa_sync_server.errors import LimitExceededError
 from oa_sync_server.fanout import LiveDoc
 from oa_sync_server.postgres import read_model
 from oa_sync_server.postgres.read_model import DocRow
@@ -82,17 +83,17 @@ def _live_event(live: LiveDoc) -> bytes:
     return cached
 
 
-class _SlowConsumerError(Exception):
-    """A write waited the grace for the client to read."""
-
-
 async def _write(response: web.StreamResponse, data: bytes) -> None:
-    """Write, waiting at most :data:`SLOW_CONSUMER_GRACE_S` for the client to drain."""
+    """Write, waiting at most :data:`SLOW_CONSUMER_GRACE_S` for the client to drain.
+
+    Raises:
+        LimitExceededError: ``send_queue``: the client did not read for the grace.
+    """
     try:
         async with asyncio.timeout(SLOW_CONSUMER_GRACE_S):
             await response.write(data)
     except TimeoutError:
-        raise _SlowConsumerError from None
+        raise LimitExceededError(LimitKind.SEND_QUEUE, SLOW_CONSUMER_GRACE_S) from None
 
 
 def _control(event: str, body: dict[str, str], event_id: int | None = None) -> bytes:
@@ -175,7 +176,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 if live.committed_at:
                     latency.observe(max(0.0, time.time() - live.committed_at))
         if feed.overflowed:
-            raise _SlowConsumerError
+            raise LimitExceededError(LimitKind.SEND_QUEUE, limits.send_queue_messages)
         if feed.epoch_changed:
             await _write(
                 response,
@@ -183,7 +184,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     "reset", {"reason": ResetReason.EPOCH_CHANGED.value, "epoch": state.hub.epoch}
                 ),
             )
-    except _SlowConsumerError:
+    except LimitExceededError:  # only the slow-consumer kind is raised after prepare
         state.metrics.slow_consumer_disconnects.inc()
         state.metrics.limit_breaches.labels(kind=LimitKind.SEND_QUEUE.value).inc()
         _log.info("sse_slow_consumer", subject=principal.subject)
