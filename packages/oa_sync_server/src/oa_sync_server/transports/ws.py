@@ -609,7 +609,11 @@ class _Connection:
                 self.room.set_result(None)
             self.room = None
         if buffer:
-            self._arm()
+            if transport.get_write_buffer_size() < _TRANSPORT_HIGH_BYTES:
+                self.flush_scheduled = True  # the socket took it: go on at the next turn
+                self.loop.call_soon(self._flush)
+            else:
+                self._arm()  # the socket is full: retry at the next slot of the wheel
 
     def _drop_buffer(self) -> None:
         self.buffer.clear()
