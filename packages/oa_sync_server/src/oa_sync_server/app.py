@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -29,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server import openapi
 from oa_sync_server.auth import TokenVerifier
-from oa_sync_server.config import Settings
+from oa_sync_server.config import FanoutKind, Settings
 from oa_sync_server.errors import ConfigError
 from oa_sync_server.fanout import Hub
 from oa_sync_server.metrics import Metrics
@@ -42,11 +43,33 @@ from oa_sync_server.transports import sse
 from oa_sync_server.transports.ws import close_all, sync_handler
 from oa_sync_server.worker import ProjectorWorker
 
+if TYPE_CHECKING:
+    from oa_sync_server.bus.nats import NatsBus
+
 __all__ = ["STATE", "ServerState", "create_app"]
 
 _WORKER_STOP_TIMEOUT_S = 10.0
 
 _log = structlog.get_logger(__name__)
+
+
+def _nats_bus(settings: Settings, metrics: Metrics) -> NatsBus:
+    try:
+        from oa_sync_server.bus.nats import NatsBus  # noqa: PLC0415 - the optional extra
+    except ImportError as exc:
+        raise ConfigError(
+            "OA_SYNC_FANOUT", "'nats' needs the nats extra: pip install 'oa-sync-server[nats]'"
+        ) from exc
+    assert settings.nats_url is not None  # Settings.from_env requires it with fanout=nats
+
+    def published(count: int, republish: bool) -> None:
+        metrics.bus_published.labels("republish" if republish else "commit").inc(count)
+
+    return NatsBus(settings.nats_url, on_published=published)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def create_app(
@@ -82,7 +105,10 @@ def create_app(
         engine = create_engine(settings.database_url)
     metrics = Metrics()
     verifier = TokenVerifier(settings.jwt, metrics=metrics)
-    hub = Hub(engine, poll_interval_s=settings.poll_interval_s, metrics=metrics)
+    bus = None
+    if settings.fanout is FanoutKind.NATS:
+        bus = _nats_bus(settings, metrics)
+    hub = Hub(engine, poll_interval_s=settings.poll_interval_s, metrics=metrics, bus=bus)
     state = ServerState(
         settings=settings,
         engine=engine,
@@ -95,6 +121,7 @@ def create_app(
                 engine,
                 poll_interval_s=settings.poll_interval_s,
                 retention_s=settings.changes_retention_s,
+                bus=bus,
             )
             if run_projector
             else None
@@ -114,8 +141,15 @@ def create_app(
 
     async def hub_context(app: web.Application) -> AsyncIterator[None]:
         await hub.start()
+        if bus is not None:
+            bus.start()
+            if state.projector is not None:
+                worker = state.projector
+                bus.on_reconnect(lambda: worker._republish() if worker.epoch else _nothing())
         yield
         await hub.stop()
+        if bus is not None:
+            await bus.stop()
 
     async def projector_context(app: web.Application) -> AsyncIterator[None]:
         worker = state.projector
