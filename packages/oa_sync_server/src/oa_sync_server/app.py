@@ -36,6 +36,7 @@ from oa_sync_server.fanout import Hub
 from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.engine import create_engine
 from oa_sync_server.postgres.event_log import PostgresEventLog
+from oa_sync_server.postgres.replica import ReadRouter
 from oa_sync_server.sinks import start_sink
 from oa_sync_server.state import STATE, ServerState
 from oa_sync_server.transports import http as http_api
@@ -109,12 +110,19 @@ def create_app(
     if settings.fanout is FanoutKind.NATS:
         bus = _nats_bus(settings, metrics)
     hub = Hub(engine, poll_interval_s=settings.poll_interval_s, metrics=metrics, bus=bus)
+    replica = (
+        None if settings.read_replica_url is None else create_engine(settings.read_replica_url)
+    )
+    reads = ReadRouter(
+        engine, replica, on_choice=lambda target: metrics.catch_up_reads.labels(target).inc()
+    )
     state = ServerState(
         settings=settings,
         engine=engine,
         verifier=verifier,
         metrics=metrics,
         hub=hub,
+        reads=reads,
         event_log=PostgresEventLog(engine),
         projector=(
             ProjectorWorker(
@@ -136,6 +144,8 @@ def create_app(
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
         yield
         await verifier.close()
+        if replica is not None:
+            await replica.dispose()
         if owned:
             await state.engine.dispose()
 

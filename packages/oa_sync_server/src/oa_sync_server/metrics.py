@@ -57,6 +57,7 @@ class Metrics:
             ``bus``).
         bus_published: changes this process published to the fan-out bus, by ``kind``
             (``commit`` or ``republish``).
+        catch_up_reads: snapshot and resume reads, by ``target`` (``replica`` or ``primary``).
     """
 
     def __init__(self, *, namespace: str = "oa_sync") -> None:
@@ -142,6 +143,14 @@ class Metrics:
             "bus_published",
             "Changes published to the fan-out bus.",
             ["kind"],
+            namespace=namespace,
+            registry=reg,
+        )
+
+        self.catch_up_reads = Counter(
+            "catch_up_reads",
+            "Snapshot and resume reads, by the database read.",
+            ["target"],
             namespace=namespace,
             registry=reg,
         )

@@ -1,4 +1,5 @@
-"""A private ``nats-server`` (JetStream on) per test module, never the machine's one on 4222."""
+"""A private ``nats-server`` (JetStream on) for a test module or a benchmark run, on a free port
+(never the machine's one on 4222)."""
 
 from __future__ import annotations
 
