@@ -13,9 +13,13 @@ Routes (added by :func:`add_routes`):
   far behind), ``GET /metrics`` (Prometheus text).
 
 Errors. Every failure is a JSON body ``{"error": {"code", "message"[, "index", "field"]}}``
-whose status comes from :func:`oa_sync_server.errors.classify` — the one table. Unexpected
-exceptions become a bare 500 ``internal`` (logged with their type, never shown). Bodies are
-proto3 JSON: 64-bit integers as strings, lowerCamelCase names.
+whose status comes from :func:`oa_sync_server.errors.classify` — the one table. A transient
+database outage is 503 ``unavailable`` with ``Retry-After`` (logged as one warning line: the
+error's type and SQLSTATE, never its text, which carries SQL and parameters). Unexpected
+exceptions become a bare 500 ``internal`` (logged with their type, never shown). A limit
+breach counts in ``oa_sync_limit_breaches_total``; a 405 names the allowed methods in
+``Allow``. Bodies are proto3 JSON: 64-bit integers as strings, lowerCamelCase names; a body
+of another ``Content-Type`` than ``application/json`` is refused with 415.
 
 What this is not: SSE (:mod:`oa_sync_server.transports.sse`) or the WebSocket
 (:mod:`oa_sync_server.transports.ws`).
@@ -46,12 +50,16 @@ from oa_sync_server.errors import (
     ForbiddenError,
     LimitExceededError,
     LimitKind,
+    UnsupportedMediaTypeError,
     classify,
 )
+from oa_sync_server.logs import error_fields
 from oa_sync_server.postgres import read_model
 from oa_sync_server.state import STATE, ServerState
 
 __all__ = [
+    "BODY_MEDIA_TYPES",
+    "CORS_EXPOSED_HEADERS",
     "DEFAULT_CHANGES_LIMIT",
     "LAG_COUNT_CAP",
     "MAX_CHANGES_LIMIT",
@@ -73,6 +81,10 @@ MAX_CHANGES_LIMIT: Final = 1000
 READY_MAX_LAG_S: Final = 30.0
 """``/readyz`` answers 503 while the oldest unprojected event is older than this."""
 _DB_CHECK_TIMEOUT_S: Final = 2.0
+BODY_MEDIA_TYPES: Final = ("application/json",)
+"""The ``Content-Type`` a request body may have (parameters such as ``charset`` aside)."""
+CORS_EXPOSED_HEADERS: Final = "WWW-Authenticate, Retry-After"
+"""Response headers a browser page may read (``Access-Control-Expose-Headers``)."""
 _EVENT_PATH = re.compile(r"events\[(\d+)\]\.?(.*)")
 _BEARER = re.compile(r"Bearer +(\S+)", re.IGNORECASE)
 
@@ -121,8 +133,9 @@ def _error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         return 410, {"error": {"code": "reset", "message": str(exc), "epoch": exc.epoch}}
     if isinstance(exc, web.HTTPException):
         return exc.status, {"error": {"code": exc.reason.lower().replace(" ", "_"), "message": ""}}
-    if mapping.status >= 500:
-        return mapping.status, {"error": {"code": mapping.code, "message": "internal error"}}
+    if mapping.status >= 500 or mapping.retry_after_s is not None:
+        message = "internal error" if mapping.retry_after_s is None else "try again later"
+        return mapping.status, {"error": {"code": mapping.code, "message": message}}
     error: dict[str, Any] = {"code": mapping.code, "message": str(exc)}
     if isinstance(exc, EventValidationError):
         if exc.index is not None:
@@ -151,11 +164,21 @@ async def error_middleware(request: web.Request, handler: _Handler) -> web.Strea
         if isinstance(exc, web.HTTPException) and exc.status < 400:
             raise
         status, body = _error_body(exc)
-        if status >= 500:
+        mapping = classify(exc)
+        if isinstance(exc, LimitExceededError):
+            state.metrics.limit_breaches.labels(kind=exc.kind.value).inc()
+        if mapping.retry_after_s is not None:
+            # Expected in an outage: one line, no traceback (its text holds SQL and data).
+            _log.warning("request_unavailable", route=name, **error_fields(exc))
+        elif status >= 500:
             _log.error("request_failed", route=name, error=type(exc).__name__, exc_info=exc)
         response = _json(body, status)
         if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
+        if mapping.retry_after_s is not None:
+            response.headers["Retry-After"] = str(mapping.retry_after_s)
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            response.headers["Allow"] = exc.headers.get("Allow", "")
     state.metrics.http_requests.labels(route=name, status=str(response.status)).inc()
     return response
 
@@ -196,6 +219,7 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     origin = _cors_origin(request)
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
         response.headers["Vary"] = "Origin"
 
 
@@ -274,6 +298,13 @@ def document_json(row: read_model.DocRow) -> bytes:
 # -- handlers ---------------------------------------------------------------------------------
 
 
+def _require_json(request: web.Request) -> None:
+    """415 unless the body is declared ``application/json`` (checked before it is read)."""
+    declared = request.headers.get("Content-Type", "")
+    if request.content_type not in BODY_MEDIA_TYPES or not declared:
+        raise UnsupportedMediaTypeError(declared.split(";")[0].strip(), BODY_MEDIA_TYPES)
+
+
 async def _read_body(request: web.Request) -> bytes:
     limit = _state(request).settings.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -294,6 +325,7 @@ def _event_error(exc: CodecError) -> EventValidationError:
 async def append_events(request: web.Request) -> web.Response:
     """``POST /v1/events``: validate every event strictly, append atomically, return positions."""
     await authenticate(request, "sync:append")
+    _require_json(request)
     state = _state(request)
     body = await _read_body(request)
     try:

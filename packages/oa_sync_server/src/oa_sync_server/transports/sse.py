@@ -102,9 +102,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         }
     )
     try:
-        await response.prepare(request)
+        # Read before the headers go out: a database outage is then a 503 with Retry-After.
         async with state.engine.connect() as conn:
             meta = await read_model.read_meta(conn)
+        await response.prepare(request)
         after = last
         if last is not None and not meta.retained_from <= last <= meta.watermark:
             reason = "retention" if last < meta.retained_from else "epoch_changed"
