@@ -34,13 +34,26 @@ watermark lock (:data:`oa_sync_server.postgres.stores.WATERMARK_LOCK`) shared wi
 
 :meth:`ProjectorWorker.run` is the long-running loop: it LISTENs on ``oa_sync_events`` for
 append hints, polls as a fallback, re-acquires the lease after losing it, and backs off on
-database errors. What this is not: the read side or the fan-out of changes to clients.
+database errors. On a clean stop it releases the lease at once, so only a crash makes a
+successor wait for the lease to expire.
+
+Stalls are named, not silent. Transaction ids are cluster-wide: a transaction holding an xid
+that stays open anywhere on the server (another database included) keeps the read horizon
+(the snapshot xmin) below every event committed after it began, and projection waits. When
+committed events wait behind the horizon for ``stall_warn_after_s``, the loop logs
+``projection_stalled`` naming the blocking backend from ``pg_stat_activity`` (pid, database,
+application, state, transaction age and start, query start — never the query text), again
+every :data:`STALL_WARN_EVERY_S` while it lasts, and ``projection_resumed`` after.
+:func:`read_horizon_holder` and :func:`read_lease` are the same diagnostics for ``/readyz``
+and ``/metrics``. What this is not: the read side or the fan-out of changes to clients.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime as dt
 import os
 import socket
 import time
@@ -74,12 +87,17 @@ from oa_sync_server.postgres.stores import (
 )
 
 __all__ = [
+    "STALL_WARN_EVERY_S",
+    "HorizonHolder",
     "LeaseBusyError",
     "LeaseError",
     "LeaseLost",
+    "LeaseState",
     "ProjectorWorker",
     "default_holder",
     "libpq_url",
+    "read_horizon_holder",
+    "read_lease",
 ]
 
 log = structlog.get_logger(__name__)
@@ -126,8 +144,143 @@ _PASSED = sa.text(
     "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= CAST(CAST(:target AS text) AS xid8)"
 )
 _NOTIFY = sa.text("SELECT pg_notify('oa_sync_changes', :watermark)")
+# The oldest transaction holding an xid, other than ours: it bounds the snapshot xmin.
+_HORIZON_HOLDER = sa.text(
+    "SELECT pid, datname, application_name, state, xact_start, query_start, "
+    "EXTRACT(EPOCH FROM clock_timestamp() - xact_start) AS age_s "
+    "FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
+    "ORDER BY age(backend_xid) DESC, xact_start LIMIT 1"
+)
+_LEASE_STATE = sa.text(
+    "SELECT holder, expires_at, heartbeat_at, "
+    "EXTRACT(EPOCH FROM clock_timestamp() - heartbeat_at) AS heartbeat_age_s, "
+    "EXTRACT(EPOCH FROM expires_at - heartbeat_at) AS duration_s, "
+    "expires_at > clock_timestamp() AS live "
+    "FROM oa_sync.projector_leases WHERE name = :name"
+)
+# Committed events after the lease cursor; after an empty batch, these wait behind the horizon.
+_PENDING = sa.text(
+    "SELECT EXISTS (SELECT 1 FROM oa_sync.events e, oa_sync.projector_leases l "
+    "WHERE l.name = :name AND (e.tx_id, e.position) > "
+    "(COALESCE(l.cursor_tx_id, CAST('0' AS xid8)), COALESCE(l.cursor_position, 0)))"
+)
 
 DEFAULT_LEASE_TTL_S: Final = 10.0
+DEFAULT_STALL_WARN_AFTER_S: Final = 5.0
+STALL_WARN_EVERY_S: Final = 30.0
+"""While a stall lasts, ``projection_stalled`` is repeated this often (or at once for a new
+blocking backend)."""
+_STALL_CHECK_EVERY_S: Final = 1.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class HorizonHolder:
+    """The backend whose open transaction holds the read horizon (from ``pg_stat_activity``).
+
+    Attributes:
+        pid: its backend process id (``pg_terminate_backend(pid)`` ends it).
+        database: the database it is connected to (any on the server).
+        application: its ``application_name`` (empty when unset).
+        state: ``active``, ``idle in transaction``...
+        age_s: seconds since its transaction began.
+        xact_start: when its transaction began.
+        query_start: when its last statement began.
+    """
+
+    pid: int
+    database: str | None
+    application: str
+    state: str | None
+    age_s: float
+    xact_start: dt.datetime | None
+    query_start: dt.datetime | None
+
+    def describe(self) -> str:
+        """One line for readiness details: who holds the horizon, and for how long."""
+        app = f"application {self.application!r}" if self.application else "no application_name"
+        return (
+            f"read horizon held by pid {self.pid} ({app}, database {self.database}, "
+            f"{self.state}) for {self.age_s:.0f} seconds"
+        )
+
+    def log_fields(self) -> dict[str, object]:
+        """The fields of a ``projection_stalled`` warning (never the query text)."""
+        return {
+            "blocking_pid": self.pid,
+            "blocking_database": self.database,
+            "blocking_application": self.application,
+            "blocking_state": self.state,
+            "blocking_age_s": round(self.age_s, 1),
+            "blocking_xact_start": _iso(self.xact_start),
+            "blocking_query_start": _iso(self.query_start),
+        }
+
+
+def _iso(moment: dt.datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+async def read_horizon_holder(conn: AsyncConnection) -> HorizonHolder | None:
+    """The oldest transaction holding an xid on the whole server (not ``conn``'s), if any.
+
+    Without ``pg_read_all_stats`` (or superuser), other roles' backends show no xid and are
+    not found: grant it to the server's role for complete diagnostics.
+    """
+    row = (await conn.execute(_HORIZON_HOLDER)).one_or_none()
+    if row is None:
+        return None
+    return HorizonHolder(
+        pid=int(row.pid),
+        database=row.datname,
+        application=row.application_name or "",
+        state=row.state,
+        age_s=float(row.age_s or 0.0),
+        xact_start=row.xact_start,
+        query_start=row.query_start,
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseState:
+    """The projector lease row as seen now.
+
+    Attributes:
+        holder: who holds it (``None``: released).
+        expires_at: when it lapses unless renewed.
+        heartbeat_age_s: seconds since the holder last renewed it.
+        live: not expired.
+        silent: live, but the holder has not renewed it for over two thirds of its duration
+            (a holder renews every third): most likely gone without releasing it (killed),
+            and nobody projects until ``expires_at``.
+    """
+
+    holder: str | None
+    expires_at: dt.datetime | None
+    heartbeat_age_s: float
+    live: bool
+    silent: bool
+
+    def describe(self) -> str:
+        """One line for readiness details."""
+        until = _iso(self.expires_at)
+        return f"waiting for the lease held by {self.holder} until {until}"
+
+
+async def read_lease(conn: AsyncConnection, name: str = "default") -> LeaseState | None:
+    """The lease row ``name`` (``None`` when no worker ever took it)."""
+    row = (await conn.execute(_LEASE_STATE, {"name": name})).one_or_none()
+    if row is None:
+        return None
+    live = bool(row.live) and row.holder is not None
+    age = float(row.heartbeat_age_s or 0.0)
+    duration = float(row.duration_s or 0.0)
+    return LeaseState(
+        holder=row.holder,
+        expires_at=row.expires_at,
+        heartbeat_age_s=age,
+        live=live,
+        silent=live and duration > 0 and age > duration * 2 / 3,
+    )
 
 
 class LeaseError(ServerError):
@@ -171,6 +324,8 @@ class ProjectorWorker:
         cache_size: documents whose state is kept in memory between batches (0: none).
         retention_s: while idle, :meth:`run` deletes change rows older than this (at most
             every ``retention_s / 10`` seconds, capped at an hour); ``None`` keeps them all.
+        stall_warn_after_s: committed events waiting this long behind the read horizon make
+            :meth:`run` log ``projection_stalled`` naming the blocking backend.
 
     Attributes:
         epoch: the fencing epoch of the lease we hold (0: none).
@@ -190,6 +345,7 @@ class ProjectorWorker:
         poll_interval_s: float = 1.0,
         cache_size: int = 100_000,
         retention_s: float | None = None,
+        stall_warn_after_s: float = DEFAULT_STALL_WARN_AFTER_S,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -213,6 +369,10 @@ class ProjectorWorker:
         self._renew_due = 0.0  # monotonic time at which an idle worker renews its lease
         self._cache: dict[DocId, DocumentState] = {}
         self._cache_at = -1  # the last watermark when the cache was known to be exact
+        self.stall_warn_after_s = stall_warn_after_s
+        self._stall_check_due = 0.0
+        self._blocked_since: float | None = None  # monotonic: events first seen waiting
+        self._stall_warned: tuple[int | None, float] | None = None  # (pid, next warning at)
 
     def __repr__(self) -> str:
         return f"ProjectorWorker(name={self.name!r}, holder={self.holder!r}, epoch={self.epoch})"
@@ -470,6 +630,7 @@ class ProjectorWorker:
                         backoff = 0.1
                         continue
                     await self._maybe_prune()
+                    await self._check_stall()
                     await self._wait(stop, min(renew_every, self.poll_interval_s))
                 except LeaseError:
                     continue
@@ -483,6 +644,43 @@ class ProjectorWorker:
                 await listener
             with contextlib.suppress(DBAPIError, OSError):
                 await self.release()
+
+    async def _check_stall(self) -> None:
+        """After an empty batch: warn when committed events wait behind the read horizon."""
+        now = time.monotonic()
+        if now < self._stall_check_due:
+            return
+        self._stall_check_due = now + _STALL_CHECK_EVERY_S
+        async with self.engine.connect() as conn:
+            pending = bool((await conn.execute(_PENDING, {"name": self.name})).scalar_one())
+            holder = await read_horizon_holder(conn) if pending else None
+        if not pending:
+            if self._stall_warned is not None:
+                log.info("projection_resumed", name=self.name)
+            self._blocked_since = self._stall_warned = None
+            return
+        if self._blocked_since is None:
+            self._blocked_since = now
+        if now - self._blocked_since < self.stall_warn_after_s:
+            return
+        pid = holder.pid if holder is not None else None
+        if self._stall_warned is not None:
+            warned_pid, next_at = self._stall_warned
+            if warned_pid == pid and now < next_at:
+                return
+        self._stall_warned = (pid, now + STALL_WARN_EVERY_S)
+        fields = holder.log_fields() if holder is not None else {"blocking_pid": None}
+        log.warning(
+            "projection_stalled",
+            name=self.name,
+            waiting_s=round(now - self._blocked_since, 1),
+            hint=(
+                "an open transaction holds the read horizon: end it (pg_terminate_backend)"
+                if holder is not None
+                else "the blocking backend is not visible: grant pg_read_all_stats"
+            ),
+            **fields,
+        )
 
     async def _maybe_prune(self) -> None:
         if self.retention_s is None or time.monotonic() < self._next_prune:

@@ -10,7 +10,7 @@ Routes (added by :func:`add_routes`):
   A stale position (epoch differs, or ``W`` older than the retained change log) answers
   410 with error code ``reset``: start again from ``after=0``.
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (database reachable, projector not
-  far behind), ``GET /metrics`` (Prometheus text).
+  far behind, not stalled; a ``detail`` names the cause), ``GET /metrics`` (Prometheus text).
 
 Errors. Every failure is a JSON body ``{"error": {"code", "message"[, "index", "field"]}}``
 whose status comes from :func:`oa_sync_server.errors.classify` — the one table. A transient
@@ -56,6 +56,7 @@ from oa_sync_server.errors import (
 from oa_sync_server.logs import error_fields
 from oa_sync_server.postgres import read_model
 from oa_sync_server.state import STATE, ServerState
+from oa_sync_server.worker import read_horizon_holder, read_lease
 
 __all__ = [
     "BODY_MEDIA_TYPES",
@@ -64,6 +65,7 @@ __all__ = [
     "LAG_COUNT_CAP",
     "MAX_CHANGES_LIMIT",
     "READY_MAX_LAG_S",
+    "READY_STALL_S",
     "StaleCursorError",
     "add_cors_headers",
     "add_routes",
@@ -80,6 +82,9 @@ DEFAULT_CHANGES_LIMIT: Final = 100
 MAX_CHANGES_LIMIT: Final = 1000
 READY_MAX_LAG_S: Final = 30.0
 """``/readyz`` answers 503 while the oldest unprojected event is older than this."""
+READY_STALL_S: Final = 5.0
+"""``/readyz`` answers 503 ``stalled`` once events older than this wait behind an open
+transaction that began before them (it holds the read horizon)."""
 _DB_CHECK_TIMEOUT_S: Final = 2.0
 BODY_MEDIA_TYPES: Final = ("application/json",)
 """The ``Content-Type`` a request body may have (parameters such as ``charset`` aside)."""
@@ -415,39 +420,68 @@ async def projector_lag(state: ServerState) -> tuple[int, float]:
     return int(row.n), float(row.age)
 
 
+async def _readiness(state: ServerState) -> tuple[str, dict[str, Any]]:
+    """The readiness status and its details: lag, the lease, the read horizon.
+
+    ``ready``; ``waiting`` while a silent holder (killed without releasing) keeps the lease
+    until it expires; ``stalled`` while events wait behind an open transaction that holds the
+    read horizon; ``lagging`` beyond :data:`READY_MAX_LAG_S`.
+    """
+    lag_events, lag_s = await projector_lag(state)
+    async with state.engine.connect() as conn:
+        lease = await read_lease(conn)
+        holder = await read_horizon_holder(conn)
+    metrics = state.metrics
+    metrics.projector_lag_events.set(lag_events)
+    metrics.projector_lag_seconds.set(lag_s)
+    metrics.read_horizon_age_seconds.set(holder.age_s if holder is not None else 0.0)
+    body: dict[str, Any] = {
+        "projectorLagEvents": lag_events,
+        "projectorLagSeconds": round(lag_s, 3),
+        "readHorizonAgeSeconds": round(holder.age_s, 3) if holder is not None else 0.0,
+    }
+    if lease is not None and lease.silent:
+        return "waiting", body | {"detail": lease.describe()}
+    if lag_events and lag_s > READY_STALL_S and holder is not None and holder.age_s >= lag_s:
+        return "stalled", body | {"detail": holder.describe()}
+    if lag_s > READY_MAX_LAG_S:
+        return "lagging", body | {"detail": f"oldest unprojected event is {lag_s:.0f} s old"}
+    return "ready", body
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: 200 when the database answers and the projector keeps up, else 503."""
+    """``GET /readyz``: 200 when the database answers and projection runs, else 503.
+
+    The body says why: ``status`` (``ready``, ``waiting``, ``stalled``, ``lagging``,
+    ``unavailable``) and, unless ready, a one-line ``detail`` naming the cause.
+    """
     state = _state(request)
     try:
         async with asyncio.timeout(_DB_CHECK_TIMEOUT_S):
-            lag_events, lag_s = await projector_lag(state)
+            status, details = await _readiness(state)
     except (TimeoutError, sa.exc.SQLAlchemyError, OSError) as exc:
-        _log.warning("readiness_failed", error=type(exc).__name__)
-        return _json({"status": "unavailable", "database": False}, 503)
-    state.metrics.projector_lag_events.set(lag_events)
-    state.metrics.projector_lag_seconds.set(lag_s)
-    ready = lag_s <= READY_MAX_LAG_S
+        _log.warning("readiness_failed", **error_fields(exc))
+        return _json(
+            {"status": "unavailable", "database": False, "detail": "database unreachable"}, 503
+        )
     body = {
-        "status": "ready" if ready else "lagging",
+        "status": status,
         "database": True,
-        "projectorLagEvents": lag_events,
-        "projectorLagSeconds": round(lag_s, 3),
+        **details,
         "watermark": str(state.hub.watermark),
     }
-    return _json(body, 200 if ready else 503)
+    return _json(body, 200 if status == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``: the Prometheus exposition (projector lag refreshed on scrape)."""
+    """``GET /metrics``: the Prometheus exposition (lag and read horizon refreshed on scrape)."""
     state = _state(request)
     started = time.monotonic()
     try:
         async with asyncio.timeout(_DB_CHECK_TIMEOUT_S):
-            lag_events, lag_s = await projector_lag(state)
-        state.metrics.projector_lag_events.set(lag_events)
-        state.metrics.projector_lag_seconds.set(lag_s)
+            await _readiness(state)
     except (TimeoutError, sa.exc.SQLAlchemyError, OSError) as exc:
-        _log.warning("lag_scrape_failed", error=type(exc).__name__, s=time.monotonic() - started)
+        _log.warning("lag_scrape_failed", s=time.monotonic() - started, **error_fields(exc))
     body, content_type = state.metrics.render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
