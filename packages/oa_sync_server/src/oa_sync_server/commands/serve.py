@@ -7,8 +7,12 @@ shuts down gracefully: WebSockets closed with 1001, streams ended, the projector
 released, the embedded Postgres stopped.
 
 ``--demo`` also runs a synthetic runtime (:mod:`oa_sync_server.demo`), generates a throw-away
-HS256 secret when no JWT key is configured (never printed), and prints a token plus a
-ready-to-paste command to watch updates.
+HS256 secret when no JWT key is configured (never printed), prints a token plus a
+ready-to-paste command to watch updates, and allows the server's own origin
+(:func:`own_origins`), so a page it serves (the inspector) may connect from a browser.
+
+The start-up lines say which browser origins may connect and, when none may, how to allow a
+development origin: a refused page only sees WebSocket close 1006 and CORS errors.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import sys
+from typing import Final
 
 from aiohttp import web
 
@@ -51,6 +57,46 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+_LOOPBACK: Final = ("127.0.0.1", "localhost", "::1")
+_ANY: Final = ("0.0.0.0", "::", "")  # noqa: S104 - recognising a wildcard bind, not binding
+
+
+def own_origins(host: str, port: int) -> tuple[str, ...]:
+    """The origins a page served by this server has: its URL, and the loopback names' for a
+    loopback or wildcard bind (``localhost`` and ``127.0.0.1`` reach the same server)."""
+    names = [host] if host not in _ANY else []
+    if host in _LOOPBACK or host in _ANY:
+        names += ["127.0.0.1", "localhost"]
+    return tuple(dict.fromkeys(_url(name, port) for name in names))
+
+
+def origin_lines(allowed: tuple[str, ...], own: tuple[str, ...] = ()) -> list[str]:
+    """What the start-up output says about browsers (``own``: origins added by ``--demo``)."""
+    if "*" in allowed:
+        return ["browsers: every Origin may connect (OA_SYNC_ALLOWED_ORIGINS=*)"]
+    configured = [o for o in allowed if o not in own]
+    lines = []
+    if own:
+        lines.append(f"browsers: this server's own origin may connect (--demo): {', '.join(own)}")
+    if configured:
+        lines.append(f"browsers: OA_SYNC_ALLOWED_ORIGINS allows {', '.join(configured)}")
+    if not allowed:
+        lines.append(
+            "browsers: no web page may connect (it would see WebSocket close 1006 and CORS "
+            "errors); allow a development origin with "
+            "OA_SYNC_ALLOWED_ORIGINS=http://localhost:5173"
+        )
+    return lines
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ConfigError("OA_SYNC_PORT", f"cannot listen on {host}:{port}: {exc}") from None
 
 
 def _print_demo(settings: Settings, url: str) -> None:
@@ -92,21 +138,27 @@ async def serve(settings: Settings, *, demo: bool) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with open_database(settings) as engine:
-            app = create_app(settings, engine=engine)
+            # Bound before the app is built: --demo allows the origin, whose port may be 0.
+            sock = _bind(settings.host, settings.port)
+            port = int(sock.getsockname()[1])
+            own = own_origins(settings.host, port) if demo else ()
+            if own and "*" not in settings.allowed_origins:
+                origins = tuple(dict.fromkeys((*settings.allowed_origins, *own)))
+                settings = dataclasses.replace(settings, allowed_origins=origins)
+            try:
+                app = create_app(settings, engine=engine)
+            except BaseException:
+                sock.close()
+                raise
             runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
             await runner.setup()
             demo_task: asyncio.Task[int] | None = None
             try:
-                site = web.TCPSite(runner, settings.host, settings.port)
-                try:
-                    await site.start()
-                except OSError as exc:
-                    raise ConfigError(
-                        "OA_SYNC_PORT", f"cannot listen on {settings.host}:{settings.port}: {exc}"
-                    ) from None
-                host, port = runner.addresses[0][:2]
-                url = _url(str(host), int(port))
+                await web.SockSite(runner, sock).start()
+                url = _url(settings.host, port)
                 print(f"oa-sync serving on {url}", flush=True)
+                for line in origin_lines(settings.allowed_origins, own):
+                    print(line, flush=True)
                 if demo:
                     _print_demo(settings, url)
                     demo_task = asyncio.create_task(run_demo(app[STATE].event_log, stop))
