@@ -500,7 +500,8 @@ def mint_token(
         subject: ``sub``.
         topics: ``oa_topics`` patterns.
         scopes: ``oa_scopes``.
-        ttl_s: lifetime in seconds.
+        ttl_s: lifetime in seconds; the token is valid for at least this long (``exp`` is
+            rounded up to the whole second, ``iat`` down: claims are integers).
         issuer: ``iss``.
         audience: ``aud``.
         now: issue time in seconds since the epoch (default: now).
@@ -516,13 +517,13 @@ def mint_token(
         raise ValueError(f"an HS256 secret is at least {MIN_HS256_SECRET_BYTES} bytes")
     topic_list = list(topics)
     Grant.parse(topic_list)
-    issued = int(time.time() if now is None else now)
+    moment = time.time() if now is None else now
     claims = {
         "sub": subject,
         "iss": issuer,
         "aud": audience,
-        "iat": issued,
-        "exp": issued + int(ttl_s),
+        "iat": int(moment),
+        "exp": math.ceil(moment + ttl_s),
         "oa_topics": topic_list,
         "oa_scopes": list(scopes),
     }
