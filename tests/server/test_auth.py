@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import jwt
@@ -19,11 +19,13 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from oa_sync_server.auth import MAX_TOKEN_BYTES, Principal, TokenVerifier, mint_token
 from oa_sync_server.config import JwtSettings, PublicKeySpec, Secret
 from oa_sync_server.errors import AuthError, AuthFailure
+
+from tests.profiles import examples
 
 SECRET = "k" * 40
 NOW = 1_900_000_000.0
@@ -310,7 +312,7 @@ async def test_huge_token_is_refused_before_decoding() -> None:
     await assert_refused(hs_verifier(), "a" * 10_000_000, AuthFailure.TOO_LARGE)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.text(max_size=300), st.binary(max_size=200).map(lambda b: b64(b) + ".e30.")))
 async def test_arbitrary_text_only_ever_raises_auth_error(text: str) -> None:
     """No string, however malformed, makes verify raise anything but AuthError."""
@@ -327,22 +329,35 @@ _json = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.fixed_dictionaries(
-        {},
-        optional=dict.fromkeys(
-            ("sub", "iss", "aud", "iat", "exp", "nbf", "oa_topics", "oa_scopes"), _json
-        ),
-    )
+_CLAIMS: Final = ("sub", "iss", "aud", "iat", "exp", "nbf", "oa_topics", "oa_scopes")
+_VALID: Final = "valid"
+_ABSENT: Final = "absent"
+# Per claim: keep the valid value (most often, so valid tokens do occur), drop it, or put any
+# JSON value in its place.
+_claim_plans = st.fixed_dictionaries(
+    {name: st.one_of(st.just(_VALID), st.just(_VALID), st.just(_ABSENT), _json) for name in _CLAIMS}
 )
-async def test_signed_claims_of_any_shape_never_crash(payload: dict[str, Any]) -> None:
-    """Correctly signed tokens with claims of arbitrary JSON types give a Principal or AuthError."""
+_ALL_VALID: Final = dict.fromkeys(_CLAIMS, _VALID)
+
+
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_claim_plans)
+@example(_ALL_VALID)
+async def test_signed_claims_of_any_shape_never_crash(plan: dict[str, Any]) -> None:
+    """Correctly signed tokens whose claims are each valid, absent or any JSON value give a
+    Principal or an AuthError, never a crash; when every claim is valid, a Principal."""
+    valid = claims(nbf=int(NOW) - 10)  # the verifier's clock is NOW
+    payload = {
+        name: valid[name] if choice == _VALID else choice
+        for name, choice in plan.items()
+        if choice != _ABSENT
+    }
     try:
         principal = await hs_verifier().verify(hs256(payload))
     except AuthError:
+        assert plan != _ALL_VALID
         return
-    assert isinstance(principal.subject, str)
+    assert principal.subject == payload["sub"]
 
 
 # ---------------------------------------------------------------------------------------------
