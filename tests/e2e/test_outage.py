@@ -159,7 +159,8 @@ async def test_outage_is_503_with_retry_after_and_idempotent_retries_converge(
 ) -> None:
     """During an outage appends, documents, changes and the SSE stream answer 503
     ``unavailable`` with ``Retry-After``; afterwards the same batches retried with their
-    idempotency keys append each event exactly once and the projection converges."""
+    idempotency keys append each event exactly once and the projection converges. /readyz
+    says ``unavailable`` meanwhile."""
     token = server.token()
     first = {
         "events": [
@@ -196,6 +197,10 @@ async def test_outage_is_503_with_retry_after_and_idempotent_retries_converge(
                     assert resp.status == 503, (method, path, await resp.text())
                     assert resp.headers["Retry-After"] == "1"
                     assert (await resp.json())["error"]["code"] == "unavailable"
+            async with s.get("/readyz") as resp:
+                assert resp.status == 503
+                body = await resp.json()
+                assert (body["status"], body["database"]) == ("unavailable", False)
 
         async def answered() -> bool:
             status, _ = await call(s, "POST", "/v1/events", token=token, body=first)

@@ -497,3 +497,23 @@ async def test_quiet_connection_gets_heartbeats_with_the_watermark(database_url:
             await client.until_synced("s")
             heartbeat = await client.recv(within_s=2.0)
             assert heartbeat == Heartbeat(watermark=watermark)
+
+
+async def test_refusals_before_the_upgrade(live_server: LiveServer) -> None:
+    """Before upgrading: a header token without ``sync:read`` is a 403 ``forbidden``, and a
+    server that is shutting down answers 503 (no socket is opened in either case)."""
+    async with aiohttp.ClientSession() as http:
+        append_only = live_server.token(scopes=("sync:append",))
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(
+                live_server.ws_url,
+                protocols=(WireFormat.JSON.value,),
+                headers={"Authorization": f"Bearer {append_only}"},
+            )
+        assert refused.value.status == 403
+        # The flag on_shutdown sets first: the window before the listener closes.
+        live_server.state.stopping.set()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(live_server.ws_url, protocols=(WireFormat.JSON.value,))
+        assert refused.value.status == 503
+    assert live_server.state.metrics.connections.labels(transport="ws")._value.get() == 0

@@ -224,11 +224,14 @@ class JwksCache:
                 ) as response:
                     if response.status != 200:
                         raise ValueError(f"status {response.status}")
-                    body = await response.content.read(MAX_JWKS_BYTES + 1)
-                    if len(body) > MAX_JWKS_BYTES:
-                        raise ValueError("document too large")
+                    # read(n) returns what has arrived, not n bytes: gather to the end.
+                    body = bytearray()
+                    async for chunk in response.content.iter_chunked(64 * 1024):
+                        body += chunk
+                        if len(body) > MAX_JWKS_BYTES:
+                            raise ValueError("document too large")
                     header_age = _max_age(response.headers.get("Cache-Control"))
-            keys = _parse_jwks(loads_strict(body, max_bytes=MAX_JWKS_BYTES))
+            keys = _parse_jwks(loads_strict(bytes(body), max_bytes=MAX_JWKS_BYTES))
         except (aiohttp.ClientError, TimeoutError, CodecError, ValueError) as exc:
             _log.warning("jwks_fetch_failed", url=self._url, error=type(exc).__name__)
             return False
