@@ -387,7 +387,8 @@ async def test_append_refuses_any_body_but_json_with_415(live_server: LiveServer
 
 async def test_413_is_counted_and_names_the_limit_as_an_integer(live_server: LiveServer) -> None:
     """A body over the default 1 MiB limit answers 413 whose message prints 1048576 (not
-    1.04858e+06) and counts in ``oa_sync_limit_breaches_total{kind="body_size"}``."""
+    1.04858e+06) and counts in ``oa_sync_limit_breaches_total{kind="body_size"}``; too many
+    topics count under ``topics``."""
     token = live_server.token()
     big = {"events": [run_event("run.created", "r1", agentId="x" * 1_100_000)]}
     headers = auth(token) | {"Content-Type": "application/json"}
@@ -397,9 +398,13 @@ async def test_413_is_counted_and_names_the_limit_as_an_integer(live_server: Liv
             assert resp.status == 413
             body = await resp.json()
         assert body["error"]["message"] == "body_size limit of 1048576 exceeded"
+        topics = [("topic", f"t{i}") for i in range(33)]
+        status, _ = await call(s, "GET", "/v1/changes", token=token, params=topics)
+        assert status == 400
         async with s.get("/metrics") as resp:
             text = await resp.text()
     assert 'oa_sync_limit_breaches_total{kind="body_size"} 1.0' in text
+    assert 'oa_sync_limit_breaches_total{kind="topics"} 1.0' in text
 
 
 async def test_405_names_the_allowed_methods(live_server: LiveServer) -> None:

@@ -501,7 +501,8 @@ async def test_quiet_connection_gets_heartbeats_with_the_watermark(database_url:
 
 async def test_refusals_before_the_upgrade(live_server: LiveServer) -> None:
     """Before upgrading: a header token without ``sync:read`` is a 403 ``forbidden``, and a
-    server that is shutting down answers 503 (no socket is opened in either case)."""
+    server that is shutting down answers 503 with ``Retry-After`` (no socket is opened in
+    either case)."""
     async with aiohttp.ClientSession() as http:
         append_only = live_server.token(scopes=("sync:append",))
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
@@ -516,4 +517,6 @@ async def test_refusals_before_the_upgrade(live_server: LiveServer) -> None:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(live_server.ws_url, protocols=(WireFormat.JSON.value,))
         assert refused.value.status == 503
+        assert refused.value.headers is not None
+        assert refused.value.headers["Retry-After"] == "1"
     assert live_server.state.metrics.connections.labels(transport="ws")._value.get() == 0

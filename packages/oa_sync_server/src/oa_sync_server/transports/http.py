@@ -48,6 +48,7 @@ from oa_sync_core.topics import Topic, parse_topic
 
 from oa_sync_server.auth import Principal
 from oa_sync_server.errors import (
+    RETRY_AFTER_S,
     AuthError,
     AuthFailure,
     ForbiddenError,
@@ -160,18 +161,16 @@ async def error_middleware(request: web.Request, handler: _Handler) -> web.Strea
             raise
         status, body = _error_body(exc)
         mapping = classify(exc)
-        if isinstance(exc, LimitExceededError):
-            state.metrics.limit_breaches.labels(kind=exc.kind.value).inc()
         if mapping.retry_after_s is not None:
             # Expected in an outage: one line, no traceback (its text holds SQL and data).
             _log.warning("request_unavailable", route=name, **error_fields(exc))
-        elif status >= 500:
+        elif status >= 500 and not isinstance(exc, web.HTTPException):
             _log.error("request_failed", route=name, error=type(exc).__name__, exc_info=exc)
         response = _json(body, status)
         if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
-        if mapping.retry_after_s is not None:
-            response.headers["Retry-After"] = str(mapping.retry_after_s)
+        if status == 503:  # an outage, or a server shutting down: either way, come back soon
+            response.headers["Retry-After"] = str(mapping.retry_after_s or RETRY_AFTER_S)
         if isinstance(exc, web.HTTPMethodNotAllowed):
             response.headers["Allow"] = exc.headers.get("Allow", "")
     state.metrics.http_requests.labels(route=name, status=str(response.status)).inc()
@@ -237,6 +236,12 @@ async def authenticate(request: web.Request, scope: str) -> Principal:
     return principal
 
 
+def _breach(request: web.Request, kind: LimitKind, limit: float) -> LimitExceededError:
+    """Count a limit breach of the HTTP API and return the error to raise."""
+    _state(request).metrics.limit_breaches.labels(kind=kind.value).inc()
+    return LimitExceededError(kind, limit)
+
+
 def bad_query(name: str, message: str) -> EventValidationError:
     """A 400 for a bad query parameter or header ``name``."""
     return EventValidationError(message, field=name)
@@ -254,7 +259,7 @@ def parse_topics(request: web.Request, principal: Principal) -> list[Topic]:
     if not raw:
         raise bad_query("topic", "at least one topic query parameter is required")
     if len(raw) > limit:
-        raise LimitExceededError(LimitKind.TOPICS, limit)
+        raise _breach(request, LimitKind.TOPICS, limit)
     topics: list[Topic] = []
     for text in raw:
         try:
@@ -303,11 +308,11 @@ def _require_json(request: web.Request) -> None:
 async def _read_body(request: web.Request) -> bytes:
     limit = _state(request).settings.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise LimitExceededError(LimitKind.BODY_SIZE, limit)
+        raise _breach(request, LimitKind.BODY_SIZE, limit)
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise LimitExceededError(LimitKind.BODY_SIZE, limit) from None
+        raise _breach(request, LimitKind.BODY_SIZE, limit) from None
 
 
 def _event_error(exc: CodecError) -> EventValidationError:
