@@ -153,6 +153,46 @@ def test_leak_detector_finds_each_kind_and_ignores_masks(token: str) -> None:
     assert [(leak.test, leak.kind) for leak in detector.leaks] == [("t", "jwt")]
 
 
+def test_database_errors_are_logged_without_sql_parameters_or_traceback(
+    lines: io.StringIO,
+) -> None:
+    """A SQLAlchemy error carrying a statement and parameters, logged with ``exc_info`` by
+    structlog or by a library's plain ``logging`` call, keeps its type and SQLSTATE and loses
+    its text and traceback; the guard's detector flags each of those when they do appear."""
+    import psycopg.errors
+    import sqlalchemy.exc
+
+    orig = psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+    error = sqlalchemy.exc.OperationalError(
+        "INSERT INTO oa_sync.events (payload) VALUES (%(payload)s)",
+        {"payload": "secret-payload-text"},
+        orig,
+    )
+    assert "[SQL: INSERT" in str(error)
+    assert "[parameters:" in str(error)
+    try:
+        raise error
+    except sqlalchemy.exc.OperationalError:
+        structlog.get_logger("oa_sync_server.test").error("request_failed", exc_info=True)
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    text = lines.getvalue()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert [r["event"] for r in records] == ["request_failed", "Error handling request"]
+    for record in records:
+        assert record["db_error"] == "AdminShutdown"
+        assert record["sqlstate"] == "57P01"
+        assert "exception" not in record
+    for leak in ("INSERT", "secret-payload-text", "Traceback", "[SQL:", "[parameters:"):
+        assert leak not in text, leak
+    assert "[SQL redacted]" in scrub(f"failed: {error}")
+    assert "secret-payload-text" not in scrub(f"failed: {error}")
+    detector = LeakDetector()
+    assert detector.kinds(str(error)) == ["sql", "parameters"]
+    traceback = 'Traceback (most recent call last):\n  File "sqlalchemy/engine/base.py"'
+    assert detector.kinds(traceback) == ["database traceback"]
+    assert detector.kinds('Traceback (most recent call last):\n  File "app.py"') == []
+
+
 def test_session_guard_sees_debug_lines_and_registered_secrets(token: str) -> None:
     """The session guard is on the root logger at DEBUG and knows every Secret made."""
     before = guard.detector.lines
