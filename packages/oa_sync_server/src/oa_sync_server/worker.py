@@ -44,7 +44,7 @@ committed events wait behind the horizon for ``stall_warn_after_s``, the loop lo
 ``projection_stalled`` naming the blocking backend from ``pg_stat_activity`` (pid, database,
 application, state, transaction age and start, query start — never the query text), again
 every :data:`STALL_WARN_EVERY_S` while it lasts, and ``projection_resumed`` after.
-:func:`read_horizon_holder` and :func:`read_lease` are the same diagnostics for ``/readyz``
+The diagnostics themselves (:mod:`oa_sync_server.postgres.diagnostics`) also serve ``/readyz``
 and ``/metrics``. What this is not: the read side or the fan-out of changes to clients.
 """
 
@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import datetime as dt
 import os
 import socket
 import time
@@ -78,6 +76,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
+from oa_sync_server.postgres.diagnostics import read_horizon_holder
 from oa_sync_server.postgres.event_log import LogCursor, read_committed
 from oa_sync_server.postgres.stores import (
     load_states,
@@ -88,16 +87,12 @@ from oa_sync_server.postgres.stores import (
 
 __all__ = [
     "STALL_WARN_EVERY_S",
-    "HorizonHolder",
     "LeaseBusyError",
     "LeaseError",
     "LeaseLost",
-    "LeaseState",
     "ProjectorWorker",
     "default_holder",
     "libpq_url",
-    "read_horizon_holder",
-    "read_lease",
 ]
 
 log = structlog.get_logger(__name__)
@@ -144,20 +139,6 @@ _PASSED = sa.text(
     "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= CAST(CAST(:target AS text) AS xid8)"
 )
 _NOTIFY = sa.text("SELECT pg_notify('oa_sync_changes', :watermark)")
-# The oldest transaction holding an xid, other than ours: it bounds the snapshot xmin.
-_HORIZON_HOLDER = sa.text(
-    "SELECT pid, datname, application_name, state, xact_start, query_start, "
-    "EXTRACT(EPOCH FROM clock_timestamp() - xact_start) AS age_s "
-    "FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
-    "ORDER BY age(backend_xid) DESC, xact_start LIMIT 1"
-)
-_LEASE_STATE = sa.text(
-    "SELECT holder, expires_at, heartbeat_at, "
-    "EXTRACT(EPOCH FROM clock_timestamp() - heartbeat_at) AS heartbeat_age_s, "
-    "EXTRACT(EPOCH FROM expires_at - heartbeat_at) AS duration_s, "
-    "expires_at > clock_timestamp() AS live "
-    "FROM oa_sync.projector_leases WHERE name = :name"
-)
 # Committed events after the lease cursor; after an empty batch, these wait behind the horizon.
 _PENDING = sa.text(
     "SELECT EXISTS (SELECT 1 FROM oa_sync.events e, oa_sync.projector_leases l "
@@ -171,116 +152,6 @@ STALL_WARN_EVERY_S: Final = 30.0
 """While a stall lasts, ``projection_stalled`` is repeated this often (or at once for a new
 blocking backend)."""
 _STALL_CHECK_EVERY_S: Final = 1.0
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class HorizonHolder:
-    """The backend whose open transaction holds the read horizon (from ``pg_stat_activity``).
-
-    Attributes:
-        pid: its backend process id (``pg_terminate_backend(pid)`` ends it).
-        database: the database it is connected to (any on the server).
-        application: its ``application_name`` (empty when unset).
-        state: ``active``, ``idle in transaction``...
-        age_s: seconds since its transaction began.
-        xact_start: when its transaction began.
-        query_start: when its last statement began.
-    """
-
-    pid: int
-    database: str | None
-    application: str
-    state: str | None
-    age_s: float
-    xact_start: dt.datetime | None
-    query_start: dt.datetime | None
-
-    def describe(self) -> str:
-        """One line for readiness details: who holds the horizon, and for how long."""
-        app = f"application {self.application!r}" if self.application else "no application_name"
-        return (
-            f"read horizon held by pid {self.pid} ({app}, database {self.database}, "
-            f"{self.state}) for {self.age_s:.0f} seconds"
-        )
-
-    def log_fields(self) -> dict[str, object]:
-        """The fields of a ``projection_stalled`` warning (never the query text)."""
-        return {
-            "blocking_pid": self.pid,
-            "blocking_database": self.database,
-            "blocking_application": self.application,
-            "blocking_state": self.state,
-            "blocking_age_s": round(self.age_s, 1),
-            "blocking_xact_start": _iso(self.xact_start),
-            "blocking_query_start": _iso(self.query_start),
-        }
-
-
-def _iso(moment: dt.datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
-
-
-async def read_horizon_holder(conn: AsyncConnection) -> HorizonHolder | None:
-    """The oldest transaction holding an xid on the whole server (not ``conn``'s), if any.
-
-    Without ``pg_read_all_stats`` (or superuser), other roles' backends show no xid and are
-    not found: grant it to the server's role for complete diagnostics.
-    """
-    row = (await conn.execute(_HORIZON_HOLDER)).one_or_none()
-    if row is None:
-        return None
-    return HorizonHolder(
-        pid=int(row.pid),
-        database=row.datname,
-        application=row.application_name or "",
-        state=row.state,
-        age_s=float(row.age_s or 0.0),
-        xact_start=row.xact_start,
-        query_start=row.query_start,
-    )
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class LeaseState:
-    """The projector lease row as seen now.
-
-    Attributes:
-        holder: who holds it (``None``: released).
-        expires_at: when it lapses unless renewed.
-        heartbeat_age_s: seconds since the holder last renewed it.
-        live: not expired.
-        silent: live, but the holder has not renewed it for over two thirds of its duration
-            (a holder renews every third): most likely gone without releasing it (killed),
-            and nobody projects until ``expires_at``.
-    """
-
-    holder: str | None
-    expires_at: dt.datetime | None
-    heartbeat_age_s: float
-    live: bool
-    silent: bool
-
-    def describe(self) -> str:
-        """One line for readiness details."""
-        until = _iso(self.expires_at)
-        return f"waiting for the lease held by {self.holder} until {until}"
-
-
-async def read_lease(conn: AsyncConnection, name: str = "default") -> LeaseState | None:
-    """The lease row ``name`` (``None`` when no worker ever took it)."""
-    row = (await conn.execute(_LEASE_STATE, {"name": name})).one_or_none()
-    if row is None:
-        return None
-    live = bool(row.live) and row.holder is not None
-    age = float(row.heartbeat_age_s or 0.0)
-    duration = float(row.duration_s or 0.0)
-    return LeaseState(
-        holder=row.holder,
-        expires_at=row.expires_at,
-        heartbeat_age_s=age,
-        live=live,
-        silent=live and duration > 0 and age > duration * 2 / 3,
-    )
 
 
 def default_holder() -> str:

@@ -59,8 +59,8 @@ from oa_sync_server.errors import (
 )
 from oa_sync_server.logs import error_fields
 from oa_sync_server.postgres import read_model
+from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
 from oa_sync_server.state import STATE, ServerState
-from oa_sync_server.worker import read_horizon_holder, read_lease
 
 __all__ = [
     "BODY_MEDIA_TYPES",
