@@ -119,7 +119,8 @@ async def test_a_lease_left_by_a_killed_process_is_named_until_it_expires(
     database_url: str,
 ) -> None:
     """A lease whose holder stopped renewing it (killed, never released) makes /readyz 503
-    ``waiting`` with the holder and the expiry; once it expires the server takes over."""
+    ``waiting`` with the holder and the expiry, and the standing-by worker warns once
+    (``projector_lease_waiting``); once it expires the server takes over."""
     async with make_live_server(database_url, run_projector=False) as bootstrap:
         dead = ProjectorWorker(bootstrap.engine, holder="dead-host:4242:feedface", lease_ttl_s=30)
         assert await dead.acquire()
@@ -133,14 +134,20 @@ async def test_a_lease_left_by_a_killed_process_is_named_until_it_expires(
                     expires_at=sa.func.clock_timestamp() + sa.text("interval '8 seconds'"),
                 )
             )
-    async with make_live_server(database_url) as server:
-        await server.append([new_event("run.created", "r1")])
-        status, body = await readyz(server)
-        assert (status, body["status"]) == (503, "waiting")
-        assert body["detail"].startswith("waiting for the lease held by dead-host:4242:feedface")
-        assert " until 20" in body["detail"]  # an ISO timestamp
-        await server.settle()
-        assert (await readyz(server))[0] == 200
+    with structlog.testing.capture_logs() as logs:
+        async with make_live_server(database_url) as server:
+            await server.append([new_event("run.created", "r1")])
+            status, body = await readyz(server)
+            assert (status, body["status"]) == (503, "waiting")
+            detail = body["detail"]
+            assert detail.startswith("waiting for the lease held by dead-host:4242:feedface")
+            assert " until 20" in detail  # an ISO timestamp
+            await server.settle()
+            assert (await readyz(server))[0] == 200
+    waiting = [e for e in logs if e["event"] == "projector_lease_waiting"]
+    assert len(waiting) == 1
+    assert waiting[0]["held_by"] == "dead-host:4242:feedface"
+    assert waiting[0]["until"] in detail
 
 
 async def test_a_clean_shutdown_releases_the_lease_at_once(database_url: str) -> None:

@@ -43,7 +43,9 @@ that stays open anywhere on the server (another database included) keeps the rea
 committed events wait behind the horizon for ``stall_warn_after_s``, the loop logs
 ``projection_stalled`` naming the blocking backend from ``pg_stat_activity`` (pid, database,
 application, state, transaction age and start, query start — never the query text), again
-every :data:`STALL_WARN_EVERY_S` while it lasts, and ``projection_resumed`` after.
+every :data:`STALL_WARN_EVERY_S` while it lasts, and ``projection_resumed`` after. A standby
+whose lease holder stopped renewing (killed without releasing it) logs
+``projector_lease_waiting`` with the holder and the expiry it waits for.
 The diagnostics themselves (:mod:`oa_sync_server.postgres.diagnostics`) also serve ``/readyz``
 and ``/metrics``. What this is not: the read side or the fan-out of changes to clients.
 """
@@ -76,7 +78,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
-from oa_sync_server.postgres.diagnostics import read_horizon_holder
+from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
 from oa_sync_server.postgres.event_log import LogCursor, read_committed
 from oa_sync_server.postgres.stores import (
     load_states,
@@ -228,6 +230,7 @@ class ProjectorWorker:
         self._stall_check_due = 0.0
         self._blocked_since: float | None = None  # monotonic: events first seen waiting
         self._stall_warned: tuple[int | None, float] | None = None  # (pid, next warning at)
+        self._lease_warned: tuple[str | None, object] | None = None  # (holder, expiry) told
 
     def __repr__(self) -> str:
         return f"ProjectorWorker(name={self.name!r}, holder={self.holder!r}, epoch={self.epoch})"
@@ -478,6 +481,7 @@ class ProjectorWorker:
             while not stop.is_set():
                 try:
                     if not self.epoch and not await self.acquire():
+                        await self._note_silent_lease()
                         await self._wait(stop, min(renew_every, self.poll_interval_s))
                         continue
                     self._hint.clear()
@@ -499,6 +503,23 @@ class ProjectorWorker:
                 await listener
             with contextlib.suppress(DBAPIError, OSError):
                 await self.release()
+
+    async def _note_silent_lease(self) -> None:
+        """Standing by: warn once per holder when the lease's holder stopped renewing it."""
+        async with self.engine.connect() as conn:
+            lease = await read_lease(conn, self.name)
+        if lease is None or not lease.silent:
+            return
+        seen = (lease.holder, lease.expires_at)
+        if seen != self._lease_warned:
+            self._lease_warned = seen
+            log.warning(
+                "projector_lease_waiting",
+                name=self.name,
+                held_by=lease.holder,
+                until=lease.expires_at.isoformat() if lease.expires_at else None,
+                silent_s=round(lease.heartbeat_age_s, 1),
+            )
 
     async def _check_stall(self) -> None:
         """After an empty batch: warn when committed events wait behind the read horizon."""
