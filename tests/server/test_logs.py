@@ -13,12 +13,15 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 from oa_sync_server.auth import mint_token
 from oa_sync_server.config import Secret, Settings
 from oa_sync_server.logs import REDACTED, configure_logging, redact, scrub
 
 from tests.log_guard import LeakDetector, guard
+from tests.profiles import examples
 
 SECRET = "log-test-secret-" + "z" * 24
 
@@ -191,6 +194,27 @@ def test_database_errors_are_logged_without_sql_parameters_or_traceback(
     traceback = 'Traceback (most recent call last):\n  File "sqlalchemy/engine/base.py"'
     assert detector.kinds(traceback) == ["database traceback"]
     assert detector.kinds('Traceback (most recent call last):\n  File "app.py"') == []
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(
+    # Digits only, so neither can occur by chance in the error's own words.
+    statement=st.text(min_size=12, max_size=60, alphabet="0123456789 ,()=*"),
+    value=st.text(min_size=8, max_size=40, alphabet="0123456789"),
+)
+def test_scrub_never_lets_a_statement_or_its_parameters_through(statement: str, value: str) -> None:
+    """Whatever the statement and the bound values, the text of a SQLAlchemy error passed
+    through scrub (alone or embedded in a longer line) holds neither."""
+    import psycopg.errors
+    import sqlalchemy.exc
+
+    orig = psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+    error = sqlalchemy.exc.OperationalError(statement, {"payload": value}, orig)
+    for text in (str(error), f"before {error} after", repr(str(error))):
+        clean = scrub(text)
+        assert statement not in clean
+        assert value not in clean
+        assert "QueryCanceled" in clean
 
 
 def test_session_guard_sees_debug_lines_and_registered_secrets(token: str) -> None:
