@@ -10,9 +10,11 @@ age, and a clean shutdown releases the lease at once.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import psycopg
@@ -20,8 +22,11 @@ import pytest
 import sqlalchemy as sa
 import structlog.testing
 from oa_sync_core.testing import new_event
+from oa_sync_server.postgres import create_engine
+from oa_sync_server.postgres.event_log import PostgresEventLog
 from oa_sync_server.postgres.tables import leases
 from oa_sync_server.worker import ProjectorWorker
+from psycopg import sql
 
 from tests.live import LiveServer, make_live_server
 from tests.pg import drop_database, make_database
@@ -161,3 +166,55 @@ async def test_a_clean_shutdown_releases_the_lease_at_once(database_url: str) ->
             "SELECT holder, expires_at FROM oa_sync.projector_leases WHERE name = 'default'"
         )
         assert await cursor.fetchone() == (None, None)
+
+
+async def test_a_holder_the_role_cannot_see_is_reported_as_such(
+    database_url: str, pg_server_url: str, open_transaction: psycopg.AsyncConnection[Any]
+) -> None:
+    """A server role without ``pg_read_all_stats`` sees another role's transaction but not its
+    age or state: the stall warning still names the pid, says the age is hidden, and hints at
+    granting that role."""
+    role = "oa_stall_role_" + secrets.token_hex(4)
+    parts = urlsplit(database_url)
+    as_role = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+        await admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        for grant in (
+            "GRANT USAGE ON SCHEMA oa_sync TO {}",
+            "GRANT ALL ON ALL TABLES IN SCHEMA oa_sync TO {}",
+            "GRANT ALL ON ALL SEQUENCES IN SCHEMA oa_sync TO {}",
+        ):
+            await admin.execute(sql.SQL(grant).format(sql.Identifier(role)))
+        engine = create_engine(as_role)
+        stop = asyncio.Event()
+        try:
+            worker = ProjectorWorker(engine, stall_warn_after_s=0.2, poll_interval_s=0.1)
+            with structlog.testing.capture_logs() as logs:
+                task = asyncio.create_task(worker.run(stop))
+                await PostgresEventLog(engine).append([new_event("run.created", "r1")])
+
+                pid = open_transaction.info.backend_pid
+
+                def ours() -> list[dict[str, Any]]:
+                    return [
+                        e
+                        for e in logs
+                        if e["event"] == "projection_stalled" and e["blocking_pid"] == pid
+                    ]
+
+                async def warned() -> bool:
+                    return bool(ours())
+
+                await wait_until(warned, within=30, what="a projection_stalled warning")
+                stop.set()
+                await task
+            warning = ours()[0]
+            assert warning["blocking_pid"] == open_transaction.info.backend_pid
+            assert warning["blocking_age_s"] is None
+            assert warning["blocking_state"] is None
+            assert "pg_read_all_stats" in warning["hint"]
+        finally:
+            stop.set()
+            await engine.dispose()
+            await admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            await admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

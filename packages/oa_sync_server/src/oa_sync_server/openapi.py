@@ -138,7 +138,10 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "detail": {"type": "string", "description": "why it is not ready"},
             "projectorLagEvents": {"type": "integer"},
             "projectorLagSeconds": {"type": "number"},
-            "readHorizonAgeSeconds": {"type": "number"},
+            "readHorizonAgeSeconds": {
+                "type": ["number", "null"],
+                "description": "null when the server's role may not see the holder's age",
+            },
             "watermark": _INT64,
         },
     },

@@ -546,15 +546,17 @@ class ProjectorWorker:
                 return
         self._stall_warned = (pid, now + STALL_WARN_EVERY_S)
         fields = holder.log_fields() if holder is not None else {"blocking_pid": None}
+        if holder is None:
+            hint = "no open transaction found: look for a prepared one (pg_prepared_xacts)"
+        elif not holder.visible:
+            hint = "its age and state are hidden from this role: grant it pg_read_all_stats"
+        else:
+            hint = "an open transaction holds the read horizon: end it (pg_terminate_backend)"
         log.warning(
             "projection_stalled",
             name=self.name,
             waiting_s=round(now - self._blocked_since, 1),
-            hint=(
-                "an open transaction holds the read horizon: end it (pg_terminate_backend)"
-                if holder is not None
-                else "the blocking backend is not visible: grant pg_read_all_stats"
-            ),
+            hint=hint,
             **fields,
         )
 

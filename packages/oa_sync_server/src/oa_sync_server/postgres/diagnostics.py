@@ -49,23 +49,32 @@ class HorizonHolder:
         age_s: seconds since its transaction began.
         xact_start: when its transaction began.
         query_start: when its last statement began.
+
+    ``state``, ``age_s``, ``xact_start`` and ``query_start`` are ``None`` when the backend
+    belongs to another role and ours lacks ``pg_read_all_stats`` (:attr:`visible` is false):
+    Postgres then shows its pid, database, application and xid, nothing more.
     """
 
     pid: int
     database: str | None
     application: str
     state: str | None
-    age_s: float
+    age_s: float | None
     xact_start: dt.datetime | None
     query_start: dt.datetime | None
+
+    @property
+    def visible(self) -> bool:
+        """Whether this role may see the backend's transaction start (and so its age)."""
+        return self.xact_start is not None
 
     def describe(self) -> str:
         """One line for readiness details: who holds the horizon, and for how long."""
         app = f"application {self.application!r}" if self.application else "no application_name"
-        return (
-            f"read horizon held by pid {self.pid} ({app}, database {self.database}, "
-            f"{self.state}) for {self.age_s:.0f} seconds"
-        )
+        who = f"read horizon held by pid {self.pid} ({app}, database {self.database}"
+        if self.age_s is None:
+            return who + "; its age is not visible to this role: grant it pg_read_all_stats)"
+        return who + f", {self.state}) for {self.age_s:.0f} seconds"
 
     def log_fields(self) -> dict[str, object]:
         """The fields of a ``projection_stalled`` warning (never the query text)."""
@@ -74,7 +83,7 @@ class HorizonHolder:
             "blocking_database": self.database,
             "blocking_application": self.application,
             "blocking_state": self.state,
-            "blocking_age_s": round(self.age_s, 1),
+            "blocking_age_s": None if self.age_s is None else round(self.age_s, 1),
             "blocking_xact_start": _iso(self.xact_start),
             "blocking_query_start": _iso(self.query_start),
         }
@@ -87,8 +96,10 @@ def _iso(moment: dt.datetime | None) -> str | None:
 async def read_horizon_holder(conn: AsyncConnection) -> HorizonHolder | None:
     """The oldest transaction holding an xid on the whole server (not ``conn``'s), if any.
 
-    Without ``pg_read_all_stats`` (or superuser), other roles' backends show no xid and are
-    not found: grant it to the server's role for complete diagnostics.
+    Without ``pg_read_all_stats`` (or superuser), another role's backend is found but its
+    state and times are not visible (see :class:`HorizonHolder`): grant it to the server's
+    role for complete diagnostics. A prepared transaction (``pg_prepared_xacts``) holds the
+    horizon too but has no backend: it is not found here.
     """
     row = (await conn.execute(_HORIZON_HOLDER)).one_or_none()
     if row is None:
@@ -98,7 +109,7 @@ async def read_horizon_holder(conn: AsyncConnection) -> HorizonHolder | None:
         database=row.datname,
         application=row.application_name or "",
         state=row.state,
-        age_s=float(row.age_s or 0.0),
+        age_s=None if row.age_s is None else float(row.age_s),
         xact_start=row.xact_start,
         query_start=row.query_start,
     )

@@ -29,6 +29,7 @@ What this is not: SSE (:mod:`oa_sync_server.transports.sse`) or the WebSocket
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -429,15 +430,24 @@ async def _readiness(state: ServerState) -> tuple[str, dict[str, Any]]:
     metrics = state.metrics
     metrics.projector_lag_events.set(lag_events)
     metrics.projector_lag_seconds.set(lag_s)
-    metrics.read_horizon_age_seconds.set(holder.age_s if holder is not None else 0.0)
+    # Unknown (NaN) when the holder's age is hidden from this role; 0 when nothing holds it.
+    age = 0.0 if holder is None else math.nan if holder.age_s is None else holder.age_s
+    metrics.read_horizon_age_seconds.set(age)
     body: dict[str, Any] = {
         "projectorLagEvents": lag_events,
         "projectorLagSeconds": round(lag_s, 3),
-        "readHorizonAgeSeconds": round(holder.age_s, 3) if holder is not None else 0.0,
+        "readHorizonAgeSeconds": None if math.isnan(age) else round(age, 3),
     }
     if lease is not None and lease.silent:
         return "waiting", body | {"detail": lease.describe()}
-    if lag_events and lag_s > READY_STALL_S and holder is not None and holder.age_s >= lag_s:
+    # The holder blocks the waiting events when its transaction began before them (an age
+    # hidden from this role is taken to: a pending event older than READY_STALL_S says enough).
+    if (
+        lag_events
+        and lag_s > READY_STALL_S
+        and holder is not None
+        and (holder.age_s is None or holder.age_s >= lag_s)
+    ):
         return "stalled", body | {"detail": holder.describe()}
     if lag_s > READY_MAX_LAG_S:
         return "lagging", body | {"detail": f"oldest unprojected event is {lag_s:.0f} s old"}
