@@ -382,7 +382,10 @@ _UNSUPPORTED_MEDIA_TYPE: Final = ErrorMapping(
     status=415, close_code=None, code=ErrorCode.UNSUPPORTED_MEDIA_TYPE
 )
 _UNAVAILABLE: Final = ErrorMapping(
-    status=503, close_code=CloseCode.INTERNAL, code=ErrorCode.UNAVAILABLE, retry_after_s=RETRY_AFTER_S
+    status=503,
+    close_code=CloseCode.INTERNAL,
+    code=ErrorCode.UNAVAILABLE,
+    retry_after_s=RETRY_AFTER_S,
 )
 # SQLSTATE classes of a transient condition: 08 connection exception, 40 transaction rollback
 # (serialization failure, deadlock), 53 insufficient resources (too many connections),
