@@ -23,9 +23,9 @@ from oa_sync_server.postgres import create_engine
 from oa_sync_server.worker import ProjectorWorker
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from bench._nats import NATS_SERVER, NatsServer
 from bench._server import ServerProcess
 from tests.scale._cluster import Appender, Client, expected_versions
-from bench._nats import NATS_SERVER, NatsServer
 
 pytestmark = [
     pytest.mark.skipif(
