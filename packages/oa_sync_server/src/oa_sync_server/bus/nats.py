@@ -12,7 +12,9 @@ every instance its own read of each change.
 * **Republish.** A change committed but not published (the process died between the two) is
   published by the next lease holder: on acquiring the lease the worker calls
   :meth:`NatsBus.republish`, which asks the stream for its last message and publishes the
-  documents changed after that watermark (at most :data:`REPUBLISH_LIMIT`), read from Postgres.
+  documents changed after that watermark (at most :data:`REPUBLISH_LIMIT`), read from Postgres;
+  a last message of another epoch or beyond the log's last watermark (a restored database, a
+  stream shared by mistake) counts as no position: the latest documents are sent.
   It does the same when the bus reconnects after an outage.
 * **Consume.** Every instance's hub subscribes to :data:`SUBJECT` (:meth:`NatsBus.subscribe`)
   and delivers a message only when its watermark is the next one; a gap, another epoch, or a
@@ -253,7 +255,6 @@ class NatsBus:
             epoch = str((await conn.execute(_EPOCH)).scalar_one())
             if last is None:
                 return 0  # a new stream: hubs start from Postgres anyway
-            after = last[1] if last[0] == epoch else 0
             top = int(
                 (
                     await conn.execute(
@@ -261,6 +262,9 @@ class NatsBus:
                     )
                 ).scalar_one()
             )
+            # Another epoch, or a stream ahead of the log (a restored database, a stream that
+            # served another one): the stream's position means nothing here, send the latest.
+            after = last[1] if last[0] == epoch and last[1] <= top else 0
             after = max(after, top - REPUBLISH_LIMIT)
             rows: list[tuple[DocRow, float]] = []
             while len(rows) < REPUBLISH_LIMIT:
