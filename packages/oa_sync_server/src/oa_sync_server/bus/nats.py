@@ -95,6 +95,7 @@ class NatsBus:
         self._on_published = on_published
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
         self.published = 0
         """Changes published since start (republished ones included)."""
@@ -124,9 +125,11 @@ class NatsBus:
 
     async def stop(self) -> None:
         """Stop connecting; close the connection."""
-        task, self._task = self._task, None
-        if task is not None:
+        tasks = [t for t in (self._task, *self._background) if t is not None]
+        self._task = None
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         nc, self._nc = self._nc, None
@@ -183,6 +186,12 @@ class NatsBus:
 
     async def _reconnected(self) -> None:
         _log.info("bus_reconnected")
+        # In a task of its own: the client finishes reconnecting before the callbacks publish.
+        task = asyncio.create_task(self._after_reconnect(), name="oa-sync-bus-reconnected")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _after_reconnect(self) -> None:
         for callback in self._on_reconnect:
             try:
                 await callback()
