@@ -175,8 +175,9 @@ async def test_change_committed_but_not_published_is_republished_by_next_holder(
             await hub.wait_for(top, 10)
         await appender.append(40)
         first.crash = True
-        crashed = asyncio.create_task(first.run_once())
-        await asyncio.wait_for(first.crashed.wait(), 10)
+        # catch_up waits for the read horizon (another transaction may hold it) and commits.
+        crashed = asyncio.create_task(first.catch_up())
+        await asyncio.wait_for(first.crashed.wait(), 60)
         crashed.cancel()  # killed: no publish, no release
         with contextlib.suppress(asyncio.CancelledError):
             await crashed
