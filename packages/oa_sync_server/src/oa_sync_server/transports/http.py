@@ -36,7 +36,7 @@ from aiohttp import web
 from oa_sync_core.codec import loads_strict, read_message
 from oa_sync_core.contracts import v1
 from oa_sync_core.errors import CodecError, EventValidationError, OaSyncError
-from oa_sync_core.events import NewEvent, validate_new_event
+from oa_sync_core.events import NewEvent, check_append_size, validate_new_event
 from oa_sync_core.topics import Topic, parse_topic
 
 from oa_sync_server.auth import Principal
@@ -304,6 +304,7 @@ async def append_events(request: web.Request) -> web.Response:
             raise _event_error(exc) from None
         raise
     items = message.get("events", [])
+    check_append_size(len(items), state.event_log.max_events)  # 413 naming the limit
     if not items:
         raise EventValidationError("events must hold at least one event", field="events")
     batch = []
