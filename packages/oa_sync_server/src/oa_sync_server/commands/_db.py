@@ -45,7 +45,11 @@ def add_worker_option(parser: argparse.ArgumentParser) -> None:
 
 
 class Progress:
-    """Reports events folded to stderr, at most once a second, once a run passes a second."""
+    """Reports progress to stderr at most once a second, once a run passes a second.
+
+    Each report gives the count, the rate since the start and, when the caller knows the
+    fraction done, the percentage and an ETA: ``... 45000 events appended (9800/s, 52%, ETA 5 s)``.
+    """
 
     def __init__(self, what: str = "events folded", *, every_s: float = 1.0) -> None:
         self.what = what
@@ -54,9 +58,16 @@ class Progress:
         self.last = self.started
         self.shown = False
 
-    def __call__(self, count: int) -> None:
+    def __call__(self, count: int, fraction: float | None = None) -> None:
         now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self.shown = True
-            print(f"... {count} {self.what} ({now - self.started:.0f} s)", file=sys.stderr)
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        self.shown = True
+        elapsed = now - self.started
+        parts = [f"{count / elapsed:,.0f}/s"]
+        if fraction is not None and 0 < fraction <= 1:
+            parts.append(f"{fraction:.0%}, ETA {elapsed * (1 - fraction) / fraction:,.0f} s")
+        else:
+            parts.append(f"{elapsed:,.0f} s")
+        print(f"... {count:,} {self.what} ({', '.join(parts)})", file=sys.stderr)
