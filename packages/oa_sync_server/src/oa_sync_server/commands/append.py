@@ -211,7 +211,7 @@ async def _atomic(engine: AsyncEngine, source: _Input, out: _Output, progress: P
         positions: list[int] = []
         try:
             async with engine.begin() as conn:
-                await log.lock_for(conn, (e for _, e in items if isinstance(e.stream_id, str)))
+                await log.lock_for(conn, (e for _, e in items))
                 for chunk in chunks:
                     try:
                         positions += await log.append([e for _, e in chunk], conn=conn)

@@ -287,10 +287,10 @@ class PostgresEventLog:
         """
         streams: set[str] = set()
         keys: set[str] = set()
-        for event in events:
-            streams.add(event.stream_id)
+        for event in events:  # not validated yet: str() keeps a bad one for append to name
+            streams.add(str(event.stream_id))
             if event.idempotency_key is not None:
-                keys.add(event.idempotency_key)
+                keys.add(str(event.idempotency_key))
         await conn.execute(
             _LOCK, {"space": _LOCK_SPACE, "buckets": lock_buckets(sorted(streams), sorted(keys))}
         )
