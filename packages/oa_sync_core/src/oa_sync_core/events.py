@@ -196,7 +196,7 @@ def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent
         raise EventValidationError(
             f"payload is not JSON: {exc}", index=index, field="payload"
         ) from None
-    if _holds_nul(payload):
+    if b"\\u0000" in encoded and _holds_nul(payload):
         # Postgres jsonb cannot store NUL in text; refuse it up front, clearly.
         raise EventValidationError("payload contains a NUL character", index=index, field="payload")
     if len(encoded) > MAX_PAYLOAD_BYTES:
@@ -221,7 +221,13 @@ def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent
                 index=index,
                 field=f"payload.{id_field}",
             )
-    return dataclasses.replace(event, payload=payload)
+    return NewEvent(
+        stream_id=event.stream_id,
+        type=event.type,
+        payload=payload,
+        expected_seq=event.expected_seq,
+        idempotency_key=event.idempotency_key,
+    )
 
 
 def _holds_nul(value: JsonValue) -> bool:
