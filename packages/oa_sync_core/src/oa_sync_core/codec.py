@@ -182,7 +182,8 @@ def _check_depth(value: JsonValue, limit: int) -> None:
             children = item
         else:
             if isinstance(item, str):
-                _check_text(item)
+                if not item.isascii():  # ASCII text cannot hold a lone surrogate
+                    _check_text(item)
             elif isinstance(item, float) and not math.isfinite(item):
                 raise CodecError(CodecErrorCode.NOT_FINITE, "number out of double range")
             continue
@@ -190,7 +191,8 @@ def _check_depth(value: JsonValue, limit: int) -> None:
             raise CodecError(CodecErrorCode.TOO_DEEP, f"nesting deeper than {limit}")
         if isinstance(item, dict):
             for key in item:
-                _check_text(key)
+                if not key.isascii():
+                    _check_text(key)
         stack.extend((child, depth + 1) for child in children)
 
 
