@@ -27,7 +27,7 @@ from oa_sync_core.events import Event
 from oa_sync_core.projector import Projector
 from oa_sync_core.sinks import DocumentUpdate, StoredDocument
 
-__all__ = ["DocumentState", "ProjectionEngine", "ProjectionResult"]
+__all__ = ["DocumentState", "Fold", "ProjectionEngine", "ProjectionResult"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,14 +147,47 @@ class ProjectionEngine:
         Raises:
             ProjectionError: a projector broke its contract.
         """
-        working: dict[DocId, tuple[JsonObject, int, int]] = {}  # body, version, covered
-        touched: dict[DocId, None] = {}
-        applied = skipped = ignored = 0
-        last_position = 0
+        fold = Fold(self, states)
+        fold.add(events)
+        return fold.result()
+
+
+class Fold:
+    """Folds batch after batch, and encodes each changed document once, at the end.
+
+    :meth:`ProjectionEngine.apply` is one :meth:`add` and :meth:`result`. A rebuild adds every
+    batch of the log to one fold, so a document touched in every batch is still canonicalised
+    and hashed once (the bytes and hash are those of its final body: the same as folding batch
+    by batch, since encoding is a pure function of the body).
+
+    Args:
+        engine: the projectors.
+        states: the documents' states before the first batch (see
+            :meth:`ProjectionEngine.apply`).
+    """
+
+    def __init__(self, engine: ProjectionEngine, states: Mapping[DocId, DocumentState]) -> None:
+        self.engine = engine
+        self.states = states
+        self.working: dict[DocId, tuple[JsonObject, int, int]] = {}  # body, version, covered
+        self.touched: dict[DocId, None] = {}
+        self.applied = self.skipped = self.ignored = 0
+        self.last_position = 0
+        self.events = 0
+
+    def add(self, events: Sequence[Event]) -> None:
+        """Fold a batch (in log order) into the working documents.
+
+        Raises:
+            ProjectionError: a projector broke its contract.
+        """
+        projectors = list(self.engine.projectors.values())
+        working, touched, states = self.working, self.touched, self.states
+        self.events += len(events)
         for event in events:
-            last_position = max(last_position, event.position)
+            self.last_position = max(self.last_position, event.position)
             routed = False
-            for projector in self.projectors.values():
+            for projector in projectors:
                 key = projector.doc_key(event)
                 if key is None:
                     continue
@@ -172,7 +205,7 @@ class ProjectionEngine:
                         current = (state.body, state.version, checkpoint.last_position)
                 body, version, covered = current
                 if event.position <= covered:
-                    skipped += 1
+                    self.skipped += 1
                     working[doc_id] = current
                     continue
                 new_body = projector.apply(body, event)
@@ -185,13 +218,16 @@ class ProjectionEngine:
                 working[doc_id] = (new_body, version + 1, event.position)
                 touched.pop(doc_id, None)
                 touched[doc_id] = None
-                applied += 1
+                self.applied += 1
             if not routed:
-                ignored += 1
+                self.ignored += 1
+
+    def result(self) -> ProjectionResult:
+        """The updates and checkpoint advances of everything added, each document encoded once."""
         updates: list[DocumentUpdate] = []
         checkpoints: list[Checkpoint] = []
-        for doc_id in touched:
-            body, version, covered = working[doc_id]
+        for doc_id in self.touched:
+            body, version, covered = self.working[doc_id]
             projection, key = doc_id
             canonical = canonical_json(body)
             digest = content_hash(canonical)
@@ -211,7 +247,7 @@ class ProjectionEngine:
                     projection=projection,
                     doc_key=key,
                     last_position=covered,
-                    projector_version=self.projectors[projection].version,
+                    projector_version=self.engine.projectors[projection].version,
                     content_hash=digest,
                     version=version,
                 )
@@ -219,8 +255,8 @@ class ProjectionEngine:
         return ProjectionResult(
             updates=tuple(updates),
             checkpoints=tuple(checkpoints),
-            applied=applied,
-            skipped=skipped,
-            ignored=ignored,
-            last_position=last_position,
+            applied=self.applied,
+            skipped=self.skipped,
+            ignored=self.ignored,
+            last_position=self.last_position,
         )

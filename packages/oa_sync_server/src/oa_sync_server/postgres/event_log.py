@@ -174,19 +174,20 @@ async def read_committed(
         "upto_pos": end.position,
         "n": limit,
     }
-    rows = (await conn.execute(_READ, params)).all()
-    found = [
+    rows = (await conn.execute(_READ, params)).tuples().all()
+    loads = orjson.loads
+    found = [  # plain tuples and positional unpacking: a read is ~10,000 rows
         Event(
-            position=r.position,
-            stream_id=r.stream_id,
-            stream_seq=r.stream_seq,
-            type=r.type,
-            payload=orjson.loads(r.payload),
-            recorded_at=r.recorded_at,
+            position=position,
+            stream_id=stream_id,
+            stream_seq=stream_seq,
+            type=kind,
+            payload=loads(payload),
+            recorded_at=recorded_at,
         )
-        for r in rows
+        for position, stream_id, stream_seq, kind, payload, recorded_at, _ in rows
     ]
-    cursor = LogCursor(tx_id=rows[-1].tx, position=rows[-1].position) if rows else after
+    cursor = LogCursor(tx_id=rows[-1][6], position=rows[-1][0]) if rows else after
     return found, cursor
 
 
