@@ -66,12 +66,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from oa_sync_server.errors import ServerError
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.event_log import LogCursor, read_committed
-from oa_sync_server.postgres.stores import (
-    load_states,
-    lock_watermarks,
-    put_checkpoints,
-    write_updates,
-)
+from oa_sync_server.postgres.stores import load_states, lock_watermarks, write_batch
 
 __all__ = [
     "LeaseBusyError",
@@ -361,8 +356,7 @@ class ProjectorWorker:
             await self._pause("locked", conn)
             states = await self._states(conn, self.projection.route(events), last)
             result = self.projection.apply(events, states)
-            written = await write_updates(conn, result.updates, only_newer=False, locked_at=last)
-            await put_checkpoints(conn, result.checkpoints)
+            written = await write_batch(conn, result.updates, result.checkpoints, locked_at=last)
             await conn.execute(
                 _ADVANCE,
                 {
