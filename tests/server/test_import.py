@@ -172,3 +172,13 @@ def test_progress_reports_rate_share_and_eta(capsys: pytest.CaptureFixture[str])
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "... 5,000 events appended (500/s, 25%, ETA 30 s)"
     assert lines[1].startswith("... 6,000 events appended (600/s, 10 s)")
+
+
+def test_progress_uses_a_total_and_can_be_silenced(capsys: pytest.CaptureFixture[str]) -> None:
+    """With a total the share done comes from the count; disabled, nothing is printed."""
+    progress = Progress("events folded", every_s=0.0, total=8000)
+    progress.started -= 4
+    progress(2000)
+    Progress(every_s=0.0, enabled=False)(5)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["... 2,000 events folded (500/s, 25%, ETA 12 s)"]

@@ -47,21 +47,35 @@ def add_worker_option(parser: argparse.ArgumentParser) -> None:
 class Progress:
     """Reports progress to stderr at most once a second, once a run passes a second.
 
-    Each report gives the count, the rate since the start and, when the caller knows the
-    fraction done, the percentage and an ETA: ``... 45000 events appended (9800/s, 52%, ETA 5 s)``.
+    Each report gives the count, the rate since the start and, when the fraction done is known
+    (given, or ``count / total``), the percentage and an ETA:
+    ``... 45,000 events appended (9,800/s, 52%, ETA 5 s)``. ``enabled=False`` silences it (e.g.
+    when stderr is not a terminal).
     """
 
-    def __init__(self, what: str = "events folded", *, every_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        what: str = "events folded",
+        *,
+        every_s: float = 1.0,
+        total: int | None = None,
+        enabled: bool = True,
+    ) -> None:
         self.what = what
         self.every_s = every_s
+        self.total = total
+        self.enabled = enabled
         self.started = time.monotonic()
         self.last = self.started
         self.shown = False
 
     def __call__(self, count: int, fraction: float | None = None) -> None:
+        """Report ``count``; done is ``fraction`` or, given a total, ``count / total``."""
         now = time.monotonic()
-        if now - self.last < self.every_s:
+        if not self.enabled or now - self.last < self.every_s:
             return
+        if fraction is None and self.total:
+            fraction = min(count / self.total, 1.0)
         self.last = now
         self.shown = True
         elapsed = now - self.started
