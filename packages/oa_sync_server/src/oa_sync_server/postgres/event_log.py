@@ -37,6 +37,8 @@ What this is not: the projector (:mod:`oa_sync_server.worker`) or the read model
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import zlib
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -302,13 +304,25 @@ class PostgresEventLog:
             return await read_committed(conn, after, limit)
 
     async def batches(self, *, batch_size: int) -> AsyncIterator[Sequence[Event]]:
-        """Every final event in log order, ``batch_size`` at a time (the EventSource port)."""
+        """Every final event in log order, ``batch_size`` at a time (the EventSource port).
+
+        The next page is read (on a second connection) while the caller works on this one, so
+        a rebuild's fold and Postgres' read overlap.
+        """
         cursor = LogCursor()
-        while True:
-            found, cursor = await self.read(cursor, batch_size)
-            if not found:
-                return
-            yield found
+        pending = asyncio.ensure_future(self.read(cursor, batch_size))
+        try:
+            while True:
+                found, cursor = await pending
+                if not found:
+                    return
+                pending = asyncio.ensure_future(self.read(cursor, batch_size))
+                yield found
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
 
     async def stream(self, stream_id: str) -> list[Event]:
         """Every committed event of one stream, in ``stream_seq`` order."""
