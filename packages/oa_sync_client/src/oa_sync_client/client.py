@@ -34,7 +34,6 @@ from types import TracebackType
 from typing import Final, TypeAlias
 
 import aiohttp
-from oa_sync_core.errors import OaSyncError
 from oa_sync_core.protocol.client_session import (
     BackoffPolicy,
     CachedDocument,
@@ -55,6 +54,8 @@ from oa_sync_core.protocol.wire import (
     decode_server,
     encode_client,
 )
+
+from oa_sync_client.errors import ClientClosedError, SubscriptionRefusedError
 
 __all__ = [
     "BackoffPolicy",
@@ -83,33 +84,6 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 _CONNECT_TIMEOUT_S: Final = 10.0
 _DEFAULT_PING_S: Final = 15.0
 _log = logging.getLogger(__name__)  # stdlib logging: the SDK runs inside other applications
-
-
-class ClientClosedError(OaSyncError):
-    """The client is closed (by the application, or it gave up).
-
-    Attributes:
-        reason: why, e.g. ``gave up after 8 attempts`` or ``closed by the application``.
-        code: the last close code, if any.
-    """
-
-    def __init__(self, reason: str, code: int | None = None):
-        self.reason = reason
-        self.code = code
-        super().__init__(reason if code is None else f"{reason} (close {code})")
-
-
-class SubscriptionRefusedError(OaSyncError):
-    """The server refused a subscription (e.g. ``forbidden``).
-
-    Attributes:
-        code: the ``error`` frame's code.
-    """
-
-    def __init__(self, subscription_id: str, code: str, message: str):
-        self.subscription_id = subscription_id
-        self.code = code
-        super().__init__(f"subscription {subscription_id!r} refused: {code}: {message}")
 
 
 class SubscriptionClosed(Exception):  # noqa: N818 - a sentinel value, not an error to handle
