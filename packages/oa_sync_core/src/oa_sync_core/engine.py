@@ -170,10 +170,21 @@ class Fold:
         self.engine = engine
         self.states = states
         self.working: dict[DocId, tuple[JsonObject, int, int]] = {}  # body, version, covered
-        self.touched: dict[DocId, None] = {}
+        self.touched: dict[DocId, int] = {}  # document -> tick of its last folded event
         self.applied = self.skipped = self.ignored = 0
         self.last_position = 0
         self.events = 0
+        self._tick = 0
+
+    def _start(self, projector: Projector, doc_id: DocId) -> tuple[JsonObject, int, int]:
+        """A document's working state before its first event in this fold."""
+        state = self.states.get(doc_id) or DocumentState()
+        checkpoint = state.checkpoint
+        if checkpoint is None or checkpoint.projector_version != projector.version:
+            return (projector.initial(doc_id[1]), 0, 0)
+        if state.body is None:
+            return (projector.initial(doc_id[1]), 0, 0)
+        return (state.body, state.version, checkpoint.last_position)
 
     def add(self, events: Sequence[Event]) -> None:
         """Fold a batch (in log order) into the working documents.
@@ -181,52 +192,53 @@ class Fold:
         Raises:
             ProjectionError: a projector broke its contract.
         """
-        projectors = list(self.engine.projectors.values())
-        working, touched, states = self.working, self.touched, self.states
-        self.events += len(events)
+        # The inner loop runs once per event and projector: locals, no attribute lookups.
+        routes = [(p.doc_key, p.name, p) for p in self.engine.projectors.values()]
+        working, touched = self.working, self.touched
+        applied = skipped = ignored = 0
+        last, tick = self.last_position, self._tick
         for event in events:
-            self.last_position = max(self.last_position, event.position)
+            position = event.position
+            last = max(last, position)
             routed = False
-            for projector in projectors:
-                key = projector.doc_key(event)
+            for doc_key, name, projector in routes:
+                key = doc_key(event)
                 if key is None:
                     continue
                 routed = True
-                doc_id = (projector.name, key)
+                doc_id = (name, key)
                 current = working.get(doc_id)
                 if current is None:
-                    state = states.get(doc_id) or DocumentState()
-                    checkpoint = state.checkpoint
-                    fresh = checkpoint is None or checkpoint.projector_version != projector.version
-                    if fresh or state.body is None:
-                        current = (projector.initial(key), 0, 0)
-                    else:
-                        assert checkpoint is not None
-                        current = (state.body, state.version, checkpoint.last_position)
+                    current = self._start(projector, doc_id)
                 body, version, covered = current
-                if event.position <= covered:
-                    self.skipped += 1
+                if position <= covered:
+                    skipped += 1
                     working[doc_id] = current
                     continue
                 new_body = projector.apply(body, event)
                 if new_body is body:
                     raise ProjectionError(
                         f"apply() returned its input for {event.type}; return a new document",
-                        projection=projector.name,
-                        position=event.position,
+                        projection=name,
+                        position=position,
                     )
-                working[doc_id] = (new_body, version + 1, event.position)
-                touched.pop(doc_id, None)
-                touched[doc_id] = None
-                self.applied += 1
+                working[doc_id] = (new_body, version + 1, position)
+                tick += 1
+                touched[doc_id] = tick
+                applied += 1
             if not routed:
-                self.ignored += 1
+                ignored += 1
+        self.events += len(events)
+        self.applied += applied
+        self.skipped += skipped
+        self.ignored += ignored
+        self.last_position, self._tick = last, tick
 
     def result(self) -> ProjectionResult:
         """The updates and checkpoint advances of everything added, each document encoded once."""
         updates: list[DocumentUpdate] = []
         checkpoints: list[Checkpoint] = []
-        for doc_id in self.touched:
+        for doc_id in sorted(self.touched, key=self.touched.__getitem__):
             body, version, covered = self.working[doc_id]
             projection, key = doc_id
             canonical = canonical_json(body)

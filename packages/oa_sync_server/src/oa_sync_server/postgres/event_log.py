@@ -158,16 +158,9 @@ async def read_committed(
         "n": limit,
     }
     rows = (await conn.execute(_READ, params)).all()
-    loads = orjson.loads
+    loads, make = orjson.loads, Event.from_log  # our own rows: the schema holds the invariants
     found = [  # positional unpacking (rows are tuples): a read is up to 20,000 rows
-        Event(
-            position=position,
-            stream_id=stream_id,
-            stream_seq=stream_seq,
-            type=kind,
-            payload=loads(payload),
-            recorded_at=recorded_at,
-        )
+        make(position, stream_id, stream_seq, kind, loads(payload), recorded_at)
         for position, stream_id, stream_seq, kind, payload, recorded_at, _ in rows
     ]
     cursor = LogCursor(tx_id=rows[-1][6], position=rows[-1][0]) if rows else after
