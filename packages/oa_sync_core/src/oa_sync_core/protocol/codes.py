@@ -72,6 +72,9 @@ class ErrorCode(enum.StrEnum):
     INVALID_SUBSCRIPTION = "invalid_subscription"
     UNKNOWN_SUBSCRIPTION = "unknown_subscription"
     RESET = "reset"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    UNAVAILABLE = "unavailable"
+    """The database is unreachable for now; retry after ``Retry-After`` (503)."""
     INTERNAL = "internal"
 
 
