@@ -31,6 +31,7 @@ BENCHMARKS = (
     "wire_codec",
     "projection",
     "rebuild",
+    "ingest",
     "fanout",
     "connections",
     "resume",

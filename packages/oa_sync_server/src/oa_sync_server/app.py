@@ -123,7 +123,7 @@ def create_app(
         metrics=metrics,
         hub=hub,
         reads=reads,
-        event_log=PostgresEventLog(engine),
+        event_log=PostgresEventLog(engine, max_events=settings.limits.max_append_events),
         projector=(
             ProjectorWorker(
                 engine,

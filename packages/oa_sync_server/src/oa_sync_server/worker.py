@@ -88,13 +88,7 @@ from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
 from oa_sync_server.postgres.event_log import LogCursor, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow
-from oa_sync_server.postgres.stores import (
-    Written,
-    load_states,
-    lock_watermarks,
-    put_checkpoints,
-    write_updates,
-)
+from oa_sync_server.postgres.stores import Written, load_states, lock_watermarks, write_batch
 
 __all__ = [
     "STALL_WARN_EVERY_S",
@@ -428,8 +422,7 @@ class ProjectorWorker:
             await self._pause("locked", conn)
             states = await self._states(conn, self.projection.route(events), last)
             result = self.projection.apply(events, states)
-            written = await write_updates(conn, result.updates, only_newer=False, locked_at=last)
-            await put_checkpoints(conn, result.checkpoints)
+            written = await write_batch(conn, result.updates, result.checkpoints, locked_at=last)
             await conn.execute(
                 _ADVANCE,
                 {

@@ -42,7 +42,7 @@ from aiohttp import web
 from oa_sync_core.codec import loads_strict, read_message
 from oa_sync_core.contracts import v1
 from oa_sync_core.errors import CodecError, EventValidationError
-from oa_sync_core.events import NewEvent, validate_new_event
+from oa_sync_core.events import NewEvent, check_append_size
 from oa_sync_core.protocol.codes import ErrorCode, LimitKind
 from oa_sync_core.protocol.resume import Position, decide_resume
 from oa_sync_core.topics import Topic, parse_topic
@@ -337,10 +337,11 @@ async def append_events(request: web.Request) -> web.Response:
             raise _event_error(exc) from None
         raise
     items = message.get("events", [])
+    check_append_size(len(items), state.event_log.max_events)  # 413 naming the limit
     if not items:
         raise EventValidationError("events must hold at least one event", field="events")
     batch = []
-    for index, item in enumerate(items):
+    for item in items:
         seq = item.get("expectedSeq")
         event = NewEvent(
             stream_id=item.get("streamId", ""),
@@ -349,8 +350,8 @@ async def append_events(request: web.Request) -> web.Response:
             expected_seq=None if seq is None else int(seq),
             idempotency_key=item.get("idempotencyKey") or None,
         )
-        batch.append(validate_new_event(event, index=index))
-    positions = await state.event_log.append(batch)
+        batch.append(event)
+    positions = await state.event_log.append(batch)  # validates each event once, names its index
     return _json({"positions": [str(p) for p in positions]})
 
 
