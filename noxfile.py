@@ -95,7 +95,9 @@ def _generate(session: nox.Session, out_file: Path) -> None:
 def _npm_ci(session: nox.Session) -> None:
     """Install the TypeScript package's pinned tools (package-lock.json) once per session."""
     with session.chdir(JS_PACKAGE):
-        session.run("npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", external=True, silent=True)
+        session.run(
+            "npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", external=True, silent=True
+        )
 
 
 def _generate_ts(session: nox.Session, out_dir: Path) -> None:
@@ -148,9 +150,8 @@ def proto_check(session: nox.Session) -> None:
         fresh_ts = Path(tmp) / "gen"
         _generate_ts(session, fresh_ts)
         if not _same_tree(fresh_ts, GENERATED_TS):
-            session.error(
-                f"{GENERATED_TS.relative_to(ROOT)} is stale: run `nox -s proto` and commit the result"
-            )
+            stale = GENERATED_TS.relative_to(ROOT)
+            session.error(f"{stale} is stale: run `nox -s proto` and commit the result")
 
 
 @nox.session

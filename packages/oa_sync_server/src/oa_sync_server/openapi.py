@@ -157,6 +157,22 @@ _PATHS: Final[dict[str, Any]] = {
             "operationId": "appendEvents",
             "summary": "Append events atomically, in order",
             "security": [{"bearer": []}],
+            "parameters": [
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "description": "`visible`: answer once the batch is projected, with"
+                    " `visibleWatermark` and `epoch` (read-your-writes)",
+                    "schema": {"type": "string", "enum": ["visible"]},
+                },
+                {
+                    "name": "timeoutMs",
+                    "in": "query",
+                    "description": "with wait=visible: how long to wait, 1 to 60000 (default"
+                    " 5000); past it the answer is 504 `not_visible`",
+                    "schema": {"type": "string"},
+                },
+            ],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": _ref("AppendRequest")}},
@@ -168,6 +184,7 @@ _PATHS: Final[dict[str, Any]] = {
                 "403": _error("the token lacks sync:append"),
                 "409": _error("expectedSeq does not match the stream"),
                 "413": _error("body larger than OA_SYNC_MAX_BODY_BYTES"),
+                "504": _error("wait=visible: appended, but not projected within timeoutMs"),
             },
         }
     },

@@ -3,6 +3,10 @@
 Routes (added by :func:`add_routes`):
 
 * ``POST /v1/events`` — ``AppendRequest`` → ``AppendResponse``; scope ``sync:append``.
+  With ``?wait=visible[&timeoutMs=N]`` the answer waits until the projector has applied the
+  batch and adds ``visibleWatermark`` (the watermark of the batch's documents, 0 when it
+  changed none) and ``epoch`` (read-your-writes); past the timeout it is a 504
+  ``not_visible`` whose ``positions`` say the events *were* appended.
 * ``GET /v1/docs/{doc_key}`` — one ``Document`` (the whole rest of the path is the key);
   scope ``sync:read`` and a grant covering the key.
 * ``GET /v1/changes?topic=…&after=W&limit=N[&epoch=E]`` — a ``ChangesPage``: documents
@@ -24,6 +28,7 @@ What this is not: SSE (:mod:`oa_sync_server.transports.sse`) or the WebSocket
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -36,7 +41,8 @@ from aiohttp import web
 from oa_sync_core.codec import loads_strict, read_message
 from oa_sync_core.contracts import v1
 from oa_sync_core.errors import CodecError, EventValidationError, OaSyncError
-from oa_sync_core.events import NewEvent, validate_new_event
+from oa_sync_core.events import Event, NewEvent, validate_new_event
+from oa_sync_core.projectors import DEFAULT_PROJECTORS
 from oa_sync_core.topics import Topic, parse_topic
 
 from oa_sync_server.auth import Principal
@@ -53,9 +59,12 @@ from oa_sync_server.state import STATE, ServerState
 
 __all__ = [
     "DEFAULT_CHANGES_LIMIT",
+    "DEFAULT_VISIBLE_TIMEOUT_MS",
     "LAG_COUNT_CAP",
     "MAX_CHANGES_LIMIT",
+    "MAX_VISIBLE_TIMEOUT_MS",
     "READY_MAX_LAG_S",
+    "NotVisibleError",
     "StaleCursorError",
     "add_cors_headers",
     "add_routes",
@@ -73,6 +82,9 @@ MAX_CHANGES_LIMIT: Final = 1000
 READY_MAX_LAG_S: Final = 30.0
 """``/readyz`` answers 503 while the oldest unprojected event is older than this."""
 _DB_CHECK_TIMEOUT_S: Final = 2.0
+DEFAULT_VISIBLE_TIMEOUT_MS: Final = 5_000
+"""How long ``POST /v1/events?wait=visible`` waits for the projector when no ``timeoutMs``."""
+MAX_VISIBLE_TIMEOUT_MS: Final = 60_000
 _EVENT_PATH = re.compile(r"events\[(\d+)\]\.?(.*)")
 _BEARER = re.compile(r"Bearer +(\S+)", re.IGNORECASE)
 
@@ -91,6 +103,30 @@ _LAG = sa.text(
     "COALESCE((SELECT l.cursor_position FROM oa_sync.projector_leases l WHERE l.name = :name), 0)"
     ") ORDER BY e.tx_id, e.position LIMIT :cap) AS s"
 )
+
+
+# Whether the projector's cursor has passed the event at :pos (the last of a batch: a batch
+# commits in one transaction, so its events share a tx_id and are applied together).
+_PROJECTED = sa.text(
+    "SELECT EXISTS (SELECT 1 FROM oa_sync.events e JOIN oa_sync.projector_leases l "
+    "ON l.name = :name WHERE e.position = :pos "
+    "AND (e.tx_id, e.position) <= (l.cursor_tx_id, l.cursor_position))"
+)
+_VISIBLE_AT = sa.text(
+    "SELECT COALESCE(max(watermark), 0) FROM oa_sync.documents WHERE doc_key = ANY(:keys)"
+)
+
+
+class NotVisibleError(OaSyncError):
+    """An append committed but was not projected within its ``timeoutMs`` (504)."""
+
+    def __init__(self, positions: list[int], timeout_ms: int):
+        self.positions = positions
+        super().__init__(
+            f"appended, but not visible within {timeout_ms} ms (the projector is behind or not"
+            " running); the events are in the log: do not append them again without their"
+            " idempotency keys"
+        )
 
 
 class StaleCursorError(OaSyncError):
@@ -119,6 +155,9 @@ def _error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     mapping = classify(exc)
     if isinstance(exc, StaleCursorError):
         return 410, {"error": {"code": "reset", "message": str(exc), "epoch": exc.epoch}}
+    if isinstance(exc, NotVisibleError):
+        positions = [str(p) for p in exc.positions]
+        return 504, {"error": {"code": "not_visible", "message": str(exc), "positions": positions}}
     if isinstance(exc, web.HTTPException):
         return exc.status, {"error": {"code": exc.reason.lower().replace(" ", "_"), "message": ""}}
     if mapping.status >= 500:
@@ -317,8 +356,65 @@ async def append_events(request: web.Request) -> web.Response:
             idempotency_key=item.get("idempotencyKey") or None,
         )
         batch.append(validate_new_event(event, index=index))
+    wait = request.query.get("wait")
+    if wait not in (None, "visible"):
+        raise bad_query("wait", "wait must be 'visible' when given")
+    timeout_ms = _int_param(
+        request, "timeoutMs", DEFAULT_VISIBLE_TIMEOUT_MS, 1, MAX_VISIBLE_TIMEOUT_MS
+    )
     positions = await state.event_log.append(batch)
-    return _json({"positions": [str(p) for p in positions]})
+    answer: dict[str, Any] = {"positions": [str(p) for p in positions]}
+    if wait == "visible":
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                watermark, epoch = await _visible(state, batch, positions)
+        except TimeoutError:
+            raise NotVisibleError(positions, timeout_ms) from None
+        answer |= {"visibleWatermark": str(watermark), "epoch": epoch}
+    return _json(answer)
+
+
+def _doc_keys(state: ServerState, batch: list[NewEvent], positions: list[int]) -> list[str]:
+    """The documents the server's projectors route the batch's events to."""
+    worker = state.projector
+    projectors = (
+        list(worker.projection.projectors.values()) if worker is not None else DEFAULT_PROJECTORS
+    )
+    now = dt.datetime.now(dt.UTC)
+    keys: set[str] = set()
+    for new, position in zip(batch, positions, strict=True):
+        event = Event(
+            position=position,
+            stream_id=new.stream_id,
+            stream_seq=1,
+            type=new.type,
+            payload=new.payload,
+            recorded_at=now,
+        )
+        keys.update(k for p in projectors if (k := p.doc_key(event)) is not None)
+    return sorted(keys)
+
+
+async def _visible(
+    state: ServerState, batch: list[NewEvent], positions: list[int]
+) -> tuple[int, str]:
+    """Wait until the projector has applied the batch; its documents' watermark and the epoch.
+
+    Waits on the hub (woken by the projector's NOTIFY), never on a timer: the hub's watermark
+    is read before each check, so an advance between the check and the wait is not missed.
+    """
+    keys = _doc_keys(state, batch, positions)
+    while True:
+        seen = state.hub.watermark
+        async with state.engine.connect() as conn:
+            if not keys:
+                return 0, (await read_model.read_meta(conn)).epoch
+            lease = state.projector.name if state.projector is not None else "default"
+            done = await conn.execute(_PROJECTED, {"name": lease, "pos": max(positions)})
+            if done.scalar_one():
+                watermark = (await conn.execute(_VISIBLE_AT, {"keys": keys})).scalar_one()
+                return int(watermark), (await read_model.read_meta(conn)).epoch
+        await state.hub.wait_for(seen + 1, within_s=MAX_VISIBLE_TIMEOUT_MS / 1000)
 
 
 async def get_document(request: web.Request) -> web.Response:

@@ -1,0 +1,110 @@
+"""Read-your-writes on the server: ``POST /v1/events?wait=visible`` answers once the batch is
+projected, with the watermark at which its documents became visible, or a clear 504."""
+
+from __future__ import annotations
+
+import aiohttp
+import sqlalchemy as sa
+from oa_sync_server.postgres.tables import events
+
+from tests.e2e.test_http import call, run_event
+from tests.live import LiveServer, make_live_server
+
+
+async def test_wait_visible_answers_the_watermark_of_the_batch_documents(
+    live_server: LiveServer,
+) -> None:
+    """The answer comes after projection: the document is readable at once, at that watermark."""
+    token = live_server.token()
+    async with aiohttp.ClientSession(live_server.url) as s:
+        for step in range(1, 4):
+            batch = [run_event("run.created", "r1")] if step == 1 else []
+            batch.append(run_event("run.step", "r1", stepIndex=step))
+            batch.append(
+                {"streamId": "worker:w9", "type": "worker.heartbeat", "payload": {"workerId": "w9"}}
+            )
+            status, body = await call(
+                s,
+                "POST",
+                "/v1/events",
+                token=token,
+                body={"events": batch},
+                params={"wait": "visible", "timeoutMs": "10000"},
+            )
+            assert status == 200, body
+            watermark = int(body["visibleWatermark"])
+            status, run = await call(s, "GET", "/v1/docs/runtime/run_summary:r1", token=token)
+            assert status == 200
+            assert run["document"]["stepCount"] == step
+            status, worker = await call(
+                s, "GET", "/v1/docs/runtime/codex_worker_summary:w9", token=token
+            )
+            assert status == 200
+            assert watermark == max(int(run["watermark"]), int(worker["watermark"]))
+            assert body["epoch"] == live_server.state.hub.epoch
+
+
+async def test_wait_visible_for_a_batch_that_changes_no_document_is_zero(
+    live_server: LiveServer,
+) -> None:
+    """Events no projector routes answer at once with visibleWatermark 0."""
+    token = live_server.token()
+    async with aiohttp.ClientSession(live_server.url) as s:
+        status, body = await call(
+            s,
+            "POST",
+            "/v1/events",
+            token=token,
+            body={"events": [{"streamId": "misc:1", "type": "misc.thing", "payload": {"a": 1}}]},
+            params={"wait": "visible"},
+        )
+    assert status == 200, body
+    assert body["visibleWatermark"] == "0"
+    assert len(body["positions"]) == 1
+
+
+async def test_wait_visible_times_out_with_504_and_the_positions(database_url: str) -> None:
+    """Without a projector the wait ends at timeoutMs with 504 not_visible; the events stay."""
+    async with make_live_server(database_url, run_projector=False) as server:
+        async with aiohttp.ClientSession(server.url) as s:
+            status, body = await call(
+                s,
+                "POST",
+                "/v1/events",
+                token=server.token(),
+                body={"events": [run_event("run.created", "r2")]},
+                params={"wait": "visible", "timeoutMs": "300"},
+            )
+        assert status == 504
+        assert body["error"]["code"] == "not_visible"
+        assert "300 ms" in body["error"]["message"]
+        async with server.engine.connect() as conn:
+            count = (await conn.execute(sa.select(sa.func.count()).select_from(events))).scalar()
+        assert len(body["error"]["positions"]) == 1
+        assert count == 1
+
+
+async def test_wait_parameters_are_validated_before_anything_is_written(
+    live_server: LiveServer,
+) -> None:
+    """A bad wait or timeoutMs is a 400 naming the parameter, and nothing is appended."""
+    token = live_server.token()
+    async with aiohttp.ClientSession(live_server.url) as s:
+        for params, field in (
+            ({"wait": "soon"}, "wait"),
+            ({"wait": "visible", "timeoutMs": "0"}, "timeoutMs"),
+            ({"wait": "visible", "timeoutMs": "600001"}, "timeoutMs"),
+        ):
+            status, body = await call(
+                s,
+                "POST",
+                "/v1/events",
+                token=token,
+                body={"events": [run_event("run.created", "r3")]},
+                params=params,
+            )
+            assert status == 400, body
+            assert body["error"]["field"] == field
+    async with live_server.engine.connect() as conn:
+        count = (await conn.execute(sa.select(sa.func.count()).select_from(events))).scalar()
+    assert count == 0
