@@ -51,8 +51,14 @@ def _install(session: nox.Session, *groups: str, packages: bool = True) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the whole test suite (real Postgres: see tests/conftest.py for how it is found)."""
+    """Run the whole test suite (real Postgres: see tests/conftest.py for how it is found).
+
+    The TypeScript client's `npm test` and the browser test run inside it
+    (tests/web/test_js_client.py, tests/web/test_browser.py) against a real `oa-sync serve`;
+    their pinned npm tools are installed here first.
+    """
     _install(session, "test")
+    _npm_ci(session)
     session.run("pytest", *session.posargs)
 
 
