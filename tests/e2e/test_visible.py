@@ -3,8 +3,12 @@ projected, with the watermark at which its documents became visible, or a clear 
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
+import pytest
 import sqlalchemy as sa
+from oa_sync_client import AppendError, SyncClient
 from oa_sync_server.postgres.tables import events
 
 from tests.e2e.test_http import call, run_event
@@ -108,3 +112,44 @@ async def test_wait_parameters_are_validated_before_anything_is_written(
     async with live_server.engine.connect() as conn:
         count = (await conn.execute(sa.select(sa.func.count()).select_from(events))).scalar()
     assert count == 0
+
+
+async def test_python_client_append_visible_shows_the_write_in_the_cache(
+    live_server: LiveServer,
+) -> None:
+    """SyncClient.append(visible=True) returns with the new version already in the cache."""
+    token = live_server.token()
+    async with SyncClient(live_server.url, token) as client:
+        sub = client.subscribe(["runtime/run_summary:*"])
+        async with asyncio.timeout(20):
+            await sub.wait_synced()
+        for step in range(1, 6):
+            event = (
+                run_event("run.created", "v1")
+                if step == 1
+                else run_event("run.step", "v1", stepIndex=step)
+            )
+            result = await client.append([event], visible=True, timeout_s=10)
+            doc = sub.documents["runtime/run_summary:v1"]
+            assert doc.version == step
+            assert result.visible_watermark is not None
+            assert doc.watermark >= result.visible_watermark
+            assert len(result.positions) == 1
+
+
+async def test_python_client_append_errors_are_typed(database_url: str) -> None:
+    """A refused append is an AppendError with the server's code; a wait that times out is
+    not_visible with the positions of the events that were appended."""
+    async with (
+        make_live_server(database_url, run_projector=False) as server,
+        SyncClient(server.url, server.token()) as client,
+    ):
+        with pytest.raises(AppendError) as refused:
+            await client.append([run_event("run.created", "x", bogus=1)])
+        assert refused.value.status == 400
+        assert refused.value.positions == ()
+        with pytest.raises(AppendError) as late:
+            await client.append([run_event("run.created", "x")], visible=True, timeout_s=0.3)
+        assert late.value.status == 504
+        assert late.value.code == "not_visible"
+        assert len(late.value.positions) == 1
