@@ -1,4 +1,4 @@
-"""Developer sessions: tests, lint, typecheck, proto, proto_check, serve, bench.
+"""Developer sessions: tests, lint, typecheck, proto, proto_check, inspector, serve, bench.
 
 Every session installs what it needs into its own virtualenv from the pins in the root
 ``pyproject.toml`` (dependency groups) and the two packages' own metadata, so a machine with
@@ -158,6 +158,15 @@ def proto_check(session: nox.Session) -> None:
         if not _same_tree(fresh_ts, GENERATED_TS):
             stale = GENERATED_TS.relative_to(ROOT)
             session.error(f"{stale} is stale: run `nox -s proto` and commit the result")
+
+
+@nox.session
+def inspector(session: nox.Session) -> None:
+    """Bundle the inspector page (esbuild, pinned in package-lock.json) into the server's
+    static/inspector.js; tests/web/test_inspector_asset.py proves the committed file fresh."""
+    _npm_ci(session)
+    with session.chdir(JS_PACKAGE):
+        session.run("node", "scripts/build-inspector.mjs", str(INSPECTOR_ASSET), external=True)
 
 
 @nox.session

@@ -2,8 +2,9 @@
 
 :class:`ServeProcess` runs ``python -m oa_sync_server.cli serve`` on a database of the caller's
 (``tests.pg``'s ``database_url`` fixture: a local Postgres, or the embedded one for a newcomer),
-on a free port it keeps across :meth:`ServeProcess.restart`, with an HS256 secret the tests
-mint tokens with. It waits for the ``oa-sync serving on <url>`` line, never for a time.
+on a free port it keeps across :meth:`ServeProcess.restart` (its own origin allowed on the
+WebSocket, as a browser page it serves needs), with an HS256 secret the tests mint tokens
+with. It waits for the ``oa-sync serving on <url>`` line, never for a time.
 
 What this is not: an in-process server (``tests.live`` is that); this one is the real CLI,
 signals and all, which is what an npm user or a browser talks to.
@@ -17,10 +18,11 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 
-__all__ = ["ServeProcess", "serve_process"]
+__all__ = ["ServeProcess", "free_port", "serve_process"]
 
 _SERVING = re.compile(r"oa-sync serving on (http://\S+)")
 START_TIMEOUT_S = 60.0
@@ -42,9 +44,11 @@ class ServeProcess:
         origins: Sequence[str] = (),
         demo: bool = False,
         secret: str | None = None,
+        allow_own_origin: bool = True,
     ) -> None:
         self.database_url = database_url
         self.origins = tuple(origins)
+        self.allow_own_origin = allow_own_origin
         self.demo = demo
         self.secret = secret or secrets.token_urlsafe(48)
         self.url = ""
@@ -62,12 +66,17 @@ class ServeProcess:
             "OA_SYNC_HOST": "127.0.0.1",
             "OA_SYNC_LOG_FORMAT": "json",
         }
-        if self.origins:
-            env["OA_SYNC_ALLOWED_ORIGINS"] = ",".join(self.origins)
+        origins = list(self.origins)
+        if self.allow_own_origin:
+            origins.append(f"http://127.0.0.1:{self.port}")
+        if origins:
+            env["OA_SYNC_ALLOWED_ORIGINS"] = ",".join(origins)
         return env
 
     async def start(self) -> str:
-        """Start the process and return its URL once it serves."""
+        """Start the process and return its URL once it serves (the port is kept for restarts)."""
+        if not self.port:
+            self.port = free_port()
         args = [sys.executable, "-m", "oa_sync_server.cli", "serve", "--port", str(self.port)]
         if self.demo:
             args.append("--demo")
@@ -85,7 +94,6 @@ class ServeProcess:
         except TimeoutError:
             await self.stop()
             raise RuntimeError("oa-sync serve did not start:\n" + "\n".join(self.output)) from None
-        self.port = int(self.url.rsplit(":", 1)[1])
         return self.url
 
     async def _read(self, proc: asyncio.subprocess.Process, serving: asyncio.Future[str]) -> None:
@@ -121,12 +129,25 @@ class ServeProcess:
         return await self.start()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @contextlib.asynccontextmanager
 async def serve_process(
-    database_url: str, *, origins: Sequence[str] = (), demo: bool = False
+    database_url: str,
+    *,
+    origins: Sequence[str] = (),
+    demo: bool = False,
+    allow_own_origin: bool = True,
 ) -> AsyncIterator[ServeProcess]:
     """A started :class:`ServeProcess`, stopped when the block exits."""
-    server = ServeProcess(database_url, origins=origins, demo=demo)
+    server = ServeProcess(
+        database_url, origins=origins, demo=demo, allow_own_origin=allow_own_origin
+    )
     try:
         await server.start()
         yield server

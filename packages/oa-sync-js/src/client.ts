@@ -558,7 +558,9 @@ function httpBase(url: string): string {
 }
 
 function randomKey(): string {
-  return globalThis.crypto.randomUUID();
+  // getRandomValues works outside secure contexts too (randomUUID does not).
+  const bytes = globalThis.crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 function appendError(status: number, body: JsonValue): AppendError {

@@ -8,7 +8,10 @@ released, the embedded Postgres stopped.
 
 ``--demo`` also runs a synthetic runtime (:mod:`oa_sync_server.demo`), generates a throw-away
 HS256 secret when no JWT key is configured (never printed), and prints a token plus a
-ready-to-paste command to watch updates.
+ready-to-paste command to watch updates, and the inspector's URL (``GET /``) with a read +
+admin token in its fragment: one click and the demo runs move in the browser. The demo also
+accepts its own origin on the WebSocket (added to ``OA_SYNC_ALLOWED_ORIGINS``) so that page
+can use it.
 """
 
 from __future__ import annotations
@@ -67,11 +70,22 @@ def _print_demo(settings: Settings, url: str) -> None:
         issuer=settings.jwt.issuer,
         audience=settings.jwt.audience,
     )
+    inspector_token = mint_token(
+        secret,
+        subject="demo-inspector",
+        topics=["*"],
+        scopes=["sync:read", "sync:admin"],
+        ttl_s=DEMO_TOKEN_TTL_S,
+        issuer=settings.jwt.issuer,
+        audience=settings.jwt.audience,
+    )
     topic = "runtime/run_summary:*"
     print(
         "\n".join(
             [
                 "demo: a synthetic runtime is appending run and worker events.",
+                "watch it in a browser (the inspector; the token stays in the URL fragment):",
+                f"  {url}/#token={inspector_token}&topic=*",
                 f"demo token (12 h, read + append): {token}",
                 "watch live updates:",
                 f"  oa-sync tail '{topic}' --url {url} --token {token}",
@@ -134,5 +148,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--port", "must be between 0 and 65535")
         settings = dataclasses.replace(settings, port=args.port)
     settings = settings.require_jwt_key(dev=args.demo)
+    if args.demo and settings.port != 0 and "*" not in settings.allowed_origins:
+        own = (_url(settings.host, settings.port), f"http://localhost:{settings.port}")
+        settings = dataclasses.replace(settings, allowed_origins=(*settings.allowed_origins, *own))
     configure_logging(settings.log_format, settings.log_level)
     return asyncio.run(serve(settings, demo=args.demo))
