@@ -41,7 +41,8 @@ export interface WebSocketLike {
   close(code?: number, reason?: string): void;
 }
 
-export type WebSocketConstructor = new (url: string, protocols: string[]) => WebSocketLike;
+/** A WebSocket class: the browser's, or `WebSocket` of the `ws` package in Node. */
+export type WebSocketConstructor = new (url: string, protocols: string[]) => unknown;
 
 /** Returns a fresh bearer token; called once per refresh. */
 export type TokenProvider = () => string | Promise<string>;
@@ -416,7 +417,7 @@ export class SyncClient {
 
   private connection(): Promise<number | null> {
     return new Promise((resolve) => {
-      const ws = new this.WS(this.wsUrl, [SUBPROTOCOLS[this.format]]);
+      const ws = new this.WS(this.wsUrl, [SUBPROTOCOLS[this.format]]) as WebSocketLike;
       ws.binaryType = "arraybuffer";
       this.ws = ws;
       const timers: Array<ReturnType<typeof setTimeout>> = [];

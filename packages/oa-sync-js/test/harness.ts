@@ -33,7 +33,7 @@ const SECRET = env("OA_SYNC_JS_SECRET");
 const PYTHON = env("OA_SYNC_JS_PYTHON");
 const DATABASE_URL = env("OA_SYNC_JS_DATABASE_URL");
 
-export const NodeWebSocket = WebSocket as unknown as WebSocketConstructor;
+export const NodeWebSocket: WebSocketConstructor = WebSocket;
 
 function b64url(data: string | Buffer): string {
   return Buffer.from(data).toString("base64url");
