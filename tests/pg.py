@@ -2,7 +2,8 @@
 
 Where Postgres comes from, in order:
 
-1. ``OA_SYNC_TEST_DATABASE_URL`` (an explicit choice wins; CI and the dev box set it);
+1. ``OA_SYNC_TEST_DATABASE_URL`` (an explicit choice wins: handy day to day; CI does not set
+   it, so CI proves the path a newcomer takes);
 2. testcontainers (``postgres:16-alpine``) when a Docker engine answers a ping;
 3. an embedded ``pgserver`` in a temporary directory.
 
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 from oa_sync_server.postgres import create_engine
+from oa_sync_server.postgres.embedded import load_pgserver
 from oa_sync_server.postgres.migrate import upgrade
 from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -53,11 +55,18 @@ def _docker_available() -> bool:
         import docker  # type: ignore[import-untyped]
     except ImportError:
         return False
+    if not os.environ.get("DOCKER_HOST") and not os.path.exists("/var/run/docker.sock"):
+        return False  # no engine to ask (and no socket left open by asking)
     try:
         client = docker.from_env(timeout=2)
-        client.ping()
     except Exception:  # noqa: BLE001 - any failure means "no usable Docker engine"
         return False
+    try:
+        client.ping()
+    except Exception:  # noqa: BLE001 - same
+        return False
+    finally:
+        client.close()
     return True
 
 
@@ -74,8 +83,7 @@ def pg_server_url() -> Iterator[str]:
         with PostgresContainer("postgres:16-alpine", driver=None) as container:
             yield container.get_connection_url()
         return
-    import pgserver
-
+    pgserver = load_pgserver()
     with tempfile.TemporaryDirectory(prefix="oa-sync-pg-") as data_dir:
         server = pgserver.get_server(data_dir, cleanup_mode="stop")
         try:

@@ -16,7 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(
     p
-    for base in ("packages/oa_sync_core/src", "packages/oa_sync_server/src", "packages/oa_sync_client/src", "bench")
+    for base in (
+        "packages/oa_sync_core/src",
+        "packages/oa_sync_server/src",
+        "packages/oa_sync_client/src",
+        "bench",
+    )
     for p in (ROOT / base).rglob("*.py")
     if "contracts" not in p.parts
 )

@@ -23,21 +23,19 @@ from hypothesis.stateful import (
     rule,
 )
 from oa_sync_core.errors import ProtocolError
+from oa_sync_core.protocol.codes import CloseCode
 from oa_sync_core.protocol.server_session import (
     Action,
     CancelCatchUp,
     CatchUp,
     Close,
-    CloseCode,
     Credentials,
-    ResetReason,
     Send,
     SendUpdate,
     ServerSession,
     SessionLimits,
     SessionState,
     VerifyToken,
-    decide_resume,
 )
 from oa_sync_core.protocol.wire import (
     Authenticate,
@@ -313,24 +311,6 @@ def test_begin_catch_up_twice_is_a_protocol_error() -> None:
 
 
 # -- resume and catch-up -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("resume", "after", "reason"),
-    [
-        (None, None, None),
-        (Resume("e1", 7), 7, None),
-        (Resume("e1", 3), 3, None),
-        (Resume("e0", 7), None, ResetReason.EPOCH_CHANGED),
-        (Resume("e1", 2), None, ResetReason.WATERMARK_EXPIRED),
-        (Resume("e1", 11), None, ResetReason.WATERMARK_AHEAD),
-    ],
-)
-def test_decide_resume(
-    resume: Resume | None, after: int | None, reason: ResetReason | None
-) -> None:
-    """Same epoch and a retained watermark resume; anything else resets."""
-    assert decide_resume(resume, Meta("e1", 10, retained_from=3)) == (after, reason)
 
 
 def test_reset_then_snapshot_then_synced() -> None:

@@ -38,13 +38,13 @@ async def _read_until(stream: asyncio.StreamReader, pattern: re.Pattern[str]) ->
 @pytest.mark.slow
 async def test_serve_demo_on_embedded_postgres(tmp_path: Path) -> None:
     """serve --demo starts an embedded Postgres, answers /readyz 200, streams demo documents
-    to the printed token, and exits 0 on SIGTERM."""
+    to the printed token, its printed tail command works pasted into a shell whose PATH lacks
+    the venv, and it exits 0 on SIGTERM."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OA_SYNC_")}
     env |= {"OA_SYNC_DATA_DIR": str(tmp_path / "data"), "OA_SYNC_LOG_FORMAT": "json"}
+    # The console script, as `nox -s serve` runs it (its directory is not on a user's PATH).
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "oa_sync_server.cli",
+        str(Path(sys.executable).parent / "oa-sync"),
         "serve",
         "--demo",
         "--port",
@@ -58,7 +58,7 @@ async def test_serve_demo_on_embedded_postgres(tmp_path: Path) -> None:
         async with asyncio.timeout(START_TIMEOUT_S):
             url = (await _read_until(proc.stdout, re.compile(r"serving on (http://\S+)")))[1]
             token = (await _read_until(proc.stdout, re.compile(r"demo token .*: (\S+)$")))[1]
-            tail = (await _read_until(proc.stdout, re.compile(r"oa-sync tail .*")))[0]
+            tail = (await _read_until(proc.stdout, re.compile(r"^\s+(\S+ tail .*)$")))[1]
             assert f"--url {url}" in tail
             assert f"--token {token}" in tail
             async with aiohttp.ClientSession(url) as http:
@@ -75,6 +75,18 @@ async def test_serve_demo_on_embedded_postgres(tmp_path: Path) -> None:
                     async for line in resp.content:
                         if line.startswith(b"event: update"):
                             break
+            # The printed command, pasted as printed into a shell without the venv on PATH.
+            pasted = await asyncio.create_subprocess_exec(
+                "/bin/sh",
+                "-c",
+                f"{tail} --json --max-updates 1",
+                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await pasted.communicate()
+            assert pasted.returncode == 0, err.decode()
+            assert orjson.loads(out.splitlines()[0])["docKey"].startswith("runtime/run_summary:")
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await proc.wait() == 0

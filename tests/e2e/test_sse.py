@@ -171,7 +171,7 @@ async def test_stale_last_event_id_gives_reset_then_snapshot(live_server: LiveSe
         stream = await open_stream(s, token, ["*"], last_id="999999")
         first = await stream.next()
         assert first.event == "reset"
-        assert first.data["reason"] == "epoch_changed"
+        assert first.data["reason"] == "watermark_ahead"
         snapshot, _ = await stream.until_synced()
         assert len(snapshot) == 2
         stream.resp.close()
@@ -182,7 +182,7 @@ async def test_stale_last_event_id_gives_reset_then_snapshot(live_server: LiveSe
         stream = await open_stream(s, token, ["*"], last_id="1")
         first = await stream.next()
         assert first.event == "reset"
-        assert first.data["reason"] == "retention"
+        assert first.data["reason"] == "watermark_expired"
         stream.resp.close()
 
 

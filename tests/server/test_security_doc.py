@@ -6,10 +6,10 @@ import dataclasses
 import re
 from pathlib import Path
 
-import pytest
+from oa_sync_core.protocol.codes import CloseCode, LimitKind
 from oa_sync_server import errors
 from oa_sync_server.config import ENV_PREFIX, Limits
-from oa_sync_server.errors import AuthFailure, ErrorMapping, LimitKind
+from oa_sync_server.errors import AuthFailure, ErrorMapping
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
 CONFIG_SOURCE = Path(errors.__file__).with_name("config.py").read_text()
@@ -38,13 +38,13 @@ def all_mappings() -> list[ErrorMapping]:
 
 
 def all_close_codes() -> set[int]:
-    codes = {v for k, v in vars(errors).items() if k.startswith("CLOSE_") and isinstance(v, int)}
+    codes = {int(c) for c in CloseCode}
     codes |= {m.close_code for m in all_mappings() if m.close_code is not None}
     return codes
 
 
 def test_every_close_code_is_documented_with_its_error_code() -> None:
-    """Each close code of errors.py has a row naming it and the error codes that use it."""
+    """Each protocol close code has a row naming the error codes errors.py maps onto it."""
     rows = {int(cells(r)[0]): cells(r)[1] for r in section("Close codes") if cells(r)[0].isdigit()}
     assert all_close_codes() <= set(rows), sorted(all_close_codes() - set(rows))
     assert set(rows) <= all_close_codes(), sorted(set(rows) - all_close_codes())
@@ -60,10 +60,10 @@ def test_every_http_status_is_documented_with_its_error_code() -> None:
         assert (str(mapping.status), f"`{mapping.code}`") in rows, mapping
 
 
-def test_core_close_codes_match_the_server_table() -> None:
-    """The sans-IO session's close codes are the server's (and so documented)."""
-    session = pytest.importorskip("oa_sync_core.protocol.server_session")
-    assert {int(code) for code in session.CloseCode} <= all_close_codes()
+def test_the_server_table_maps_only_to_protocol_close_codes() -> None:
+    """errors.classify never closes with a code the protocol vocabulary lacks."""
+    mapped = {m.close_code for m in all_mappings() if m.close_code is not None}
+    assert mapped <= {int(code) for code in CloseCode}
 
 
 def test_every_limit_is_documented_with_variable_and_default() -> None:

@@ -44,7 +44,6 @@ from types import TracebackType
 from typing import Any, Final, TypeAlias
 
 import aiohttp
-from oa_sync_core.errors import OaSyncError
 from oa_sync_core.protocol.client_session import (
     BackoffPolicy,
     CachedDocument,
@@ -65,6 +64,8 @@ from oa_sync_core.protocol.wire import (
     decode_server,
     encode_client,
 )
+
+from oa_sync_client.errors import AppendError, ClientClosedError, SubscriptionRefusedError
 
 __all__ = [
     "AppendError",
@@ -97,36 +98,6 @@ _DEFAULT_PING_S: Final = 15.0
 _log = logging.getLogger(__name__)  # stdlib logging: the SDK runs inside other applications
 
 
-class ClientClosedError(OaSyncError):
-    """The client is closed (by the application, or it gave up).
-
-    Attributes:
-        reason: why, e.g. ``gave up after 8 attempts`` or ``closed by the application``.
-        code: the last close code, if any.
-    """
-
-    def __init__(self, reason: str, code: int | None = None):
-        self.reason = reason
-        self.code = code
-        super().__init__(reason if code is None else f"{reason} (close {code})")
-
-
-class AppendError(OaSyncError):
-    """``POST /v1/events`` refused an append, or it was not visible in time (``not_visible``).
-
-    Attributes:
-        status: the HTTP status (504 for ``not_visible``).
-        code: the error code of the answer.
-        positions: set when the events *were* appended: do not append them again.
-    """
-
-    def __init__(self, status: int, code: str, message: str, positions: Sequence[int] = ()):
-        self.status = status
-        self.code = code
-        self.positions = tuple(positions)
-        super().__init__(f"{status} {code}: {message}")
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class AppendResult:
     """What an append returned.
@@ -141,19 +112,6 @@ class AppendResult:
     positions: tuple[int, ...]
     visible_watermark: int | None = None
     epoch: str | None = None
-
-
-class SubscriptionRefusedError(OaSyncError):
-    """The server refused a subscription (e.g. ``forbidden``).
-
-    Attributes:
-        code: the ``error`` frame's code.
-    """
-
-    def __init__(self, subscription_id: str, code: str, message: str):
-        self.subscription_id = subscription_id
-        self.code = code
-        super().__init__(f"subscription {subscription_id!r} refused: {code}: {message}")
 
 
 class SubscriptionClosed(Exception):  # noqa: N818 - a sentinel value, not an error to handle

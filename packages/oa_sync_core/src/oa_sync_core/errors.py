@@ -1,13 +1,15 @@
 """The error tree of ``oa_sync_core``.
 
-Every exception the core raises derives from :class:`OaSyncError`; each carries the context a
-caller needs (stream, position, projection, code) as attributes, never only in the message::
+Every exception the core raises derives from :class:`OaSyncError` and is defined here; each carries
+the context a caller needs (stream, position, projection, code) as attributes, never only in the
+message::
 
     OaSyncError
     ├── EventValidationError      a NewEvent or payload is not acceptable; nothing was written
     ├── ConcurrencyError          expected_seq did not match the stream (HTTP 409)
     ├── ProjectionError           a projector broke its contract (non-determinism, bad key)
     ├── CodecError                a wire message could not be decoded; ``code`` says why
+    │   └── WireError             (also a ProtocolError) a WebSocket frame did not decode
     └── ProtocolError             a decoded message is illegal in the session's state
 
 Drift is not an error: :class:`oa_sync_core.drift.DriftReport` is a value.
@@ -25,6 +27,7 @@ __all__ = [
     "OaSyncError",
     "ProjectionError",
     "ProtocolError",
+    "WireError",
 ]
 
 
@@ -122,3 +125,25 @@ class ProtocolError(OaSyncError):
     def __init__(self, code: str, message: str):
         self.code = code
         super().__init__(f"{code}: {message}")
+
+
+class WireError(CodecError, ProtocolError):
+    """A WebSocket message could not be decoded (or a frame holds an impossible value).
+
+    It is both a :class:`CodecError` (so ``oa_sync_server.errors.classify`` maps ``too_large``
+    to close 4413 and every other code to 4400) and a :class:`ProtocolError`.
+
+    Attributes:
+        code: a :class:`CodecErrorCode`.
+        path: where in the message, e.g. ``subscribe.topics[2]``; empty for the whole message.
+    """
+
+    code: CodecErrorCode
+
+    def __init__(self, code: CodecErrorCode, message: str, *, path: str = ""):
+        # Not CodecError.__init__: its super() call would reach ProtocolError's signature.
+        self.code = code
+        self.path = path
+        self.detail = message
+        where = f" at {path}" if path else ""
+        Exception.__init__(self, f"{code.value}{where}: {message}")

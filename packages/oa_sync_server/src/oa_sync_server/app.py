@@ -32,7 +32,6 @@ from oa_sync_server.auth import TokenVerifier
 from oa_sync_server.config import Settings
 from oa_sync_server.errors import ConfigError
 from oa_sync_server.fanout import Hub
-from oa_sync_server.keys import METRICS, SETTINGS, VERIFIER
 from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.engine import create_engine
 from oa_sync_server.postgres.event_log import PostgresEventLog
@@ -106,9 +105,6 @@ def create_app(
         middlewares=[http_api.cors_middleware, http_api.error_middleware],
     )
     app[STATE] = state
-    app[SETTINGS] = settings
-    app[METRICS] = metrics
-    app[VERIFIER] = verifier
 
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
         yield

@@ -1,21 +1,37 @@
 """The error tree of ``oa_sync_server`` and the one table mapping errors to HTTP and close codes.
 
 Every server error derives from :class:`ServerError`, itself an
-:class:`oa_sync_core.errors.OaSyncError`; each carries its context as attributes::
+:class:`oa_sync_core.errors.OaSyncError`; each carries its context as attributes. Every error
+class the distribution raises is defined here::
 
-    OaSyncError                       (oa_sync_core)
+    OaSyncError                           (oa_sync_core)
     └── ServerError
-        ├── ConfigError               a setting is invalid; ``variable`` names it
-        ├── AuthError                 a token was refused; ``reason`` says why (401 / 4401)
-        ├── ForbiddenError            authenticated, but not allowed (403 / ``error`` frame)
-        ├── LimitExceededError             a configured limit was breached; ``kind`` names it
-        └── EmbeddedPostgresError     the embedded Postgres could not start or stop
+        ├── ConfigError                   a setting is invalid; ``variable`` names it
+        ├── UsageError                    bad input on a command line or in a file (exit 2)
+        ├── AuthError                     a token was refused; ``reason`` says why (401 / 4401)
+        ├── ForbiddenError                authenticated, but not allowed (403 / ``error`` frame)
+        ├── LimitExceededError            a configured limit was breached; ``kind`` names it
+        ├── StaleCursorError              a polling position cannot continue (410 ``reset``)
+        ├── NotVisibleError               appended, but not projected within ``timeoutMs`` (504)
+        ├── DatabaseUnavailableError      unreachable, credentials refused, no such database
+        ├── MigrationsMissingError        the package's migration scripts are missing
+        ├── EmbeddedUnavailableError      no database URL and no ``[embedded]`` extra
+        ├── EmbeddedPostgresError         the embedded Postgres could not start or stop
+        ├── LeaseError                    the projector lease is not ours
+        │   ├── LeaseLost                 another holder took it over mid-batch
+        │   └── LeaseBusyError            another live holder has it; stand by
+        ├── HttpSinkError                 a document could not be delivered over HTTP
+        │   ├── DeliveryUnavailableError  every attempt failed retryably
+        │   ├── DeliveryRejectedError     the receiver refused it for good
+        │   └── DeliveryStoppedError      the stop event ended a retry wait
+        └── StreamOrderConflict           (also a ConcurrencyError) a newer transaction wrote
+                                          the stream first; retry in a new transaction
 
 :func:`classify` is the only place that turns an exception into an HTTP status, a WebSocket
 close code and a machine-readable ``error`` code: handlers call it, they never pick numbers.
 
-What this is not: the close-code constants of the wire protocol. Those are the core's
-(:mod:`oa_sync_core.protocol`) once it defines them; until then they live here.
+What this is not: the protocol's vocabulary. Close codes, error codes and limit kinds are the
+core's (:mod:`oa_sync_core.protocol.codes`); this module only maps exceptions onto them.
 """
 
 from __future__ import annotations
@@ -32,14 +48,9 @@ from oa_sync_core.errors import (
     OaSyncError,
     ProtocolError,
 )
+from oa_sync_core.protocol.codes import CloseCode, ErrorCode, LimitKind
 
 __all__ = [
-    "CLOSE_GOING_AWAY",
-    "CLOSE_MALFORMED",
-    "CLOSE_NO_AUTH_IN_TIME",
-    "CLOSE_RATE_LIMITED",
-    "CLOSE_TOO_LARGE",
-    "CLOSE_UNAUTHENTICATED",
     "AuthError",
     "AuthFailure",
     "ConfigError",
@@ -47,18 +58,9 @@ __all__ = [
     "ErrorMapping",
     "ForbiddenError",
     "LimitExceededError",
-    "LimitKind",
     "ServerError",
     "classify",
 ]
-
-# Close codes of DESIGN.md "Wire protocol v1".
-CLOSE_GOING_AWAY: Final = 1001
-CLOSE_MALFORMED: Final = 4400
-CLOSE_UNAUTHENTICATED: Final = 4401
-CLOSE_NO_AUTH_IN_TIME: Final = 4408
-CLOSE_TOO_LARGE: Final = 4413
-CLOSE_RATE_LIMITED: Final = 4429
 
 
 class ServerError(OaSyncError):
@@ -125,20 +127,6 @@ class ForbiddenError(ServerError):
         super().__init__(f"not granted: {needed}")
 
 
-class LimitKind(enum.StrEnum):
-    """The configured limits; used as the ``kind`` label of the limit-breach metric."""
-
-    MESSAGE_SIZE = "message_size"
-    SUBSCRIPTIONS = "subscriptions"
-    TOPICS = "topics"
-    CONNECTIONS_PER_SUBJECT = "connections_per_subject"
-    RATE = "rate"
-    AUTH_DEADLINE = "auth_deadline"
-    IDLE = "idle"
-    SEND_QUEUE = "send_queue"
-    BODY_SIZE = "body_size"
-
-
 class LimitExceededError(ServerError):
     """A configured limit was breached.
 
@@ -151,6 +139,16 @@ class LimitExceededError(ServerError):
         self.kind = kind
         self.limit = limit
         super().__init__(f"{kind.value} limit of {limit:g} exceeded")
+
+
+class EmbeddedUnavailableError(ServerError):
+    """No database URL is set and the embedded Postgres (the ``[embedded]`` extra) is absent."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "OA_SYNC_DATABASE_URL: not set, and the embedded Postgres is not installed: set "
+            "OA_SYNC_DATABASE_URL=postgresql://... or pip install 'oa-sync-server[embedded]'"
+        )
 
 
 class MigrationsMissingError(ServerError):
@@ -179,6 +177,142 @@ class EmbeddedPostgresError(ServerError):
         super().__init__(f"{data_dir}: {message}")
 
 
+class LeaseError(ServerError):
+    """The projector lease is not ours. Attributes: ``name`` (the worker name)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class LeaseLost(LeaseError):  # noqa: N818 - the name says what happened
+    """Another holder took the lease over (a higher epoch); nothing of this batch committed."""
+
+
+class LeaseBusyError(LeaseError):
+    """The lease is held by another live holder; this worker stands by."""
+
+
+class HttpSinkError(ServerError):
+    """Root of the HTTP sink's errors.
+
+    Attributes:
+        doc_key: the document being delivered.
+        version: its version.
+    """
+
+    def __init__(self, message: str, *, doc_key: str, version: int):
+        self.doc_key = doc_key
+        self.version = version
+        super().__init__(f"{doc_key}@{version}: {message}")
+
+
+class DeliveryUnavailableError(HttpSinkError):
+    """Every attempt failed with a retryable status or a connection error.
+
+    Attributes:
+        attempts: attempts made.
+        last_status: the last HTTP status, or ``None`` after a connection error.
+        last_error: a one-line description of the last failure.
+    """
+
+    def __init__(
+        self, *, doc_key: str, version: int, attempts: int, last_status: int | None, last_error: str
+    ):
+        self.attempts = attempts
+        self.last_status = last_status
+        self.last_error = last_error
+        super().__init__(
+            f"gave up after {attempts} attempts: {last_error}", doc_key=doc_key, version=version
+        )
+
+
+class DeliveryRejectedError(HttpSinkError):
+    """The receiver refused an update with a non-retryable status (raised by :class:`HttpSink`).
+
+    Attributes:
+        status: the HTTP status (0 when refused before sending, e.g. no mutation configured).
+        body: the response body, truncated.
+    """
+
+    def __init__(self, *, doc_key: str, version: int, status: int, body: str):
+        self.status = status
+        self.body = body
+        super().__init__(f"rejected with {status}", doc_key=doc_key, version=version)
+
+
+class DeliveryStoppedError(HttpSinkError):
+    """The stop event was set while a delivery waited to retry; nothing more was sent."""
+
+
+class StreamOrderConflict(ServerError, ConcurrencyError):  # noqa: N818 - named for its cause
+    """A stream's last event was written by a newer transaction than the appending one.
+
+    Appending now would put this event before an earlier ``stream_seq`` in log order. Retry
+    in a new transaction (the log does so itself when it owns the transaction).
+
+    Attributes:
+        stream_id: the stream.
+        expected_seq: the caller's ``expected_seq`` (or the seq the append would follow).
+        actual_seq: the stream's last sequence number.
+    """
+
+    def __init__(self, stream_id: str, last_seq: int, expected_seq: int | None = None) -> None:
+        super().__init__(stream_id, last_seq if expected_seq is None else expected_seq, last_seq)
+        self.args = (
+            f"stream {stream_id!r} was last written by a newer transaction; "
+            "retry the append in a new transaction",
+        )
+
+
+class StaleCursorError(ServerError):
+    """A polling position can no longer be continued (410, code ``reset``).
+
+    Attributes:
+        reason: a :class:`~oa_sync_core.protocol.codes.ResetReason` value.
+        epoch: the current epoch.
+    """
+
+    def __init__(self, reason: str, epoch: str):
+        self.reason = reason
+        self.epoch = epoch
+        super().__init__(f"{reason}: restart from after=0 with epoch {epoch}")
+
+
+class NotVisibleError(ServerError):
+    """An append committed but was not projected within its ``timeoutMs`` (504 ``not_visible``).
+
+    Attributes:
+        positions: the log positions of the appended events (they *are* in the log).
+    """
+
+    def __init__(self, positions: list[int], timeout_ms: int):
+        self.positions = positions
+        super().__init__(
+            f"appended, but not visible within {timeout_ms} ms (the projector is behind or not"
+            " running); the events are in the log: do not append them again without their"
+            " idempotency keys"
+        )
+
+
+class DatabaseUnavailableError(ServerError):
+    """The database could not be reached or refused us. The message never shows the URL.
+
+    Attributes:
+        reason: ``unreachable`` (nothing answers at the host and port), ``credentials`` (the
+            server refused the user or password), ``no_database`` (the server has no such
+            database) or ``error`` (anything else the driver reported).
+    """
+
+    def __init__(self, message: str, *, reason: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+class UsageError(ServerError):
+    """Bad input on the command line or in a file: one line for the user, exit code 2."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorMapping:
     """How one error is reported on each transport.
@@ -196,27 +330,39 @@ class ErrorMapping:
 
 
 _LIMIT_CLOSE: Final[dict[LimitKind, ErrorMapping]] = {
-    LimitKind.MESSAGE_SIZE: ErrorMapping(status=413, close_code=CLOSE_TOO_LARGE, code="too_large"),
-    LimitKind.BODY_SIZE: ErrorMapping(status=413, close_code=CLOSE_TOO_LARGE, code="too_large"),
+    LimitKind.MESSAGE_SIZE: ErrorMapping(
+        status=413, close_code=CloseCode.TOO_LARGE, code=ErrorCode.TOO_LARGE
+    ),
+    LimitKind.BODY_SIZE: ErrorMapping(
+        status=413, close_code=CloseCode.TOO_LARGE, code=ErrorCode.TOO_LARGE
+    ),
     LimitKind.AUTH_DEADLINE: ErrorMapping(
-        status=401, close_code=CLOSE_NO_AUTH_IN_TIME, code="auth_timeout"
+        status=401, close_code=CloseCode.TIMEOUT, code=ErrorCode.AUTH_TIMEOUT
     ),
-    LimitKind.IDLE: ErrorMapping(status=408, close_code=CLOSE_NO_AUTH_IN_TIME, code="idle_timeout"),
+    LimitKind.IDLE: ErrorMapping(
+        status=408, close_code=CloseCode.TIMEOUT, code=ErrorCode.IDLE_TIMEOUT
+    ),
     LimitKind.SUBSCRIPTIONS: ErrorMapping(
-        status=429, close_code=None, code="too_many_subscriptions"
+        status=429, close_code=None, code=ErrorCode.TOO_MANY_SUBSCRIPTIONS
     ),
-    LimitKind.TOPICS: ErrorMapping(status=400, close_code=None, code="too_many_topics"),
+    LimitKind.TOPICS: ErrorMapping(status=400, close_code=None, code=ErrorCode.TOO_MANY_TOPICS),
 }
-_LIMIT_DEFAULT: Final = ErrorMapping(status=429, close_code=CLOSE_RATE_LIMITED, code="rate_limited")
-
-_CODEC_TOO_LARGE: Final = ErrorMapping(status=413, close_code=CLOSE_TOO_LARGE, code="too_large")
-_MALFORMED: Final = ErrorMapping(status=400, close_code=CLOSE_MALFORMED, code="malformed")
-_UNAUTHENTICATED: Final = ErrorMapping(
-    status=401, close_code=CLOSE_UNAUTHENTICATED, code="unauthenticated"
+_LIMIT_DEFAULT: Final = ErrorMapping(
+    status=429, close_code=CloseCode.RATE_LIMITED, code=ErrorCode.RATE_LIMITED
 )
-_FORBIDDEN: Final = ErrorMapping(status=403, close_code=None, code="forbidden")
-_CONFLICT: Final = ErrorMapping(status=409, close_code=None, code="conflict")
-_INTERNAL: Final = ErrorMapping(status=500, close_code=1011, code="internal")
+
+_CODEC_TOO_LARGE: Final = ErrorMapping(
+    status=413, close_code=CloseCode.TOO_LARGE, code=ErrorCode.TOO_LARGE
+)
+_MALFORMED: Final = ErrorMapping(
+    status=400, close_code=CloseCode.MALFORMED, code=ErrorCode.MALFORMED
+)
+_UNAUTHENTICATED: Final = ErrorMapping(
+    status=401, close_code=CloseCode.UNAUTHENTICATED, code=ErrorCode.UNAUTHENTICATED
+)
+_FORBIDDEN: Final = ErrorMapping(status=403, close_code=None, code=ErrorCode.FORBIDDEN)
+_CONFLICT: Final = ErrorMapping(status=409, close_code=None, code=ErrorCode.CONFLICT)
+_INTERNAL: Final = ErrorMapping(status=500, close_code=CloseCode.INTERNAL, code=ErrorCode.INTERNAL)
 
 
 def classify(exc: BaseException) -> ErrorMapping:

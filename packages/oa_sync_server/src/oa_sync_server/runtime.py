@@ -21,16 +21,44 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.config import Settings
-from oa_sync_server.errors import ServerError
+from oa_sync_server.errors import DatabaseUnavailableError
 from oa_sync_server.postgres.embedded import EmbeddedPostgres
 from oa_sync_server.postgres.engine import create_engine
 from oa_sync_server.postgres.migrate import upgrade_async
 
-__all__ = ["DatabaseUnavailableError", "open_database"]
+__all__ = ["DatabaseUnavailableError", "explain_connect_error", "open_database"]
 
 
-class DatabaseUnavailableError(ServerError):
-    """The database could not be reached or migrated. The message never shows the URL."""
+# libpq reports connection-phase refusals as text only (no SQLSTATE reaches the client), so
+# these fragments of its messages are how the three cases are told apart.
+_CREDENTIALS = ("password authentication failed", "no password supplied", "role", "pg_hba.conf")
+
+
+def explain_connect_error(exc: BaseException) -> DatabaseUnavailableError:
+    """One line saying what is wrong with the database and what to do (never the URL)."""
+    cause = exc.__cause__ or exc
+    text = str(cause)
+    if "does not exist" in text and "database" in text and "role" not in text:
+        return DatabaseUnavailableError(
+            "database unavailable: the server has no such database: create it "
+            "(createdb NAME) or fix the database name in OA_SYNC_DATABASE_URL",
+            reason="no_database",
+        )
+    if "FATAL" in text and any(fragment in text for fragment in _CREDENTIALS):
+        return DatabaseUnavailableError(
+            "database unavailable: the server refused the user or password: check the "
+            "credentials in OA_SYNC_DATABASE_URL (and the server's pg_hba.conf)",
+            reason="credentials",
+        )
+    if isinstance(cause, OSError) or "connection" in text.lower() or "resolve" in text:
+        return DatabaseUnavailableError(
+            "database unavailable: nothing answers at the host and port of "
+            "OA_SYNC_DATABASE_URL: start Postgres there or fix the URL",
+            reason="unreachable",
+        )
+    return DatabaseUnavailableError(
+        f"database unavailable ({type(cause).__name__})", reason="error"
+    )
 
 
 @contextlib.asynccontextmanager
@@ -48,8 +76,10 @@ async def open_database(
         The engine, disposed of on exit.
 
     Raises:
-        DatabaseUnavailableError: the database cannot be reached or migrated.
+        DatabaseUnavailableError: the database cannot be reached, or refused the credentials.
+        MigrationsMissingError: the package's migration scripts are missing.
         EmbeddedPostgresError: the embedded Postgres failed to start.
+        EmbeddedUnavailableError: no URL is set and the ``[embedded]`` extra is absent.
     """
     async with contextlib.AsyncExitStack() as stack:
         url = settings.database_url
@@ -65,7 +95,5 @@ async def open_database(
             async with engine.connect() as conn:
                 await conn.execute(sa.text("SELECT 1"))
         except (DBAPIError, OSError) as exc:
-            raise DatabaseUnavailableError(
-                f"database unavailable ({type(exc.__cause__ or exc).__name__})"
-            ) from exc
+            raise explain_connect_error(exc) from exc
         yield engine

@@ -63,7 +63,7 @@ from oa_sync_core import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.errors import ServerError
+from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.event_log import LogCursor, read_committed
 from oa_sync_server.postgres.stores import (
@@ -128,22 +128,6 @@ _PASSED = sa.text(
 _NOTIFY = sa.text("SELECT pg_notify('oa_sync_changes', :watermark)")
 
 DEFAULT_LEASE_TTL_S: Final = 10.0
-
-
-class LeaseError(ServerError):
-    """The projector lease is not ours. Attributes: ``name`` (the worker name)."""
-
-    def __init__(self, name: str, message: str) -> None:
-        self.name = name
-        super().__init__(message)
-
-
-class LeaseLost(LeaseError):  # noqa: N818 - the name says what happened
-    """Another holder took the lease over (a higher epoch); nothing of this batch committed."""
-
-
-class LeaseBusyError(LeaseError):
-    """The lease is held by another live holder; this worker stands by."""
 
 
 def default_holder() -> str:

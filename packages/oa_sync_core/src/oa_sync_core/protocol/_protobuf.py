@@ -18,34 +18,12 @@ from collections.abc import Mapping
 from typing import Any, Final, TypeAlias
 
 from oa_sync_core.codec import MAX_DEPTH, JsonObject
-from oa_sync_core.errors import CodecError, CodecErrorCode, ProtocolError
+from oa_sync_core.errors import CodecErrorCode, WireError
 
 INT64_MAX: Final = 2**63 - 1
 UINT32_MAX: Final = 2**32 - 1
 _U64_MASK: Final = 2**64 - 1
 _EXACT_DOUBLE: Final = 2**53
-
-
-class WireError(CodecError, ProtocolError):
-    """A WebSocket message could not be decoded (or a frame holds an impossible value).
-
-    It is both a :class:`CodecError` (so ``oa_sync_server.errors.classify`` maps ``too_large``
-    to close 4413 and every other code to 4400) and a :class:`ProtocolError`.
-
-    Attributes:
-        code: a :class:`CodecErrorCode`.
-        path: where in the message, e.g. ``subscribe.topics[2]``; empty for the whole message.
-    """
-
-    code: CodecErrorCode
-
-    def __init__(self, code: CodecErrorCode, message: str, *, path: str = ""):
-        # Not CodecError.__init__: its super() call would reach ProtocolError's signature.
-        self.code = code
-        self.path = path
-        self.detail = message
-        where = f" at {path}" if path else ""
-        Exception.__init__(self, f"{code.value}{where}: {message}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ from typing import Final, TypeAlias
 
 from oa_sync_core.codec import JsonObject
 from oa_sync_core.errors import ProtocolError
+from oa_sync_core.protocol.backoff import Backoff, BackoffPolicy
+from oa_sync_core.protocol.codes import FINAL_CLOSE_CODES, CloseCode, ErrorCode
 from oa_sync_core.protocol.wire import (
     Authenticate,
     ClientFrame,
@@ -75,7 +77,6 @@ from oa_sync_core.protocol.wire import (
 )
 
 __all__ = [
-    "FATAL_CLOSE_CODES",
     "Backoff",
     "BackoffPolicy",
     "CachedDocument",
@@ -93,16 +94,13 @@ __all__ = [
     "read_token_times",
 ]
 
-FATAL_CLOSE_CODES: Final = frozenset({1002, 1003, 1008, 4400, 4403, 4413})
-"""Close codes after which reconnecting would only repeat the refusal."""
-CLOSE_UNAUTHENTICATED: Final = 4401
 _REFUSALS: Final = frozenset(
     {
-        "forbidden",
-        "invalid_subscription",
-        "duplicate_subscription",
-        "too_many_subscriptions",
-        "too_many_topics",
+        ErrorCode.FORBIDDEN,
+        ErrorCode.INVALID_SUBSCRIPTION,
+        ErrorCode.DUPLICATE_SUBSCRIPTION,
+        ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+        ErrorCode.TOO_MANY_TOPICS,
     }
 )
 
@@ -116,59 +114,6 @@ class ConnectionState(enum.Enum):
     LIVE = "live"
     BACKING_OFF = "backing_off"
     CLOSED = "closed"
-
-
-# ---------------------------------------------------------------------------------------------
-# Backoff
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class BackoffPolicy:
-    """Reconnect timing: exponential backoff with full jitter.
-
-    Attributes:
-        base_s: the first attempt's ceiling, in seconds.
-        cap_s: the largest ceiling.
-        max_attempts: consecutive failed attempts (without a ``synced``) before giving up;
-            ``None`` retries forever.
-    """
-
-    base_s: float = 0.5
-    cap_s: float = 30.0
-    max_attempts: int | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 < self.base_s <= self.cap_s:
-            raise ValueError("backoff needs 0 < base_s <= cap_s")
-        if self.max_attempts is not None and self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-
-
-class Backoff:
-    """Counts consecutive failed attempts and draws each delay (full jitter)."""
-
-    def __init__(self, policy: BackoffPolicy, rng: random.Random | None = None):
-        self.policy = policy
-        self.attempts = 0
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-
-    def ceiling(self) -> float:
-        """The upper bound of the next delay: ``min(cap, base * 2**attempts)``."""
-        return min(self.policy.cap_s, self.policy.base_s * 2.0 ** min(self.attempts, 64))
-
-    def next_delay(self) -> float | None:
-        """Draw the next delay and count the attempt; ``None`` once attempts are exhausted."""
-        limit = self.policy.max_attempts
-        if limit is not None and self.attempts >= limit:
-            return None
-        delay = self._rng.uniform(0.0, self.ceiling())
-        self.attempts += 1
-        return delay
-
-    def reset(self) -> None:
-        """Back to the base delay (after a ``synced``)."""
-        self.attempts = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +456,7 @@ class ClientSession:
             sub.synced = False
         if self.state is ConnectionState.CLOSED:
             return GiveUp(reason="closed by the application", code=code)
-        if code in FATAL_CLOSE_CODES:
+        if code in FINAL_CLOSE_CODES:
             self.state = ConnectionState.CLOSED
             return GiveUp(reason=f"the server refused the client (close {code})", code=code)
         delay = self.backoff.next_delay()
@@ -519,7 +464,7 @@ class ClientSession:
             self.state = ConnectionState.CLOSED
             return GiveUp(reason=f"gave up after {self.backoff.attempts} attempts", code=code)
         self.state = ConnectionState.BACKING_OFF
-        return Reconnect(delay_s=delay, refresh_token=code == CLOSE_UNAUTHENTICATED, code=code)
+        return Reconnect(delay_s=delay, refresh_token=code == CloseCode.UNAUTHENTICATED, code=code)
 
     def close(self) -> None:
         """The application closes the client: state CLOSED, nothing reconnects."""

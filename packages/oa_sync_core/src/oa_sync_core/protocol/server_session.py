@@ -25,10 +25,10 @@ A ``subscribe`` is validated (id, topic syntax, limits, grant: a topic the grant
 at all gives a ``forbidden`` error frame and no subscription) and yields :class:`CatchUp`. The
 driver reads the change-log metadata and calls :meth:`ServerSession.begin_catch_up`, which
 decides between a coalesced catch-up after the client's watermark and a ``reset`` + full
-snapshot (:func:`decide_resume`); it then hands the matching documents over in watermark order
-(:meth:`ServerSession.catch_up_rows`) and finishes with :meth:`ServerSession.end_catch_up`,
-which emits ``synced`` and then the live changes that arrived meanwhile (buffered, coalesced
-per document, and only those newer than the snapshot).
+snapshot (:func:`oa_sync_core.protocol.resume.decide_resume`); it then hands the matching documents
+over in watermark order (:meth:`ServerSession.catch_up_rows`) and finishes with
+:meth:`ServerSession.end_catch_up`, which emits ``synced`` and then the live changes that arrived
+meanwhile (buffered, coalesced per document, and only those newer than the snapshot).
 
 Live changes (:meth:`ServerSession.on_live`) go to every subscription whose topics match and
 whose grant allows the document. Per subscription and document, versions strictly increase:
@@ -54,6 +54,8 @@ from collections.abc import Sequence
 from typing import Final, Generic, Protocol, TypeAlias, TypeVar
 
 from oa_sync_core.errors import ProtocolError
+from oa_sync_core.protocol.codes import CloseCode, ErrorCode, ResetReason
+from oa_sync_core.protocol.resume import LogMeta, Position, decide_resume
 from oa_sync_core.protocol.wire import (
     Authenticate,
     ClientFrame,
@@ -78,32 +80,17 @@ __all__ = [
     "CatchUp",
     "CatchUpPlan",
     "Close",
-    "CloseCode",
     "Credentials",
     "DocVersion",
-    "LogMeta",
-    "ResetReason",
     "Send",
     "SendUpdate",
     "ServerSession",
     "SessionLimits",
     "SessionState",
     "VerifyToken",
-    "decide_resume",
 ]
 
 MAX_SUBSCRIPTION_ID_LENGTH: Final = 128
-
-
-class CloseCode(enum.IntEnum):
-    """WebSocket close codes of DESIGN.md "Wire protocol v1"."""
-
-    GOING_AWAY = 1001
-    MALFORMED = 4400
-    UNAUTHENTICATED = 4401
-    TIMEOUT = 4408
-    TOO_LARGE = 4413
-    RATE_LIMITED = 4429
 
 
 class SessionState(enum.Enum):
@@ -113,14 +100,6 @@ class SessionState(enum.Enum):
     VERIFYING = "verifying"
     OPEN = "open"
     CLOSED = "closed"
-
-
-class ResetReason(enum.StrEnum):
-    """Why a resume was refused and a full snapshot follows."""
-
-    EPOCH_CHANGED = "epoch_changed"
-    WATERMARK_EXPIRED = "watermark_expired"
-    WATERMARK_AHEAD = "watermark_ahead"
 
 
 class DocVersion(Protocol):
@@ -134,19 +113,6 @@ class DocVersion(Protocol):
 
     @property
     def watermark(self) -> int: ...
-
-
-class LogMeta(Protocol):
-    """The change log's metadata as read from the database (``sync_meta`` + newest watermark)."""
-
-    @property
-    def epoch(self) -> str: ...
-
-    @property
-    def watermark(self) -> int: ...
-
-    @property
-    def retained_from(self) -> int: ...
 
 
 U = TypeVar("U", bound=DocVersion)
@@ -293,30 +259,6 @@ class CatchUpPlan(Generic[U]):
     after: int | None
     cancelled: bool
     actions: list[Action[U]]
-
-
-def decide_resume(resume: Resume | None, meta: LogMeta) -> tuple[int | None, ResetReason | None]:
-    """Decide how a subscription starts.
-
-    Args:
-        resume: the client's (epoch, watermark), if it sent one.
-        meta: the change log's current metadata.
-
-    Returns:
-        ``(after, reset)``: read documents changed after ``after`` (``None``: everything),
-        preceded by a ``reset`` for ``reset`` when it is not ``None``. Same epoch and a
-        watermark in ``[retained_from, meta.watermark]`` → coalesced catch-up after it;
-        another epoch, an expired watermark or one from the future → reset + snapshot.
-    """
-    if resume is None:
-        return None, None
-    if resume.epoch != meta.epoch:
-        return None, ResetReason.EPOCH_CHANGED
-    if resume.watermark < meta.retained_from:
-        return None, ResetReason.WATERMARK_EXPIRED
-    if resume.watermark > meta.watermark:
-        return None, ResetReason.WATERMARK_AHEAD
-    return resume.watermark, None
 
 
 class _SubState(enum.Enum):
@@ -486,7 +428,10 @@ class ServerSession(Generic[U]):
         if sub.began:
             raise ProtocolError("catch_up_started", f"catch-up {serial} already began")
         sub.began = True
-        after, reason = decide_resume(sub.resume, meta)
+        position = None
+        if sub.resume is not None:
+            position = Position(watermark=sub.resume.watermark, epoch=sub.resume.epoch)
+        after, reason = decide_resume(position, meta)
         actions: list[Action[U]] = []
         if reason is not None:
             reset = Reset(
@@ -681,7 +626,7 @@ class ServerSession(Generic[U]):
         sub.sent[update.doc_key] = update.version
         return True
 
-    def _error(self, code: str, message: str, subscription_id: str = "") -> Action[U]:
+    def _error(self, code: ErrorCode, message: str, subscription_id: str = "") -> Action[U]:
         return Send(ErrorFrame(code=code, message=message, subscription_id=subscription_id))
 
     def _subscribe(self, frame: Subscribe) -> list[Action[U]]:
@@ -690,26 +635,28 @@ class ServerSession(Generic[U]):
         if not sid or len(sid) > MAX_SUBSCRIPTION_ID_LENGTH or not sid.isprintable():
             return [
                 self._error(
-                    "invalid_subscription",
+                    ErrorCode.INVALID_SUBSCRIPTION,
                     f"a subscription id is 1 to {MAX_SUBSCRIPTION_ID_LENGTH} printable characters",
                 )
             ]
         if sid in self._subs:
-            return [self._error("duplicate_subscription", "subscription id already open", sid)]
+            return [
+                self._error(ErrorCode.DUPLICATE_SUBSCRIPTION, "subscription id already open", sid)
+            ]
         if len(self._subs) >= self.limits.max_subscriptions:
             return [
                 self._error(
-                    "too_many_subscriptions",
+                    ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                     f"at most {self.limits.max_subscriptions} subscriptions per connection",
                     sid,
                 )
             ]
         if not frame.topics:
-            return [self._error("invalid_subscription", "no topics", sid)]
+            return [self._error(ErrorCode.INVALID_SUBSCRIPTION, "no topics", sid)]
         if len(frame.topics) > self.limits.max_topics_per_subscription:
             return [
                 self._error(
-                    "too_many_topics",
+                    ErrorCode.TOO_MANY_TOPICS,
                     f"at most {self.limits.max_topics_per_subscription} topics per subscription",
                     sid,
                 )
@@ -719,13 +666,13 @@ class ServerSession(Generic[U]):
             try:
                 topic = parse_topic(text)
             except ValueError as exc:
-                return [self._error("invalid_subscription", str(exc), sid)]
+                return [self._error(ErrorCode.INVALID_SUBSCRIPTION, str(exc), sid)]
             if topic not in topics:
                 topics.append(topic)
         grant = self.credentials.grant
         refused = [t.text for t in topics if not grant.intersects(t)]
         if refused:
-            return [self._error("forbidden", f"not granted: {', '.join(refused)}", sid)]
+            return [self._error(ErrorCode.FORBIDDEN, f"not granted: {', '.join(refused)}", sid)]
         self._serial += 1
         sub: _Subscription[U] = _Subscription(sid, self._serial, tuple(topics), grant, frame.resume)
         self._subs[sid] = sub
@@ -736,7 +683,9 @@ class ServerSession(Generic[U]):
         sub = self._subs.pop(frame.subscription_id, None)
         if sub is None:
             return [
-                self._error("unknown_subscription", "no such subscription", frame.subscription_id)
+                self._error(
+                    ErrorCode.UNKNOWN_SUBSCRIPTION, "no such subscription", frame.subscription_id
+                )
             ]
         del self._by_serial[sub.serial]
         if sub.state is _SubState.CATCHING_UP:
@@ -753,7 +702,7 @@ class ServerSession(Generic[U]):
                 continue
             kept = tuple(t for t in sub.topics if t not in lost)
             names = ", ".join(t.text for t in lost)
-            actions.append(self._error("forbidden", f"no longer granted: {names}", sid))
+            actions.append(self._error(ErrorCode.FORBIDDEN, f"no longer granted: {names}", sid))
             if kept:
                 sub.topics = kept
                 continue

@@ -43,7 +43,7 @@ from typing import Any, Final, TypeAlias
 
 from oa_sync_core.codec import JsonObject, canonical_json, loads_strict, read_message
 from oa_sync_core.contracts import v1
-from oa_sync_core.errors import CodecError, CodecErrorCode
+from oa_sync_core.errors import CodecError, CodecErrorCode, WireError
 from oa_sync_core.protocol._protobuf import (
     I64,
     INT64_MAX,
@@ -53,7 +53,6 @@ from oa_sync_core.protocol._protobuf import (
     U32,
     UINT32_MAX,
     Schema,
-    WireError,
     encode_struct,
     int_field,
     len_field,

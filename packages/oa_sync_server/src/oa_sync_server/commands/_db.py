@@ -15,16 +15,12 @@ from typing import TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.config import Settings
-from oa_sync_server.errors import ServerError
+from oa_sync_server.errors import UsageError
 from oa_sync_server.runtime import open_database
 
 __all__ = ["Progress", "UsageError", "add_worker_option", "with_database"]
 
 _T = TypeVar("_T")
-
-
-class UsageError(ServerError):
-    """Bad input on the command line or in a file: one line for the user, exit code 2."""
 
 
 async def with_database(work: Callable[[AsyncEngine], Awaitable[_T]]) -> _T:

@@ -21,8 +21,10 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import shlex
 import signal
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
@@ -54,6 +56,18 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def self_command() -> str:
+    """How to run this very ``oa-sync`` again from any shell: an absolute path, quoted.
+
+    The console script when that is what runs (``.nox/serve/bin/oa-sync`` is not on the
+    user's PATH), else this interpreter with ``-m oa_sync_server.cli``.
+    """
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "oa-sync" and argv0.is_file():
+        return shlex.quote(str(argv0.absolute()))
+    return f"{shlex.quote(sys.executable)} -m oa_sync_server.cli"
 
 
 def _print_demo(settings: Settings, url: str) -> None:
@@ -88,7 +102,7 @@ def _print_demo(settings: Settings, url: str) -> None:
                 f"  {url}/#token={inspector_token}&topic=*",
                 f"demo token (12 h, read + append): {token}",
                 "watch live updates:",
-                f"  oa-sync tail '{topic}' --url {url} --token {token}",
+                f"  {self_command()} tail '{topic}' --url {url} --token {token}",
                 "or with curl (Server-Sent Events):",
                 f"  curl -sN -H 'Authorization: Bearer {token}' '{url}/v1/stream?topic={topic}'",
                 "",

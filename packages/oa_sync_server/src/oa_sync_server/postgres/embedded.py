@@ -15,12 +15,31 @@ import asyncio
 import subprocess
 import warnings
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any
 
-from oa_sync_server.errors import EmbeddedPostgresError
+from oa_sync_server.errors import EmbeddedPostgresError, EmbeddedUnavailableError
 
-__all__ = ["EmbeddedPostgres"]
+__all__ = ["EmbeddedPostgres", "load_pgserver"]
+
+
+def load_pgserver() -> ModuleType:
+    """Import ``pgserver`` (the ``oa-sync-server[embedded]`` extra), quietly.
+
+    The one place that imports it: the server, the commands and the test fixtures call this.
+
+    Raises:
+        EmbeddedUnavailableError: the extra is not installed.
+    """
+    with warnings.catch_warnings():
+        # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI);
+        # pgserver then uses /tmp/runtime-<uid>, which is what we want.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        try:
+            import pgserver  # noqa: PLC0415 - heavy import, only when the embedded server is used
+        except ImportError:
+            raise EmbeddedUnavailableError from None
+    return pgserver
 
 
 class EmbeddedPostgres:
@@ -57,15 +76,11 @@ class EmbeddedPostgres:
 
         Raises:
             EmbeddedPostgresError: ``initdb`` or ``pg_ctl start`` failed.
+            EmbeddedUnavailableError: the ``[embedded]`` extra is not installed.
         """
         if self._url is not None:
             return self._url
-        with warnings.catch_warnings():
-            # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI);
-            # pgserver then uses /tmp/runtime-<uid>, which is what we want.
-            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-            import pgserver  # noqa: PLC0415 - heavy import, only when the embedded server is used
-        self._server, url = await asyncio.to_thread(self._start_blocking, pgserver)
+        self._server, url = await asyncio.to_thread(self._start_blocking, load_pgserver())
         self._url = url
         return url
 

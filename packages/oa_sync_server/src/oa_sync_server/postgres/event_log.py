@@ -42,6 +42,7 @@ from oa_sync_core import ConcurrencyError, Event, NewEvent, validate_new_event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from oa_sync_server.errors import StreamOrderConflict
 from oa_sync_server.postgres.tables import events
 
 __all__ = [
@@ -99,26 +100,6 @@ _READ = sa.text(
     sa.column("recorded_at", sa.DateTime(timezone=True)),
     sa.column("tx", sa.BigInteger),
 )
-
-
-class StreamOrderConflict(ConcurrencyError):  # noqa: N818 - a ConcurrencyError, named for its cause
-    """A stream's last event was written by a newer transaction than the appending one.
-
-    Appending now would put this event before an earlier ``stream_seq`` in log order. Retry
-    in a new transaction (the log does so itself when it owns the transaction).
-
-    Attributes:
-        stream_id: the stream.
-        expected_seq: the caller's ``expected_seq`` (or the seq the append would follow).
-        actual_seq: the stream's last sequence number.
-    """
-
-    def __init__(self, stream_id: str, last_seq: int, expected_seq: int | None = None) -> None:
-        super().__init__(stream_id, last_seq if expected_seq is None else expected_seq, last_seq)
-        self.args = (
-            f"stream {stream_id!r} was last written by a newer transaction; "
-            "retry the append in a new transaction",
-        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, order=True)

@@ -54,10 +54,16 @@ from oa_sync_core.checkpoints import DocId
 from oa_sync_core.codec import JsonObject, canonical_json, loads_strict
 from oa_sync_core.errors import CodecError
 from oa_sync_core.projectors import RUN_SUMMARY, WORKER_SUMMARY
+from oa_sync_core.protocol.backoff import full_jitter
 from oa_sync_core.sinks import DocumentUpdate
 
 from oa_sync_server.config import Secret
-from oa_sync_server.errors import ServerError
+from oa_sync_server.errors import (
+    DeliveryRejectedError,
+    DeliveryStoppedError,
+    DeliveryUnavailableError,
+    HttpSinkError,
+)
 from oa_sync_server.sinks.signing import signature_headers
 
 __all__ = [
@@ -85,58 +91,6 @@ DEFAULT_MUTATIONS: Final[Mapping[str, str]] = {
 }
 _RETRYABLE_4XX: Final = frozenset({408, 429})
 _log = structlog.get_logger("oa_sync_server.sinks.http")
-
-
-class HttpSinkError(ServerError):
-    """Root of the HTTP sink's errors.
-
-    Attributes:
-        doc_key: the document being delivered.
-        version: its version.
-    """
-
-    def __init__(self, message: str, *, doc_key: str, version: int):
-        self.doc_key = doc_key
-        self.version = version
-        super().__init__(f"{doc_key}@{version}: {message}")
-
-
-class DeliveryUnavailableError(HttpSinkError):
-    """Every attempt failed with a retryable status or a connection error.
-
-    Attributes:
-        attempts: attempts made.
-        last_status: the last HTTP status, or ``None`` after a connection error.
-        last_error: a one-line description of the last failure.
-    """
-
-    def __init__(
-        self, *, doc_key: str, version: int, attempts: int, last_status: int | None, last_error: str
-    ):
-        self.attempts = attempts
-        self.last_status = last_status
-        self.last_error = last_error
-        super().__init__(
-            f"gave up after {attempts} attempts: {last_error}", doc_key=doc_key, version=version
-        )
-
-
-class DeliveryRejectedError(HttpSinkError):
-    """The receiver refused an update with a non-retryable status (raised by :class:`HttpSink`).
-
-    Attributes:
-        status: the HTTP status (0 when refused before sending, e.g. no mutation configured).
-        body: the response body, truncated.
-    """
-
-    def __init__(self, *, doc_key: str, version: int, status: int, body: str):
-        self.status = status
-        self.body = body
-        super().__init__(f"rejected with {status}", doc_key=doc_key, version=version)
-
-
-class DeliveryStoppedError(HttpSinkError):
-    """The stop event was set while a delivery waited to retry; nothing more was sent."""
 
 
 def is_retryable_status(status: int) -> bool:
@@ -204,8 +158,7 @@ class RetryPolicy:
         Returns:
             The delay in seconds.
         """
-        ceiling = min(self.cap_s, self.base_s * 2 ** min(attempt - 1, 62))
-        jittered = rng.uniform(0.0, ceiling)
+        jittered = full_jitter(attempt - 1, base_s=self.base_s, cap_s=self.cap_s, rng=rng)
         if retry_after is None:
             return jittered
         return max(jittered, min(retry_after, self.max_retry_after_s))

@@ -11,8 +11,9 @@ Routes (added by :func:`add_routes`):
   scope ``sync:read`` and a grant covering the key.
 * ``GET /v1/changes?topic=…&after=W&limit=N[&epoch=E]`` — a ``ChangesPage``: documents
   (within topics ∩ grant) whose latest change is above ``W``, coalesced, in watermark order.
-  A stale position (epoch differs, or ``W`` older than the retained change log) answers
-  410 with error code ``reset``: start again from ``after=0``.
+  A stale position (:func:`~oa_sync_core.protocol.resume.decide_resume`: another epoch, ``W``
+  older than the retained change log or newer than the log) answers 410 with error code
+  ``reset``: start again from ``after=0``.
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (database reachable, projector not
   far behind), ``GET /metrics`` (Prometheus text).
 
@@ -40,9 +41,11 @@ import structlog
 from aiohttp import web
 from oa_sync_core.codec import loads_strict, read_message
 from oa_sync_core.contracts import v1
-from oa_sync_core.errors import CodecError, EventValidationError, OaSyncError
+from oa_sync_core.errors import CodecError, EventValidationError
 from oa_sync_core.events import Event, NewEvent, validate_new_event
 from oa_sync_core.projectors import DEFAULT_PROJECTORS
+from oa_sync_core.protocol.codes import ErrorCode, LimitKind
+from oa_sync_core.protocol.resume import Position, decide_resume
 from oa_sync_core.topics import Topic, parse_topic
 
 from oa_sync_server.auth import Principal
@@ -51,7 +54,8 @@ from oa_sync_server.errors import (
     AuthFailure,
     ForbiddenError,
     LimitExceededError,
-    LimitKind,
+    NotVisibleError,
+    StaleCursorError,
     classify,
 )
 from oa_sync_server.postgres import read_model
@@ -64,7 +68,6 @@ __all__ = [
     "MAX_CHANGES_LIMIT",
     "MAX_VISIBLE_TIMEOUT_MS",
     "READY_MAX_LAG_S",
-    "NotVisibleError",
     "StaleCursorError",
     "add_cors_headers",
     "add_routes",
@@ -117,32 +120,6 @@ _VISIBLE_AT = sa.text(
 )
 
 
-class NotVisibleError(OaSyncError):
-    """An append committed but was not projected within its ``timeoutMs`` (504)."""
-
-    def __init__(self, positions: list[int], timeout_ms: int):
-        self.positions = positions
-        super().__init__(
-            f"appended, but not visible within {timeout_ms} ms (the projector is behind or not"
-            " running); the events are in the log: do not append them again without their"
-            " idempotency keys"
-        )
-
-
-class StaleCursorError(OaSyncError):
-    """A polling position can no longer be continued (410, code ``reset``).
-
-    Attributes:
-        reason: ``epoch_changed`` or ``retention``.
-        epoch: the current epoch.
-    """
-
-    def __init__(self, reason: str, epoch: str):
-        self.reason = reason
-        self.epoch = epoch
-        super().__init__(f"{reason}: restart from after=0 with epoch {epoch}")
-
-
 def _state(request: web.Request) -> ServerState:
     return request.app[STATE]
 
@@ -154,10 +131,16 @@ def _json(body: Any, status: int = 200) -> web.Response:
 def _error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     mapping = classify(exc)
     if isinstance(exc, StaleCursorError):
-        return 410, {"error": {"code": "reset", "message": str(exc), "epoch": exc.epoch}}
+        body = {"code": ErrorCode.RESET, "message": str(exc), "epoch": exc.epoch}
+        return 410, {"error": body}
     if isinstance(exc, NotVisibleError):
         positions = [str(p) for p in exc.positions]
-        return 504, {"error": {"code": "not_visible", "message": str(exc), "positions": positions}}
+        late: dict[str, Any] = {
+            "code": ErrorCode.NOT_VISIBLE,
+            "message": str(exc),
+            "positions": positions,
+        }
+        return 504, {"error": late}
     if isinstance(exc, web.HTTPException):
         return exc.status, {"error": {"code": exc.reason.lower().replace(" ", "_"), "message": ""}}
     if mapping.status >= 500:
@@ -426,7 +409,7 @@ async def get_document(request: web.Request) -> web.Response:
     async with _state(request).engine.connect() as conn:
         row = await read_model.document(conn, doc_key)
     if row is None:
-        return _json({"error": {"code": "not_found", "message": "no such document"}}, 404)
+        return _json({"error": {"code": ErrorCode.NOT_FOUND, "message": "no such document"}}, 404)
     return web.Response(body=document_json(row), content_type="application/json")
 
 
@@ -437,12 +420,12 @@ async def get_changes(request: web.Request) -> web.Response:
     after = _int_param(request, "after", 0, 0, 2**63 - 1)
     limit = _int_param(request, "limit", DEFAULT_CHANGES_LIMIT, 1, MAX_CHANGES_LIMIT)
     epoch = request.query.get("epoch") or None
+    position = Position(watermark=after, epoch=epoch)
     async with _state(request).engine.connect() as conn:
         meta = await read_model.read_meta(conn)
-        if epoch is not None and epoch != meta.epoch:
-            raise StaleCursorError("epoch_changed", meta.epoch)
-        if 0 < after < meta.retained_from:
-            raise StaleCursorError("retention", meta.epoch)
+        _, reset = decide_resume(position, meta)
+        if reset is not None:
+            raise StaleCursorError(reset.value, meta.epoch)
         rows = await read_model.documents_matching(
             conn, topics, principal.grant, after=after, limit=limit
         )

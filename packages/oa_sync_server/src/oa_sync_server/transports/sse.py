@@ -20,7 +20,7 @@ Events (``data`` is one line of proto3 JSON)::
     event: update
     data: {"docKey": ..., "projection": ..., "version": "7", "watermark": "124", ...}
 
-    event: reset            data: {"reason": "retention" | "epoch_changed", "epoch": ...}
+    event: reset            data: {"reason": "watermark_expired", "epoch": ...}
     id: 130
     event: synced           data: {"watermark": "130", "epoch": ...}
 
@@ -38,6 +38,8 @@ import orjson
 import sqlalchemy as sa
 import structlog
 from aiohttp import web
+from oa_sync_core.protocol.codes import ResetReason
+from oa_sync_core.protocol.resume import Position, decide_resume
 
 from oa_sync_server.fanout import LiveDoc
 from oa_sync_server.postgres import read_model
@@ -105,11 +107,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         async with state.engine.connect() as conn:
             meta = await read_model.read_meta(conn)
-        after = last
-        if last is not None and not meta.retained_from <= last <= meta.watermark:
-            reason = "retention" if last < meta.retained_from else "epoch_changed"
-            await response.write(_control("reset", {"reason": reason, "epoch": meta.epoch}))
-            after = None
+        after, reset = decide_resume(None if last is None else Position(watermark=last), meta)
+        if reset is not None:
+            await response.write(_control("reset", {"reason": reset.value, "epoch": meta.epoch}))
         high = meta.watermark
         while True:
             # One pooled connection per page, returned before writing to a possibly slow client.
@@ -152,7 +152,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
             _log.info("sse_slow_consumer", subject=principal.subject)
         elif feed.epoch_changed:
             await response.write(
-                _control("reset", {"reason": "epoch_changed", "epoch": state.hub.epoch})
+                _control(
+                    "reset", {"reason": ResetReason.EPOCH_CHANGED.value, "epoch": state.hub.epoch}
+                )
             )
     except ConnectionError:
         pass  # the client went away

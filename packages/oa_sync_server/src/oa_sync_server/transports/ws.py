@@ -50,12 +50,12 @@ from typing import Any, Final
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 from oa_sync_core.errors import OaSyncError
+from oa_sync_core.protocol.codes import CloseCode, ErrorCode, LimitKind
 from oa_sync_core.protocol.server_session import (
     Action,
     CancelCatchUp,
     CatchUp,
     Close,
-    CloseCode,
     Credentials,
     Send,
     SendUpdate,
@@ -78,7 +78,6 @@ from oa_sync_server.errors import (
     AuthFailure,
     ForbiddenError,
     LimitExceededError,
-    LimitKind,
     classify,
 )
 from oa_sync_server.fanout import Feed
@@ -98,9 +97,9 @@ SLOW_CONSUMER_GRACE_S: Final = 2.0
 """How long a full send queue may stay full before its client counts as a slow consumer."""
 _REASON_BYTES: Final = 120
 
-_LIMIT_ERRORS: Final = {
-    "too_many_subscriptions": LimitKind.SUBSCRIPTIONS.value,
-    "too_many_topics": LimitKind.TOPICS.value,
+_LIMIT_ERRORS: Final[dict[str, str]] = {
+    ErrorCode.TOO_MANY_SUBSCRIPTIONS: LimitKind.SUBSCRIPTIONS.value,
+    ErrorCode.TOO_MANY_TOPICS: LimitKind.TOPICS.value,
 }
 """Error frames that report a limit breach, and the breach's kind for the metric."""
 
