@@ -56,6 +56,7 @@ class ServeProcess:
         self.output: list[str] = []
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._printed = asyncio.Event()
 
     def env(self) -> dict[str, str]:
         """The environment of the child: the database, the secret, the allowed origins."""
@@ -101,11 +102,27 @@ class ServeProcess:
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
             self.output.append(line)
+            self._printed.set()
             match = _SERVING.search(line)
             if match and not serving.done():
                 serving.set_result(match.group(1))
         if not serving.done():
             serving.set_exception(RuntimeError("oa-sync serve exited:\n" + "\n".join(self.output)))
+
+    async def wait_for_line(
+        self, pattern: re.Pattern[str], within_s: float = 30.0
+    ) -> re.Match[str]:
+        """The first line printed so far or from now on that matches ``pattern``."""
+        async with asyncio.timeout(within_s):
+            seen = 0
+            while True:
+                for line in self.output[seen:]:
+                    match = pattern.search(line)
+                    if match:
+                        return match
+                seen = len(self.output)
+                self._printed.clear()
+                await self._printed.wait()
 
     async def stop(self) -> None:
         """SIGTERM and wait for the graceful shutdown."""

@@ -4,6 +4,7 @@ being exactly what ``nox -s inspector`` builds from packages/oa-sync-js."""
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import aiohttp
@@ -12,6 +13,7 @@ from oa_sync_server.transports.inspector import ASSETS
 
 from tests.live import LiveServer
 from tests.web.browser import JS_PACKAGE, npm_ready
+from tests.web.serve_process import serve_process
 
 STATIC = JS_PACKAGE.parents[1] / "packages/oa_sync_server/src/oa_sync_server/static"
 
@@ -93,3 +95,20 @@ async def test_the_committed_inspector_bundle_is_fresh(tmp_path: Path) -> None:
         "packages/oa_sync_server/src/oa_sync_server/static/inspector.js is stale:"
         " run `nox -s inspector` and commit the result"
     )
+
+
+async def test_serve_demo_prints_a_working_inspector_url(database_url: str) -> None:
+    """`oa-sync serve --demo` prints the inspector URL with an admin token in its fragment:
+    the page answers, and that token opens the admin panel."""
+    async with serve_process(database_url, demo=True, allow_own_origin=False) as server:
+        lines = await server.wait_for_line(re.compile(r"^\s+(http://\S+/#token=\S+)$"))
+        url = lines.group(1)
+        assert url.startswith(f"{server.url}/#token=")
+        fragment = dict(part.split("=", 1) for part in url.split("#", 1)[1].split("&"))
+        assert fragment["topic"] == "*"
+        headers = {"Authorization": f"Bearer {fragment['token']}"}
+        async with aiohttp.ClientSession(server.url) as http:
+            async with http.get("/") as resp:
+                assert resp.status == 200
+            async with http.get("/v1/admin/status", headers=headers) as resp:
+                assert resp.status == 200

@@ -8,10 +8,10 @@ released, the embedded Postgres stopped.
 
 ``--demo`` also runs a synthetic runtime (:mod:`oa_sync_server.demo`), generates a throw-away
 HS256 secret when no JWT key is configured (never printed), and prints a token plus a
-ready-to-paste command to watch updates, and the inspector's URL (``GET /``) with a read +
-admin token in its fragment: one click and the demo runs move in the browser. The demo also
-accepts its own origin on the WebSocket (added to ``OA_SYNC_ALLOWED_ORIGINS``) so that page
-can use it.
+ready-to-paste command to watch updates, and the inspector's URL (``GET /``) with a
+``sync:admin`` token in its fragment (for the server panel): one click and the demo runs move
+in the browser. The demo also accepts its own origin on the WebSocket (added to
+``OA_SYNC_ALLOWED_ORIGINS``) so that page can use it.
 """
 
 from __future__ import annotations
