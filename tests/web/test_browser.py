@@ -162,3 +162,27 @@ async def test_a_page_on_an_allowed_origin_appends_and_reads_with_a_bearer_heade
                             assert "authorization" in allow
     finally:
         await runner.cleanup()
+
+
+async def test_inspector_falls_back_to_sse_when_its_origin_is_refused(database_url: str) -> None:
+    """Served by a server whose WebSocket refuses the page's origin, the inspector follows the
+    documents over the SSE fallback (a fetch stream with the bearer header) instead."""
+    npm_ready(browser=True)
+    await build_js()
+    async with (
+        serve_process(database_url, allow_own_origin=False) as server,
+        Browser() as browser,
+    ):
+        token = mint_token(server.secret, subject="inspector", topics=["*"], scopes=["sync:read"])
+        await browser.call("open", url=f"{server.url}/#token={token}&topic=runtime/run_summary:*")
+        transport = "document.getElementById('transport').textContent.startsWith('sse')"
+        await browser.call("waitFor", js=transport, timeoutMs=30_000)
+        payload = {"runId": "sse-1"}
+        await _append(
+            server, [{"streamId": "run:sse-1", "type": "run.created", "payload": payload}]
+        )
+        key = "runtime/run_summary:sse-1"
+        await browser.call("waitFor", js=_row_version(key, 1), timeoutMs=10_000)
+        assert not await browser.call(
+            "eval", js="document.getElementById('admin').hidden === false"
+        )
