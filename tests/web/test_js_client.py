@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.web.browser import ARTIFACTS, JS_PACKAGE, npm_ready
 from tests.web.serve_process import serve_process
-
-JS_PACKAGE = Path(__file__).resolve().parents[2] / "packages" / "oa-sync-js"
-
-
-def npm_ready() -> None:
-    """Fail with the fix when node/npm or the package's pinned dependencies are missing."""
-    if shutil.which("npm") is None or shutil.which("node") is None:
-        pytest.fail("Node 20 and npm are needed for the TypeScript tests (nox -s tests installs)")
-    if not (JS_PACKAGE / "node_modules" / ".package-lock.json").exists():
-        pytest.fail(f"run `npm ci` in {JS_PACKAGE} first (nox -s tests does)")
 
 
 @pytest.mark.slow
@@ -46,5 +35,7 @@ async def test_typescript_client_suite_passes_against_a_real_server(database_url
         )
         out, _ = await proc.communicate()
     report = out.decode(errors="replace")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "npm-test.txt").write_text(report)  # per-test durations, for the record
     assert proc.returncode == 0, report[-20000:]
     assert "# fail 0" in report

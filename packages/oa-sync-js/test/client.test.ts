@@ -18,6 +18,7 @@ import {
   type SseEvent,
 } from "../src/index.js";
 import {
+  ALL_FRAMES,
   appendVisible,
   ChaosProxy,
   changeEpoch,
@@ -342,5 +343,10 @@ describe("SyncClient against oa-sync serve", () => {
       await c.close();
       await proxy.stop();
     }
+  });
+
+  it("every JSON frame the server sent in these tests parses with protobuf-es in strict mode", () => {
+    assert.deepEqual(ALL_FRAMES.failures, []);
+    assert.ok(ALL_FRAMES.count > 2000, `only ${ALL_FRAMES.count} frames checked`);
   });
 });

@@ -123,13 +123,21 @@ export class FrameCheck {
   };
 }
 
+/** Every JSON frame every test client receives, checked strictly (see the last test). */
+export const ALL_FRAMES = new FrameCheck();
+
 export function client(options: Partial<SyncClientOptions> & { url?: string } = {}): SyncClient {
+  const own = options.onFrame;
   return new SyncClient({
     url: SERVER_URL,
     token: () => mintToken(),
     WebSocket: NodeWebSocket,
     backoff: { baseMs: 50, capMs: 250 },
     ...options,
+    onFrame: (data) => {
+      ALL_FRAMES.hook(data);
+      own?.(data);
+    },
   });
 }
 
