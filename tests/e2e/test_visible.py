@@ -8,7 +8,7 @@ import asyncio
 import aiohttp
 import pytest
 import sqlalchemy as sa
-from oa_sync_client import AppendError, SyncClient
+from oa_sync_client import AppendError, SubscriptionRefusedError, SyncClient
 from oa_sync_server.postgres.tables import events
 
 from tests.e2e.test_http import call, run_event
@@ -153,3 +153,21 @@ async def test_python_client_append_errors_are_typed(database_url: str) -> None:
         assert late.value.status == 504
         assert late.value.code == "not_visible"
         assert len(late.value.positions) == 1
+
+
+async def test_append_visible_ignores_a_subscription_the_server_refused(
+    live_server: LiveServer,
+) -> None:
+    """A refused subscription (outside the grant) does not hold a visible append back."""
+    token = live_server.token(topics=["runtime/run_summary:*"])
+    async with SyncClient(live_server.url, token) as client:
+        refused = client.subscribe(["runtime/codex_worker_summary:*"])
+        sub = client.subscribe(["runtime/run_summary:*"])
+        async with asyncio.timeout(20):
+            await sub.wait_synced()
+            with pytest.raises(SubscriptionRefusedError):
+                async for _ in refused:
+                    pass
+        result = await client.append([run_event("run.created", "g1")], visible=True, timeout_s=10)
+        assert result.visible_watermark is not None
+        assert sub.documents["runtime/run_summary:g1"].version == 1

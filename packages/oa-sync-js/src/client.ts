@@ -345,7 +345,12 @@ export class SyncClient {
       },
       body: JSON.stringify(toJson(AppendRequestSchema, request)),
     });
-    const body = (await response.json()) as JsonValue;
+    let body: JsonValue;
+    try {
+      body = (await response.json()) as JsonValue;
+    } catch {
+      throw new AppendError(response.status, "http_error", "the answer is not JSON");
+    }
     if (!response.ok) throw appendError(response.status, body);
     const parsed = fromJson(AppendResponseSchema, body, { ignoreUnknownFields: false });
     const result: AppendResult = { positions: parsed.positions.map(Number) };

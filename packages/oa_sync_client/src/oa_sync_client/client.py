@@ -401,7 +401,10 @@ class SyncClient:
             params=params if visible else None,
             headers={"Authorization": f"Bearer {token}"},
         ) as response:
-            answer = await response.json(content_type=None)
+            try:
+                answer = await response.json(content_type=None)
+            except ValueError:
+                raise AppendError(response.status, "http_error", "the answer is not JSON") from None
         if response.status != 200:
             error = answer.get("error", {}) if isinstance(answer, dict) else {}
             raise AppendError(
@@ -433,7 +436,9 @@ class SyncClient:
         """Every subscription is synced on this connection and has seen ``watermark``."""
         if self.session.state is not ConnectionState.LIVE:
             return False
-        for sid in self.session.subscription_ids():
+        for sid, sub in self._subs.items():
+            if sub._ended:  # refused by the server: it will never reach anything
+                continue
             position = self.session.position(sid)
             if position is None or position.epoch != epoch:
                 return False
