@@ -8,6 +8,7 @@ keeps the two one decision instead of two that drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import Iterator
@@ -42,20 +43,18 @@ TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJpYXQiOjEwMDAsImV4cCI6OTk5OTk5OTk5OX0.c2ln"
 def replay() -> Iterator[subprocess.Popen[str]]:
     """The Node process replaying operations on the TypeScript session."""
     npm_ready()
-    import asyncio
-
     asyncio.run(build_js())
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         ["node", "build/test/session-replay.js"],  # noqa: S607
         cwd=JS_PACKAGE,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    )
-    yield proc
-    assert proc.stdin is not None
-    proc.stdin.close()
-    proc.wait(timeout=20)
+    ) as proc:  # the with block closes both pipes and waits
+        yield proc
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=20)
 
 
 def _ts(proc: subprocess.Popen[str], op: dict[str, Any]) -> dict[str, Any]:
