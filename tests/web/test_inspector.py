@@ -9,11 +9,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from oa_sync_server.config import HttpSinkSettings, Secret, SinkKind
 from oa_sync_server.transports.inspector import ASSETS
 
-from tests.live import LiveServer
+from tests.live import LiveServer, make_live_server
 from tests.web.browser import JS_PACKAGE, npm_ready
-from tests.web.serve_process import serve_process
+from tests.web.serve_process import free_port, serve_process
 
 STATIC = JS_PACKAGE.parents[1] / "packages/oa_sync_server/src/oa_sync_server/static"
 
@@ -112,3 +113,24 @@ async def test_serve_demo_prints_a_working_inspector_url(database_url: str) -> N
                 assert resp.status == 200
             async with http.get("/v1/admin/status", headers=headers) as resp:
                 assert resp.status == 200
+
+
+async def test_admin_status_shows_both_lanes_and_parity_in_tee_mode(database_url: str) -> None:
+    """With OA_SYNC_SINK=tee the status lists both lanes and the parity report; an HTTP lane
+    that cannot deliver is reported out of parity."""
+    http = HttpSinkSettings(url=f"http://127.0.0.1:{free_port()}/sink", secret=Secret("s" * 32))
+    async with make_live_server(database_url, sink=SinkKind.TEE, http_sink=http) as server:
+        await server.append(
+            [{"streamId": "run:p1", "type": "run.created", "payload": {"runId": "p1"}}]
+        )
+        await server.settle()
+        headers = {"Authorization": f"Bearer {server.token(scopes=['sync:admin'])}"}
+        async with (
+            aiohttp.ClientSession(server.url) as client,
+            client.get("/v1/admin/status", headers=headers) as resp,
+        ):
+            assert resp.status == 200
+            sink = (await resp.json())["sink"]
+    assert sink["kind"] == "tee"
+    assert sink["lanes"] == ["postgres", "http"]
+    assert sink["parity"]["inParity"] is False
