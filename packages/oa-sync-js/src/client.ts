@@ -564,8 +564,11 @@ function httpBase(url: string): string {
 }
 
 function randomKey(): string {
-  // getRandomValues works outside secure contexts too (randomUUID does not).
-  const bytes = globalThis.crypto.getRandomValues(new Uint8Array(16));
+  // getRandomValues works outside secure contexts too (randomUUID does not); React Native has
+  // no `crypto` without a polyfill, and a key needs uniqueness, not secrecy.
+  const bytes = new Uint8Array(16);
+  if (globalThis.crypto?.getRandomValues !== undefined) globalThis.crypto.getRandomValues(bytes);
+  else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
