@@ -61,7 +61,7 @@ describe("SyncClient against oa-sync serve", () => {
     }
   });
 
-  it("delivers live updates in version order and dedupes nothing it should keep", async () => {
+  it("delivers live updates in increasing version order, up to the latest", async () => {
     const id = uniq();
     const frames = new FrameCheck();
     const c = client({ onFrame: frames.hook }).start();
@@ -207,6 +207,23 @@ describe("SyncClient against oa-sync serve", () => {
     assert.equal(c.error.code, 4401);
     assert.equal(c.stats.connections, 1);
     await c.close();
+  });
+
+  it("after a 4401 close fetches a fresh token before reconnecting", async () => {
+    const id = uniq();
+    let minted = 0;
+    const c = client({
+      token: () => (++minted === 1 ? mintToken({ badSignature: true }) : mintToken()),
+    }).start();
+    try {
+      const sub = c.subscribe([`runtime/run_summary:${id}`]);
+      await sub.synced(20_000);
+      assert.equal(minted, 2, "one refused token, one fresh one");
+      assert.equal(c.stats.connections, 2);
+      assert.equal(c.state, "live");
+    } finally {
+      await c.close();
+    }
   });
 
   it("is reset on a new epoch: clears only that subscription, then converges", async () => {
