@@ -171,3 +171,25 @@ async def test_append_visible_ignores_a_subscription_the_server_refused(
         result = await client.append([run_event("run.created", "g1")], visible=True, timeout_s=10)
         assert result.visible_watermark is not None
         assert sub.documents["runtime/run_summary:g1"].version == 1
+
+
+async def test_wait_visible_on_a_replayed_idempotency_key_answers_the_original(
+    live_server: LiveServer,
+) -> None:
+    """Replaying an append (same idempotency keys) with wait=visible answers the original
+    positions and the watermark of their documents."""
+    token = live_server.token()
+    batch = {
+        "events": [
+            run_event("run.created", "i1") | {"idempotencyKey": "i1:1"},
+            run_event("run.created", "i2") | {"idempotencyKey": "i2:1"},
+        ]
+    }
+    params = {"wait": "visible", "timeoutMs": "10000"}
+    async with aiohttp.ClientSession(live_server.url) as s:
+        status, first = await call(s, "POST", "/v1/events", token=token, body=batch, params=params)
+        assert status == 200, first
+        status, again = await call(s, "POST", "/v1/events", token=token, body=batch, params=params)
+        assert status == 200, again
+    assert again["positions"] == first["positions"]
+    assert again["visibleWatermark"] == first["visibleWatermark"] != "0"

@@ -108,12 +108,12 @@ _LAG = sa.text(
 )
 
 
-# Whether the projector's cursor has passed the event at :pos (the last of a batch: a batch
-# commits in one transaction, so its events share a tx_id and are applied together).
+# Whether the projector's cursor has passed every event at :positions (all of one batch, or,
+# for a replayed idempotency key, the original events, which may span transactions).
 _PROJECTED = sa.text(
-    "SELECT EXISTS (SELECT 1 FROM oa_sync.events e JOIN oa_sync.projector_leases l "
-    "ON l.name = :name WHERE e.position = :pos "
-    "AND (e.tx_id, e.position) <= (l.cursor_tx_id, l.cursor_position))"
+    "SELECT COALESCE(bool_and((e.tx_id, e.position) <= (l.cursor_tx_id, l.cursor_position)), "
+    "false) FROM oa_sync.events e JOIN oa_sync.projector_leases l ON l.name = :name "
+    "WHERE e.position = ANY(:positions)"
 )
 _VISIBLE_AT = sa.text(
     "SELECT COALESCE(max(watermark), 0) FROM oa_sync.documents WHERE doc_key = ANY(:keys)"
@@ -393,7 +393,7 @@ async def _visible(
             if not keys:
                 return 0, (await read_model.read_meta(conn)).epoch
             lease = state.projector.name if state.projector is not None else "default"
-            done = await conn.execute(_PROJECTED, {"name": lease, "pos": max(positions)})
+            done = await conn.execute(_PROJECTED, {"name": lease, "positions": positions})
             if done.scalar_one():
                 watermark = (await conn.execute(_VISIBLE_AT, {"keys": keys})).scalar_one()
                 return int(watermark), (await read_model.read_meta(conn)).epoch
