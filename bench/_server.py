@@ -117,12 +117,14 @@ class _Child:
 
 
 class ServerProcess(_Child):
-    """``oa-sync serve`` on ``database_url`` with benchmark settings (``env`` overrides)."""
+    """``oa-sync serve --workers N`` on ``database_url`` with benchmark settings (``env``
+    overrides; ``workers`` server processes on the port, 1 by default)."""
 
     ready_path = "/readyz"
 
-    def __init__(self, database_url: str, **env: Any) -> None:
+    def __init__(self, database_url: str, *, workers: int = 1, **env: Any) -> None:
         super().__init__()
+        self.workers = workers
         self.env = {
             **os.environ,
             "OA_SYNC_DATABASE_URL": database_url,
@@ -137,7 +139,7 @@ class ServerProcess(_Child):
         }
         cli = shutil.which("oa-sync", path=str(Path(sys.executable).parent))
         if SERVE_COMMAND.exists() and cli is not None:
-            self.command = [cli, "serve"]
+            self.command = [cli, "serve", "--workers", str(workers)]
         else:
             self.command = [sys.executable, str(HERE / "_serve.py")]
 

@@ -10,10 +10,12 @@ deliveries/s at 1,000 subscribers). Two phases per server:
 2. burst: ``burst`` events appended as fast as possible; throughput = events x per_doc /
    (time from the burst's start until every subscriber holds every final version).
 
-The sync server (``oa-sync serve``: projector + hub + WebSocket sessions, one process) is then
-replaced by ``bench/_bare.py`` fed by the same schedule over ``POST /publish``; its latency is
-measured from the POST's start. Lost = (subscriber, document) pairs whose last version received
-is below the last version appended, after a drain. Fewer frames than events x per_doc is not
+The sync server (``oa-sync serve --workers 1``: projector + hub + WebSocket sessions, one
+process), then ``--workers N`` (``BENCH_WORKERS``, default the number of cores; ``workers_n_*``
+figures, CPU summed over the processes), is then replaced by ``bench/_bare.py`` fed by the
+same schedule over ``POST /publish``; its latency is measured from the POST's start.
+Lost = (subscriber, document) pairs whose last version received is below the last version
+appended, after a drain. Fewer frames than events x per_doc is not
 loss: live updates coalesce when a document changes twice between two reads of the hub.
 
 Run alone: ``python bench/fanout.py [--quick]``.
@@ -21,6 +23,7 @@ Run alone: ``python bench/fanout.py [--quick]``.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -51,6 +54,8 @@ CLIENT_PROCESSES = 2
 BURST_BATCH = 500
 LIGHT = (100, 100, 200, 10)
 """(subscribers, documents, appends/s, seconds) of the extra light run of the full suite."""
+WORKERS = int(os.environ.get("BENCH_WORKERS", str(os.cpu_count() or 1)))
+"""Worker processes of the second server run (``oa-sync serve --workers N``; 1: skipped)."""
 FULL_RATE = int(os.environ.get("BENCH_FANOUT_RATE", "2000"))
 """Appends/s of the full run: the issue's 2,000 (x 5 subscribers = 10,000 deliveries/s)."""
 
@@ -64,6 +69,16 @@ def topic_sets(subscribers: int, docs: int, per_doc: int) -> list[list[str]]:
     """Subscriber i follows ``per_doc`` runs spread evenly, so each run has per_doc followers."""
     stride = docs // per_doc
     return [[doc_key((i + k * stride) % docs) for k in range(per_doc)] for i in range(subscribers)]
+
+
+def tree_cpu_seconds(process: Any) -> float:
+    """User + system CPU seconds of a process and its children (the ``--workers`` processes)."""
+    total = 0.0
+    for proc in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(Exception):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -105,7 +120,7 @@ def run_phase(
         server = psutil.Process(server_pid)
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             pool.submit(int).result()  # start the worker before timing anything
-            cpu0, wall0 = server.cpu_times(), time.monotonic()
+            cpu0, wall0 = tree_cpu_seconds(server), time.monotonic()
             steady = pool.submit(
                 load,
                 rate=rate,
@@ -114,7 +129,7 @@ def run_phase(
                 batch=batch,
                 **load_kwargs,
             ).result()
-            cpu1, wall1 = server.cpu_times(), time.monotonic()
+            cpu1, wall1 = tree_cpu_seconds(server), time.monotonic()
             time.sleep(drain_seconds())
             burst_result = pool.submit(
                 load,
@@ -140,9 +155,7 @@ def run_phase(
         "burst": burst_result,
         "records": records,
         "bytes_received": received,
-        "server_cpu_percent_steady": 100
-        * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
-        / (wall1 - wall0),
+        "server_cpu_percent_steady": 100 * (cpu1 - cpu0) / (wall1 - wall0),
     }
 
 
@@ -198,10 +211,11 @@ def server_phase(
     seconds: float,
     batch: int,
     burst: int,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Preload one event per run, start ``oa-sync serve``, run both load phases against it."""
     copy_events(url, [run_event(run, 0, 2) for run in range(docs)])
-    with ServerProcess(url) as server:
+    with ServerProcess(url, workers=workers) as server:
         return run_phase(
             server.ws_url,
             token(),
@@ -242,6 +256,26 @@ def main() -> int:
         khala = server_phase(
             url, sets, docs=docs, rate=rate, seconds=seconds, batch=batch, burst=burst
         )
+        workers = 1 if quick() else WORKERS
+        multi: dict[str, float] = {}
+        if workers > 1:
+            # The same load on `oa-sync serve --workers N` (SO_REUSEPORT, one hub per process).
+            drop_database(admin, DB_NAME)
+            url = migrated_database(admin, DB_NAME)
+            multi = analyse(
+                server_phase(
+                    url,
+                    sets,
+                    docs=docs,
+                    rate=rate,
+                    seconds=seconds,
+                    batch=batch,
+                    burst=burst,
+                    workers=workers,
+                ),
+                sets,
+                per_doc,
+            )
         light: dict[str, float] = {}
         if not quick():
             # The same code at a tenth of the subscribers, to show where it stops scaling.
@@ -282,6 +316,7 @@ def main() -> int:
         drop_database(admin, DB_NAME)
     ours = analyse(khala, sets, per_doc)
     ours.update({f"light_{k}": v for k, v in light.items() if k.startswith(("latency", "lost"))})
+    ours.update({f"workers_n_{k}": v for k, v in multi.items()})
     bare_figures = analyse(baseline, sets, per_doc)
     result = Result(
         name="fanout",
@@ -306,7 +341,9 @@ def main() -> int:
             "drain_seconds": drain_seconds(),
             "burst_batch": BURST_BATCH,
             "subprotocol": "oa-sync.v1.json",
-            "server": "oa-sync serve (projector + hub + sessions in one process)",
+            "server": "oa-sync serve --workers 1 (projector + hub + sessions in one process);"
+            " workers_n_*: oa-sync serve --workers N",
+            "workers_n": workers,
             "git": git_revision(),
             "load_average_before": load_before,
             "load_average_after": load_average(),
@@ -331,6 +368,30 @@ def main() -> int:
         unit="/s",
     )
     result.target("throughput vs bare aiohttp broadcast", ratio, at_least=0.7, unit="x")
+    if multi:
+        result.baseline["ratio_throughput_vs_bare_workers_n"] = (
+            multi["burst_effective_deliveries_per_s"]
+            / bare_figures["burst_effective_deliveries_per_s"]
+        )
+        result.target(
+            f"fan-out latency p95, {workers} workers",
+            multi["latency_p95_ms"],
+            at_most=50,
+            unit="ms",
+        )
+        result.target(
+            f"fan-out latency p99, {workers} workers",
+            multi["latency_p99_ms"],
+            at_most=150,
+            unit="ms",
+        )
+        result.target(f"updates lost, {workers} workers", multi["lost"], at_most=0)
+        result.target(
+            f"throughput vs bare, {workers} workers",
+            result.baseline["ratio_throughput_vs_bare_workers_n"],
+            at_least=0.7,
+            unit="x",
+        )
     plot = bar_plot(
         "fanout",
         ["p50", "p95", "p99", "bare p99"],

@@ -270,7 +270,8 @@ def test_struct_whole_numbers_read_back_as_int() -> None:
 
 @given(frame=st.builds(UpdateFrame, texts, texts, texts, ints, ints, texts, documents))
 def test_encoded_update_splices_identical_bytes(frame: UpdateFrame) -> None:
-    """EncodedUpdate.frame equals encode_server(UpdateFrame) byte for byte, for any subscription."""
+    """EncodedUpdate.frame (and frame_bytes, as UTF-8) equals encode_server(UpdateFrame) byte
+    for byte, for any subscription."""
     update = EncodedUpdate(
         frame.doc_key,
         frame.projection,
@@ -291,6 +292,9 @@ def test_encoded_update_splices_identical_bytes(frame: UpdateFrame) -> None:
                 frame.document,
             )
             assert update.frame(sid, fmt) == encode_server(other, fmt)
+            encoded = encode_server(other, fmt)
+            expected = encoded.encode("utf-8") if isinstance(encoded, str) else encoded
+            assert update.frame_bytes(sid, fmt) == expected
 
 
 def test_encoded_update_caches_parts_per_format() -> None:

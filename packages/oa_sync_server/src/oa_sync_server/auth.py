@@ -17,6 +17,14 @@
 Every failure is an :class:`AuthError` carrying an :class:`AuthFailure` reason; nothing else
 escapes :meth:`TokenVerifier.verify`. Error messages never contain the token.
 
+Verified tokens are cached (:class:`TokenVerifier`, ``cache_size``) keyed by the SHA-256 of the
+token, until the token's ``exp`` (plus the leeway): a token presented again (every append of a
+service, every reconnect of a client) costs one hash and one dict lookup instead of a signature
+check and a claims parse. Only tokens that passed every check are cached, and ``exp`` is checked
+again on every hit; a refused token is never cached, so each refusal is counted and logged. The
+trade-off: a JWKS key withdrawn before its tokens expire keeps verifying those tokens (already
+verified, with that key) until they expire.
+
 :class:`JwksCache` fetches a JWKS document with aiohttp (never blocking the event loop), keeps it
 for its ``max-age`` (clamped to the configured bounds), shares one in-flight fetch between
 concurrent misses, and refetches for an unknown ``kid`` at most once per cooldown. When no
@@ -32,7 +40,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import dataclasses
+import hashlib
 import math
 import re
 import time
@@ -67,6 +77,8 @@ MAX_JWKS_BYTES: Final = 256 * 1024
 MAX_SUBJECT_LENGTH: Final = 256
 MAX_GRANT_TOPICS: Final = 256
 MAX_NUMERIC_DATE: Final = 253402300799  # 9999-12-31T23:59:59Z
+TOKEN_CACHE_SIZE: Final = 10_000
+"""Verified tokens remembered per verifier (the oldest is forgotten first)."""
 SCOPES: Final = frozenset({"sync:read", "sync:append", "sync:admin"})
 _ASYMMETRIC: Final = frozenset({"RS256", "ES256"})
 _TYP: Final = frozenset({"jwt", "at+jwt", "application/at+jwt"})
@@ -211,6 +223,10 @@ class JwksCache:
             "signing keys unavailable",
         )
 
+    def fresh_key(self, kid: str) -> _Key | None:
+        """The key of ``kid`` if the key set is fresh and has it; never fetches."""
+        return self._keys.get(kid) if self._clock() < self._expires_at else None
+
     async def _fetch(self) -> bool:
         self.fetches += 1
         self._last_fetch_at = self._clock()
@@ -298,6 +314,7 @@ class TokenVerifier:
         clock: wall clock in seconds since the epoch, for ``exp``/``nbf``/``iat``.
         monotonic: monotonic clock for the JWKS cache.
         metrics: when given, every refused token counts in ``auth_failures`` by reason.
+        cache_size: verified tokens remembered until their ``exp`` (0: verify every time).
 
     Raises:
         ConfigError: an HS256 secret shorter than 32 bytes (refused however the settings were
@@ -312,8 +329,14 @@ class TokenVerifier:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
+        cache_size: int = TOKEN_CACHE_SIZE,
     ):
         self._settings = settings
+        self._cache_size = cache_size
+        # sha256(token) -> (principal, the JWKS kid and key it verified with, if any)
+        self._cache: collections.OrderedDict[bytes, tuple[Principal, str | None, _Key | None]] = (
+            collections.OrderedDict()
+        )
         self._metrics = metrics
         self._clock = clock
         self._leeway = min(settings.leeway_s, 60.0)
@@ -361,15 +384,34 @@ class TokenVerifier:
             AuthError: always with a reason, for every way a token can be wrong; never any
                 other exception.
         """
+        digest = b""
+        if isinstance(token, str) and len(token) <= MAX_TOKEN_BYTES:
+            digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        cached = self._cache.get(digest) if digest else None
+        if cached is not None:
+            principal, kid, key = cached
+            still_current = kid is None or (
+                self.jwks is not None and self.jwks.fresh_key(kid) is key
+            )
+            if still_current and self._clock() <= principal.expires_at + self._leeway:
+                return principal
+            del self._cache[digest]  # expired, or its key rotated out or not fresh: verify
         try:
-            return await self._verify(token)
+            principal, kid, key = await self._verify(token)
         except AuthError as exc:
             if self._metrics is not None:
                 self._metrics.auth_failures.labels(reason=exc.reason.value).inc()
             _log.debug("token_refused", reason=exc.reason.value, claim=exc.claim)
             raise
+        if self._cache_size > 0 and digest:
+            self._cache[digest] = (principal, kid, key)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return principal
 
-    async def _verify(self, token: object) -> Principal:
+    async def _verify(self, token: object) -> tuple[Principal, str | None, _Key | None]:
+        """The principal, and the JWKS ``kid`` and key it was verified with (``None, None``
+        for a configured static key)."""
         if not isinstance(token, str) or not token:
             raise AuthError(AuthFailure.MISSING, "no token")
         if len(token) > MAX_TOKEN_BYTES:
@@ -397,7 +439,10 @@ class TokenVerifier:
             raise AuthError(AuthFailure.MALFORMED, "payload is not strict JSON") from None
         if not isinstance(claims, dict):
             raise AuthError(AuthFailure.MALFORMED, "payload is not a JSON object")
-        return self._principal(claims)
+        from_jwks = kid is not None and self.jwks is not None and key.algorithm in _ASYMMETRIC
+        if from_jwks and key is not self._public:
+            return self._principal(claims), kid, key
+        return self._principal(claims), None, None
 
     def _check_header(self, header: Mapping[str, Any]) -> tuple[str, str | None]:
         algorithm = header.get("alg")

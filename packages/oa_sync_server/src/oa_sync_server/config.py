@@ -151,6 +151,9 @@ class Limits:
         auth_deadline_s: time from upgrade to a valid ``authenticate``.
         idle_timeout_s: time without any inbound message before the server closes.
         send_queue_messages: outbound messages queued per connection before it counts as slow.
+        send_queue_bytes: outbound bytes queued per connection before it counts as slow (a
+            connection full by either measure for the slow-consumer grace, or at twice either,
+            is closed 4429).
         heartbeat_interval_s: interval of server ``heartbeat`` messages.
         max_body_bytes: largest HTTP request body (``POST /v1/events``).
     """
@@ -164,6 +167,7 @@ class Limits:
     auth_deadline_s: float = 10.0
     idle_timeout_s: float = 60.0
     send_queue_messages: int = 1024
+    send_queue_bytes: int = 4 * 2**20
     heartbeat_interval_s: float = 15.0
     max_body_bytes: int = 1_048_576
 
@@ -269,6 +273,7 @@ class Settings:
             auth_deadline_s=env.get("AUTH_DEADLINE_S", _number(0.1, 600), 10.0),
             idle_timeout_s=env.get("IDLE_TIMEOUT_S", _number(1, 86400), 60.0),
             send_queue_messages=env.get("SEND_QUEUE_MESSAGES", _integer(1, 1_000_000), 1024),
+            send_queue_bytes=env.get("SEND_QUEUE_BYTES", _integer(4096, 1024 * 2**20), 4 * 2**20),
             heartbeat_interval_s=env.get("HEARTBEAT_INTERVAL_S", _number(0.1, 3600), 15.0),
             max_body_bytes=env.get("MAX_BODY_BYTES", _integer(1024, 256 * 2**20), 1_048_576),
         )

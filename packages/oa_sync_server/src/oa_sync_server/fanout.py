@@ -4,12 +4,11 @@ Theory of operation. The projector worker commits a batch, then ``pg_notify('oa_
 <watermark>)``. A notification is only a *hint* (DESIGN.md rule 5): the :class:`Hub` never
 trusts its payload. Two tasks run per hub:
 
-* the **listener** holds a dedicated psycopg connection (outside the engine's pool) that
-  ``LISTEN``s on ``oa_sync_changes``; every notification sets the wake flag. When the
-  connection dies (network, restart, ``pg_terminate_backend``) it reconnects, re-``LISTEN``s
-  and *then* sets the wake flag, so changes committed while it was deaf are re-read.
-* the **reader** waits for the wake flag or the poll interval (the fallback when hints are
-  lost), then reads ``documents WHERE watermark > hub.watermark ORDER BY watermark`` page by
+* the **follower** (:class:`~oa_sync_server.postgres.follower.LogFollower`) holds a dedicated
+  psycopg connection that ``LISTEN``s on ``oa_sync_changes``, reconnects with backoff and
+  re-reads after a reconnect;
+* the **reader** waits for the follower's hint or the poll interval (the fallback when hints
+  are lost), then reads ``documents WHERE watermark > hub.watermark ORDER BY watermark`` page by
   page (the coalesced catch-up of :mod:`oa_sync_server.postgres.read_model`), builds each row's
   :class:`~oa_sync_core.protocol.wire.EncodedUpdate` once, hands the same :class:`LiveDoc` to every
   attached :class:`Feed` that wants it, and advances ``hub.watermark``.
@@ -40,7 +39,7 @@ import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from typing import Final
+from typing import Protocol
 
 import psycopg
 import sqlalchemy as sa
@@ -50,17 +49,13 @@ from oa_sync_core.topics import Topic
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.metrics import Metrics
+from oa_sync_server.postgres.follower import LogFollower
 from oa_sync_server.postgres.read_model import DocRow, changed_after, read_meta
+from oa_sync_server.postgres.stores import CHANGES_CHANNEL
 from oa_sync_server.postgres.tables import sync_meta
 
-__all__ = ["CHANGES_CHANNEL", "Feed", "Hub", "LiveDoc"]
+__all__ = ["CHANGES_CHANNEL", "Feed", "Hub", "LiveDoc", "Receiver", "Tap"]
 
-CHANGES_CHANNEL: Final = "oa_sync_changes"
-"""NOTIFY channel on which the projector hints at a new watermark (payload: the watermark)."""
-
-_LISTEN = "LISTEN oa_sync_changes"
-_RECONNECT_DELAY_S: Final = 0.2
-_MAX_RECONNECT_DELAY_S: Final = 5.0
 
 _log = structlog.get_logger(__name__)
 
@@ -83,8 +78,94 @@ class LiveDoc:
     committed_at: float = 0.0
     cache: dict[str, bytes] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
+    @classmethod
+    def of_row(cls, row: DocRow, committed_at: float = 0.0) -> LiveDoc:
+        """A row read by a snapshot or catch-up (or the hub), with its encoding."""
+        return cls(row=row, update=row.encoded(), committed_at=committed_at)
 
-class Feed:
+    # What a protocol session needs of a document version (its ``DocVersion``).
+    @property
+    def doc_key(self) -> str:
+        """The document's key."""
+        return self.row.doc_key
+
+    @property
+    def version(self) -> int:
+        """The document's version."""
+        return self.row.version
+
+    @property
+    def watermark(self) -> int:
+        """The watermark of this change."""
+        return self.row.watermark
+
+
+class Receiver(Protocol):
+    """What a :class:`Tap` hands the hub's changes to, synchronously, inside the hub's pass."""
+
+    def offer(self, live: LiveDoc) -> None:
+        """Take one change (must not block or await; must not raise)."""
+
+    def tap_ended(self, tap: Tap) -> None:
+        """The tap stopped receiving: ``tap.epoch_changed``, or the hub stopped."""
+
+
+class _Attachment:
+    """What the hub routes changes to: topics, and closing (shared by :class:`Feed` and
+    :class:`Tap`)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self.epoch_changed = False
+        """True once the log epoch changed; the owner should reset its subscriptions."""
+        self.closed = False
+        """True once the attachment no longer receives anything."""
+        self.topics: frozenset[Topic] | None = None
+        """The topics this is offered (``None``: every change). See :meth:`set_topics`."""
+
+    def set_topics(self, topics: Iterable[Topic] | None) -> None:
+        """Receive from now on only changes these topics cover (``None``: every change).
+
+        Call it before reading a snapshot or catch-up of a newly added topic, so that no change
+        falls between that read and the feed.
+        """
+        new = None if topics is None else frozenset(topics)
+        if new != self.topics and not self.closed:
+            self._hub._route(self, self.topics, new)
+            self.topics = new
+
+    def close(self) -> None:
+        """Stop receiving. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._hub._detach(self)
+            self._ended()
+
+    def _ended(self) -> None:
+        """Called once when closed."""
+
+    def _offer(self, live: LiveDoc) -> None:
+        raise NotImplementedError
+
+
+class Tap(_Attachment):
+    """A push attachment: the hub hands each change straight to a :class:`Receiver`, no queue
+    and no task in between (the WebSocket connections use one each). Create with
+    :meth:`Hub.tap`."""
+
+    def __init__(self, hub: Hub, receiver: Receiver) -> None:
+        super().__init__(hub)
+        self._receiver = receiver
+
+    def _offer(self, live: LiveDoc) -> None:
+        if not self.closed:
+            self._receiver.offer(live)
+
+    def _ended(self) -> None:
+        self._receiver.tap_ended(self)
+
+
+class Feed(_Attachment):
     """One consumer's view of the hub: an async iterator of :class:`LiveDoc` in watermark order.
 
     Create with :meth:`Hub.attach`. Iteration ends when the feed is closed, overflows
@@ -94,17 +175,11 @@ class Feed:
     def __init__(self, hub: Hub, max_queue: int) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
-        self._hub = hub
+        super().__init__(hub)
         self._queue: asyncio.Queue[LiveDoc] = asyncio.Queue(max_queue)
         self._waiter: asyncio.Future[None] | None = None
         self.overflowed = False
         """True once the bounded queue overflowed; the owner should close with 4429."""
-        self.epoch_changed = False
-        """True once the log epoch changed; the owner should reset its subscriptions."""
-        self.closed = False
-        """True once the feed no longer receives anything."""
-        self.topics: frozenset[Topic] | None = None
-        """The topics this feed is offered (``None``: every change). See :meth:`set_topics`."""
 
     def __aiter__(self) -> AsyncIterator[LiveDoc]:
         return self
@@ -128,23 +203,8 @@ class Feed:
         """Changes queued and not yet taken."""
         return self._queue.qsize()
 
-    def set_topics(self, topics: Iterable[Topic] | None) -> None:
-        """Receive from now on only changes these topics cover (``None``: every change).
-
-        Call it before reading a snapshot or catch-up of a newly added topic, so that no change
-        falls between that read and the feed.
-        """
-        new = None if topics is None else frozenset(topics)
-        if new != self.topics and not self.closed:
-            self._hub._route(self, self.topics, new)
-            self.topics = new
-
-    def close(self) -> None:
-        """Stop receiving; a pending iteration ends. Idempotent."""
-        if not self.closed:
-            self.closed = True
-            self._hub._detach(self)
-            self._wake()
+    def _ended(self) -> None:
+        self._wake()  # a pending iteration ends
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -185,30 +245,38 @@ class Hub:
         listen_url: str | None = None,
     ) -> None:
         self._engine = engine
-        self._poll_interval_s = poll_interval_s
         self.page_size = page_size
         """Changes read per query: a feed may receive this many at once."""
         self._metrics = metrics
         self._listen_url = listen_url or engine.url.set(drivername="postgresql").render_as_string(
             hide_password=False
         )
-        self._feeds: list[Feed] = []
+        self._feeds: list[_Attachment] = []
         # Routing index (see the module docstring); dicts as ordered sets of feeds.
-        self._everything: dict[Feed, None] = {}
-        self._exact: dict[str, dict[Feed, None]] = {}
-        self._prefixes: dict[str, dict[Feed, None]] = {}
+        self._everything: dict[_Attachment, None] = {}
+        self._exact: dict[str, dict[_Attachment, None]] = {}
+        self._prefixes: dict[str, dict[_Attachment, None]] = {}
         self._prefix_lengths: Counter[int] = Counter()
-        self._wake_flag = asyncio.Event()
+        self._follower = LogFollower(
+            self._listen_url,
+            CHANGES_CHANNEL,
+            poll_interval_s=poll_interval_s,
+            on_reconnect=None if metrics is None else metrics.listener_reconnects.inc,
+            name="hub",
+        )
         self._advanced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.watermark = 0
         """The highest watermark read and delivered to the feeds."""
         self.epoch = ""
         """The log epoch the hub is following."""
-        self.listener_pid: int | None = None
-        """Backend pid of the LISTEN connection while it is up (tests terminate it)."""
-        self.listening = asyncio.Event()
+        self.listening = self._follower.listening
         """Set while the LISTEN connection is up."""
+
+    @property
+    def listener_pid(self) -> int | None:
+        """Backend pid of the LISTEN connection while it is up (tests terminate it)."""
+        return self._follower.backend_pid
 
     async def start(self) -> None:
         """Read the current watermark and epoch, then start listening and reading.
@@ -220,10 +288,8 @@ class Hub:
             meta = await read_meta(conn)
         self.watermark = meta.watermark
         self.epoch = meta.epoch
-        self._tasks = [
-            asyncio.create_task(self._listen(), name="oa-sync-hub-listener"),
-            asyncio.create_task(self._read_loop(), name="oa-sync-hub-reader"),
-        ]
+        self._follower.start()
+        self._tasks = [asyncio.create_task(self._read_loop(), name="oa-sync-hub-reader")]
 
     async def stop(self) -> None:
         """Stop both tasks and close every feed."""
@@ -233,6 +299,7 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self._follower.stop()
         for feed in list(self._feeds):
             feed.close()
 
@@ -247,6 +314,15 @@ class Hub:
         self._everything[feed] = None
         return feed
 
+    def tap(self, receiver: Receiver, topics: Iterable[Topic] | None = None) -> Tap:
+        """A new push attachment handing ``receiver`` every change read from now on that
+        ``topics`` cover (``None``: every change)."""
+        tap = Tap(self, receiver)
+        self._feeds.append(tap)
+        self._everything[tap] = None
+        tap.set_topics(topics)
+        return tap
+
     @property
     def feeds(self) -> int:
         """Number of attached feeds."""
@@ -254,7 +330,7 @@ class Hub:
 
     def wake(self) -> None:
         """Ask for a read now (as a NOTIFY hint would)."""
-        self._wake_flag.set()
+        self._follower.wake()
 
     async def wait_for(self, watermark: int, within_s: float) -> None:
         """Wait until the hub has delivered ``watermark``.
@@ -267,13 +343,13 @@ class Hub:
                 self.wake()
                 await self._advanced.wait()
 
-    def _detach(self, feed: Feed) -> None:
+    def _detach(self, feed: _Attachment) -> None:
         with contextlib.suppress(ValueError):
             self._feeds.remove(feed)
         self._route(feed, feed.topics, frozenset())
 
     def _route(
-        self, feed: Feed, old: frozenset[Topic] | None, new: frozenset[Topic] | None
+        self, feed: _Attachment, old: frozenset[Topic] | None, new: frozenset[Topic] | None
     ) -> None:
         """Move a feed in the routing index from topics ``old`` to ``new``."""
         if old is None:
@@ -302,9 +378,9 @@ class Hub:
                     self._prefix_lengths[len(topic.prefix)] += 1
             feeds[feed] = None
 
-    def _targets(self, doc_key: str) -> list[Feed]:
+    def _targets(self, doc_key: str) -> list[_Attachment]:
         """The feeds a change of ``doc_key`` is offered to, each once."""
-        found: list[dict[Feed, None]] = []
+        found: list[dict[_Attachment, None]] = []
         if self._everything:
             found.append(self._everything)
         exact = self._exact.get(doc_key)
@@ -317,49 +393,16 @@ class Hub:
                     found.append(feeds)
         if len(found) == 1:
             return list(found[0])
-        targets: dict[Feed, None] = {}
+        targets: dict[_Attachment, None] = {}
         for feeds in found:
             targets.update(feeds)
         return list(targets)
-
-    # -- listener ---------------------------------------------------------------------------
-
-    async def _listen(self) -> None:
-        delay = _RECONNECT_DELAY_S
-        first = True
-        while True:
-            if not first and self._metrics is not None:
-                self._metrics.listener_reconnects.inc()
-            first = False
-            try:
-                conn = await psycopg.AsyncConnection.connect(self._listen_url, autocommit=True)
-                async with conn:
-                    await conn.execute(_LISTEN)
-                    self.listener_pid = conn.info.backend_pid
-                    self.listening.set()
-                    delay = _RECONNECT_DELAY_S
-                    self.wake()  # re-read whatever was committed while not listening
-                    async for _ in conn.notifies():
-                        self.wake()
-            except (psycopg.Error, OSError) as exc:
-                _log.warning("listener_lost", error=type(exc).__name__)
-            except Exception as exc:  # noqa: BLE001 - a bug must not silence live delivery
-                _log.error("listener_failed", error=type(exc).__name__, exc_info=exc)
-            finally:
-                self.listening.clear()
-                self.listener_pid = None
-            self.wake()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _MAX_RECONNECT_DELAY_S)
 
     # -- reader -----------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_interval_s):
-                    await self._wake_flag.wait()
-            self._wake_flag.clear()
+            await self._follower.wait()
             try:
                 await self._read_pass()
             except (sa.exc.SQLAlchemyError, psycopg.Error, OSError) as exc:
@@ -385,7 +428,7 @@ class Hub:
             while True:
                 rows = await changed_after(conn, self.watermark, self.page_size)
                 for row, committed_at in rows:
-                    live = LiveDoc(row=row, update=row.encoded(), committed_at=committed_at)
+                    live = LiveDoc.of_row(row, committed_at)
                     for feed in self._targets(row.doc_key):
                         feed._offer(live)
                     self.watermark = row.watermark

@@ -33,8 +33,10 @@ exactly when the writes commit or abort. The only advisory lock is the transacti
 watermark lock (:data:`oa_sync_server.postgres.stores.WATERMARK_LOCK`) shared with reprojection.
 
 :meth:`ProjectorWorker.run` is the long-running loop: it LISTENs on ``oa_sync_events`` for
-append hints, polls as a fallback, re-acquires the lease after losing it, and backs off on
-database errors. What this is not: the read side or the fan-out of changes to clients.
+append hints and polls as a fallback (one
+:class:`~oa_sync_server.postgres.follower.LogFollower`), re-acquires the lease after losing it,
+and backs off on database errors. What this is not: the read side or the fan-out of changes to
+clients.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Final, NoReturn
 
-import psycopg
 import sqlalchemy as sa
 import structlog
 from oa_sync_core import (
@@ -66,6 +67,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.event_log import LogCursor, read_committed
+from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.stores import (
     load_states,
     lock_watermarks,
@@ -135,12 +137,6 @@ def default_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def libpq_url(engine: AsyncEngine) -> str:
-    """The engine's URL as libpq takes it (for the raw psycopg LISTEN connection)."""
-    url = engine.url.set(drivername="postgresql")
-    return url.render_as_string(hide_password=False)
-
-
 class ProjectorWorker:
     """Projects the event log into documents, checkpoints and changes under a fenced lease.
 
@@ -189,7 +185,9 @@ class ProjectorWorker:
         self.epoch = 0
         self.watermark = 0
         self.applied = 0
-        self._hint = asyncio.Event()
+        self._follower = LogFollower(
+            libpq_url(engine), "oa_sync_events", poll_interval_s=poll_interval_s, name="projector"
+        )
         self.cache_size = cache_size
         self.retention_s = retention_s
         self._next_prune = 0.0
@@ -440,7 +438,7 @@ class ProjectorWorker:
 
         Stands by while another worker holds the lease; releases it on the way out.
         """
-        listener = asyncio.create_task(self._listen(stop), name=f"projector-listen-{self.name}")
+        self._follower.start()
         backoff = 0.1
         renew_every = self.lease_ttl_s / 3
         try:
@@ -449,7 +447,6 @@ class ProjectorWorker:
                     if not self.epoch and not await self.acquire():
                         await self._wait(stop, min(renew_every, self.poll_interval_s))
                         continue
-                    self._hint.clear()
                     if await self.run_once():
                         backoff = 0.1
                         continue
@@ -462,9 +459,7 @@ class ProjectorWorker:
                     await self._wait(stop, backoff)
                     backoff = min(backoff * 2, 5.0)
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            await self._follower.stop()
             with contextlib.suppress(DBAPIError, OSError):
                 await self.release()
 
@@ -476,32 +471,6 @@ class ProjectorWorker:
         log.debug("changes_pruned", name=self.name, retained_from=retained)
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
-        """Until a hint arrives, ``stop`` is set, or ``seconds`` pass."""
-        waiters = [asyncio.ensure_future(self._hint.wait()), asyncio.ensure_future(stop.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-
-    async def _listen(self, stop: asyncio.Event) -> None:
-        """LISTEN for append hints; reconnect (and wake the loop) after any failure."""
-        url = libpq_url(self.engine)
-        delay = 0.05
-        while not stop.is_set():
-            try:
-                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                    await conn.execute("LISTEN oa_sync_events")
-                    delay = 0.05
-                    self._hint.set()  # anything appended while we were not listening
-                    async for _ in conn.notifies():
-                        self._hint.set()
-            except (psycopg.Error, OSError) as exc:
-                log.warning("projector_listen_failed", name=self.name, error=type(exc).__name__)
-                self._hint.set()  # the poll fallback covers the gap; look now
-                stopping = asyncio.ensure_future(stop.wait())
-                try:
-                    await asyncio.wait([stopping], timeout=delay)
-                finally:
-                    stopping.cancel()
-                delay = min(delay * 2, 5.0, self.poll_interval_s)
+        """Until an append hint arrives (:class:`LogFollower`), ``stop`` is set, or ``seconds``
+        pass."""
+        await self._follower.wait(stop, seconds)

@@ -278,6 +278,10 @@ class _Subscription(Generic[U]):
     synced_at: int = -1
     sent: dict[str, int] = dataclasses.field(default_factory=dict)
     buffered: dict[str, U] = dataclasses.field(default_factory=dict)
+    # Whether every topic lies within both grants, for the credentials it was computed for
+    # (then no document it matches needs a grant check).
+    covered_for: object = None
+    covered: bool = False
 
     def matches(self, doc_key: str) -> bool:
         return any(t.matches(doc_key) for t in self.topics)
@@ -489,9 +493,6 @@ class ServerSession(Generic[U]):
         self.watermark = max(self.watermark, update.watermark)
         if self.credentials is None:
             return []
-        grant = self.credentials.grant
-        if not grant.allows(update.doc_key):
-            return []
         actions: list[Action[U]] = []
         for sub in self._subs.values():
             if not self._covers(sub, update.doc_key):
@@ -503,7 +504,9 @@ class ServerSession(Generic[U]):
                 continue
             if update.watermark > sub.synced_at and self._newer(sub, update):
                 actions.append(SendUpdate(sub.subscription_id, update, live=True))
-        return self._sent(actions, now) if actions else actions
+        if actions:
+            self._last_sent = max(self._last_sent, now)
+        return actions
 
     def tick(self, now: float, *, watermark: int | None = None) -> list[Action[U]]:
         """Time passed: deadlines, token expiry, idleness and heartbeats.
@@ -612,12 +615,16 @@ class ServerSession(Generic[U]):
     def _covers(self, sub: _Subscription[U], doc_key: str) -> bool:
         # The subscription's topics, within both the grant it was made under and the current
         # one: a refresh can narrow what a subscription yields, never widen it.
-        assert self.credentials is not None
-        return (
-            sub.matches(doc_key)
-            and sub.grant.allows(doc_key)
-            and self.credentials.grant.allows(doc_key)
-        )
+        credentials = self.credentials
+        assert credentials is not None
+        if not sub.matches(doc_key):
+            return False
+        if sub.covered_for is not credentials:
+            sub.covered_for = credentials
+            sub.covered = all(
+                sub.grant.covers(t) and credentials.grant.covers(t) for t in sub.topics
+            )
+        return sub.covered or (sub.grant.allows(doc_key) and credentials.grant.allows(doc_key))
 
     @staticmethod
     def _newer(sub: _Subscription[U], update: U) -> bool:

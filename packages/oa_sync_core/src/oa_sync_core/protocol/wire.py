@@ -544,6 +544,9 @@ class EncodedUpdate:
     _proto_tail: list[bytes] = dataclasses.field(
         default_factory=list, init=False, repr=False, compare=False
     )
+    _json_tail_bytes: list[bytes] = dataclasses.field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         _check_int("update.version", self.version)
@@ -560,11 +563,32 @@ class EncodedUpdate:
             if not self._json_tail:
                 self._json_tail.append(self._build_json_tail())
             return '{"update":{"subscriptionId":' + _quote(subscription_id) + self._json_tail[0]
+        return self._proto_frame(subscription_id)
+
+    def _proto_frame(self, subscription_id: str) -> bytes:
         if not self._proto_tail:
             self._proto_tail.append(self._build_proto_tail())
         tail = self._proto_tail[0]
         head = str_field(1, subscription_id)
         return b"\x12" + varint(len(head) + len(tail)) + head + tail
+
+    def frame_bytes(self, subscription_id: str, fmt: WireFormat) -> bytes:
+        """The ``update`` message for one subscription as the bytes of a WebSocket payload.
+
+        Exactly :meth:`frame` (UTF-8 encoded for JSON), without encoding the shared part again
+        for every subscriber.
+
+        Raises:
+            WireError: as :meth:`frame`.
+        """
+        if fmt is WireFormat.JSON:
+            if not self._json_tail_bytes:
+                if not self._json_tail:
+                    self._json_tail.append(self._build_json_tail())
+                self._json_tail_bytes.append(self._json_tail[0].encode("utf-8"))
+            head = '{"update":{"subscriptionId":' + _quote(subscription_id)
+            return head.encode("utf-8") + self._json_tail_bytes[0]
+        return self._proto_frame(subscription_id)
 
     def document(self) -> JsonObject:
         """The document as a JSON object (parsed from :attr:`body` each call)."""

@@ -1,10 +1,19 @@
-"""``oa-sync serve [--demo] [--host H] [--port P]``: the sync server.
+"""``oa-sync serve [--demo] [--host H] [--port P] [--workers N]``: the sync server.
 
 Loads settings from ``OA_SYNC_*``, configures logging, opens the database (an embedded Postgres
 under ``OA_SYNC_DATA_DIR`` when ``OA_SYNC_DATABASE_URL`` is unset; migrated to head), and runs
 the app (projector worker, fan-out, WebSocket/SSE/HTTP API) until SIGINT or SIGTERM, then
 shuts down gracefully: WebSockets closed with 1001, streams ended, the projector's lease
 released, the embedded Postgres stopped.
+
+``--workers N`` (default: the number of cores) runs N server processes on one port: this process
+opens (and migrates, or starts embedded) the database, reserves the port, then starts N
+``oa-sync serve`` children that each bind it with ``SO_REUSEPORT`` (the kernel spreads the
+connections) and each run their own app: hub, LISTEN connection, sessions, and a projector
+worker of which exactly one holds the lease (the others stand by, as across machines). It
+forwards SIGINT/SIGTERM to them and stops them all when one exits; a worker whose supervisor
+died (its standard input closed) stops too. Per-process figures
+(``/metrics``, the per-subject connection limit) are per worker.
 
 ``--demo`` also runs a synthetic runtime (:mod:`oa_sync_server.demo`), generates a throw-away
 HS256 secret when no JWT key is configured (never printed), and prints a token plus a
@@ -23,6 +32,7 @@ import dataclasses
 import os
 import shlex
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -34,6 +44,7 @@ from oa_sync_server.config import Settings
 from oa_sync_server.demo import run_demo
 from oa_sync_server.errors import ConfigError
 from oa_sync_server.logs import configure_logging
+from oa_sync_server.postgres.follower import libpq_url
 from oa_sync_server.runtime import open_database
 
 NAME = "serve"
@@ -41,6 +52,7 @@ HELP = "run the sync server (embedded Postgres when OA_SYNC_DATABASE_URL is unse
 
 DEMO_TOKEN_TTL_S = 12 * 3600
 _SHUTDOWN_TIMEOUT_S = 5.0
+_WORKER_READY = "oa-sync worker ready"
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +64,15 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", help="address to bind (default: OA_SYNC_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind, 0 for any (default: 8787)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="server processes sharing the port (default: the number of cores)",
+    )
+    # Internal: how the supervisor starts its children (one per --workers).
+    parser.add_argument("--worker-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--demo-runtime", action="store_true", help=argparse.SUPPRESS)
 
 
 def _url(host: str, port: int) -> str:
@@ -112,12 +133,24 @@ def _print_demo(settings: Settings, url: str) -> None:
     )
 
 
-async def serve(settings: Settings, *, demo: bool) -> int:
-    """Run until SIGINT/SIGTERM; returns the exit code."""
+async def serve(
+    settings: Settings, *, demo: bool, child: bool = False, demo_runtime: bool = False
+) -> int:
+    """Run until SIGINT/SIGTERM; returns the exit code.
+
+    Args:
+        settings: the server's settings.
+        demo: print the demo token and run the synthetic runtime.
+        child: a worker started by :func:`supervise` (binds with ``SO_REUSEPORT``, announces
+            readiness on stdout instead of the serving line).
+        demo_runtime: run the synthetic runtime (a child's share of ``--demo``).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if child:
+        _stop_with_parent(loop, stop)
     try:
         async with open_database(settings) as engine:
             app = create_app(settings, engine=engine)
@@ -125,7 +158,7 @@ async def serve(settings: Settings, *, demo: bool) -> int:
             await runner.setup()
             demo_task: asyncio.Task[int] | None = None
             try:
-                site = web.TCPSite(runner, settings.host, settings.port)
+                site = web.TCPSite(runner, settings.host, settings.port, reuse_port=child)
                 try:
                     await site.start()
                 except OSError as exc:
@@ -134,9 +167,13 @@ async def serve(settings: Settings, *, demo: bool) -> int:
                     ) from None
                 host, port = runner.addresses[0][:2]
                 url = _url(str(host), int(port))
-                print(f"oa-sync serving on {url}", flush=True)
+                if child:
+                    print(_WORKER_READY, flush=True)
+                else:
+                    print(f"oa-sync serving on {url}", flush=True)
                 if demo:
                     _print_demo(settings, url)
+                if demo or demo_runtime:
                     demo_task = asyncio.create_task(run_demo(app[STATE].event_log, stop))
                 await stop.wait()
             finally:
@@ -166,4 +203,132 @@ def run(args: argparse.Namespace) -> int:
         own = (_url(settings.host, settings.port), f"http://localhost:{settings.port}")
         settings = dataclasses.replace(settings, allowed_origins=(*settings.allowed_origins, *own))
     configure_logging(settings.log_format, settings.log_level)
-    return asyncio.run(serve(settings, demo=args.demo))
+    if args.worker_child:
+        return asyncio.run(serve(settings, demo=False, child=True, demo_runtime=args.demo_runtime))
+    if args.workers < 1:
+        raise ConfigError("--workers", "must be at least 1")
+    if args.workers == 1:
+        return asyncio.run(serve(settings, demo=args.demo))
+    return asyncio.run(supervise(settings, workers=args.workers, demo=args.demo))
+
+
+def _stop_with_parent(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Set ``stop`` when standard input ends: the supervisor holds the other end of the pipe,
+    so a supervisor that dies (even killed) stops its workers instead of orphaning them."""
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            stop.set()
+
+    loop.add_reader(fd, readable)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound (not listening) to ``host:port`` with ``SO_REUSEPORT``: it fixes the port
+    (``0`` picks one) for the children, and receives no connection itself."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("OA_SYNC_PORT", f"cannot listen on {host}:{port}: {exc}") from None
+    return sock
+
+
+async def supervise(settings: Settings, *, workers: int, demo: bool) -> int:
+    """Run ``workers`` server processes on one port until SIGINT/SIGTERM or one exits.
+
+    Returns:
+        0 after a requested stop, 1 when a worker exited on its own or never became ready.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    children: list[asyncio.subprocess.Process] = []
+    code = 0
+    try:
+        async with open_database(settings) as engine:
+            reserved = _reserve_port(settings.host, settings.port)
+            port = int(reserved.getsockname()[1])
+            env = {
+                **os.environ,
+                "OA_SYNC_DATABASE_URL": libpq_url(engine),
+                "OA_SYNC_HOST": settings.host,
+                "OA_SYNC_PORT": str(port),
+            }
+            origins = list(settings.allowed_origins)
+            if demo and settings.port == 0 and "*" not in origins:
+                origins.append(_url(settings.host, port))  # the inspector's own origin
+            if origins:  # with --demo's own origins (see run), which the environment lacks
+                env["OA_SYNC_ALLOWED_ORIGINS"] = ",".join(origins)
+            secret = settings.jwt.hs256_secret
+            if secret is not None:  # the --demo secret generated here, shared (never printed)
+                env["OA_SYNC_JWT_HS256_SECRET"] = secret.reveal()
+            try:
+                for index in range(workers):
+                    extra = ["--demo-runtime"] if demo and index == 0 else []
+                    children.append(
+                        await asyncio.create_subprocess_exec(
+                            sys.executable,
+                            "-m",
+                            "oa_sync_server.cli",
+                            "serve",
+                            "--worker-child",
+                            *extra,
+                            env=env,
+                            stdin=asyncio.subprocess.PIPE,  # its end: see _stop_with_parent
+                            stdout=asyncio.subprocess.PIPE,
+                        )
+                    )
+                for child in children:
+                    line = b"" if child.stdout is None else await child.stdout.readline()
+                    if line.decode(errors="replace").strip() != _WORKER_READY:
+                        print("oa-sync: a worker failed to start", file=sys.stderr, flush=True)
+                        return 1
+            finally:
+                reserved.close()
+            url = _url(settings.host, port)
+            print(f"oa-sync serving on {url}", flush=True)
+            print(f"oa-sync: {workers} worker processes", file=sys.stderr, flush=True)
+            if demo:
+                _print_demo(settings, url)
+            exits = [asyncio.ensure_future(child.wait()) for child in children]
+            stopping = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+            if stopping not in done:
+                print("oa-sync: a worker exited; stopping the others", file=sys.stderr, flush=True)
+                code = 1
+            stopping.cancel()
+    finally:
+        await _stop_children(children)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    print("oa-sync stopped", file=sys.stderr, flush=True)
+    return code
+
+
+async def _stop_children(children: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM every running child, then SIGKILL those still running after the grace."""
+    for child in children:
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.terminate()
+    try:
+        async with asyncio.timeout(_SHUTDOWN_TIMEOUT_S * 2):
+            await asyncio.gather(*(child.wait() for child in children))
+    except TimeoutError:
+        for child in children:
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+        await asyncio.gather(*(child.wait() for child in children))

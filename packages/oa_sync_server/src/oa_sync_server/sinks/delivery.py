@@ -25,7 +25,8 @@ each with :class:`~oa_sync_server.sinks.http.HttpDeliveryClient`.
 
 Drive it with :meth:`HttpDeliveryLoop.deliver_pending` (tests, CLI) or
 :meth:`HttpDeliveryLoop.run` (the server's background task, polling every
-``poll_interval_s``).
+``poll_interval_s`` when no projector commit hints at new documents: one
+:class:`~oa_sync_server.postgres.follower.LogFollower` on ``oa_sync_changes``).
 
 What this is not: the projector (it never writes ``documents`` or ``changes``), nor the HTTP
 client (``http.py``).
@@ -44,6 +45,8 @@ import structlog
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from oa_sync_server.postgres.follower import LogFollower, libpq_url
+from oa_sync_server.postgres.stores import CHANGES_CHANNEL
 from oa_sync_server.postgres.tables import documents, sync_meta
 from oa_sync_server.sinks.http import (
     Delivered,
@@ -466,15 +469,21 @@ class HttpDeliveryLoop:
                 an exception it raises is logged like a failed pass.
         """
         _log.info("http_sink_loop_started", sink=self.sink)
-        while not stop_event.is_set():
-            try:
-                done = await self.deliver_pending(stop=stop_event)
-                if after_pass is not None:
-                    await after_pass(done)
-            except Exception as exc:  # noqa: BLE001 - the loop must outlive a bad pass
-                _log.warning("http_sink_pass_failed", sink=self.sink, error=type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop_event.wait(), timeout=self.poll_interval_s)
+        follower = LogFollower(
+            libpq_url(self.engine),
+            CHANGES_CHANNEL,
+            poll_interval_s=self.poll_interval_s,
+            name=f"http-sink-{self.sink}",
+        )
+        async with follower:  # a projector commit's hint starts the next pass at once
+            while not stop_event.is_set():
+                try:
+                    done = await self.deliver_pending(stop=stop_event)
+                    if after_pass is not None:
+                        await after_pass(done)
+                except Exception as exc:  # noqa: BLE001 - the loop must outlive a bad pass
+                    _log.warning("http_sink_pass_failed", sink=self.sink, error=type(exc).__name__)
+                await follower.wait(stop_event)
         _log.info("http_sink_loop_stopped", sink=self.sink)
 
     async def retry_dead_letters(self, doc_keys: Sequence[str] | None = None) -> list[DeadLetter]:

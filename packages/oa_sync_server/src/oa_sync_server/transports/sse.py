@@ -12,7 +12,11 @@ Theory of operation. One response per client, in three phases, with no gap betwe
 
 Every ``update`` event carries ``id: <watermark>``, so the browser's automatic reconnect
 resumes exactly where it stopped. Silence is broken by ``: heartbeat <watermark>`` comments.
-A client too slow to keep its feed drained is disconnected (it reconnects and resumes).
+A client too slow to keep up is disconnected in every phase (it reconnects and resumes): its
+feed overflowed (live), or one write waited :data:`SLOW_CONSUMER_GRACE_S` for the transport to
+drain (any phase: a reader that stops reading during its snapshot holds at most the
+transport's buffer and one page, for at most the grace). Either counts in
+``slow_consumer_disconnects``.
 
 Events (``data`` is one line of proto3 JSON)::
 
@@ -30,7 +34,9 @@ What this is not: a second protocol. The payloads are the WebSocket messages' bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import socket
 import time
 from typing import Final
 
@@ -38,9 +44,10 @@ import orjson
 import sqlalchemy as sa
 import structlog
 from aiohttp import web
-from oa_sync_core.protocol.codes import ResetReason
+from oa_sync_core.protocol.codes import LimitKind, ResetReason
 from oa_sync_core.protocol.resume import Position, decide_resume
 
+from oa_sync_server.errors import LimitExceededError
 from oa_sync_server.fanout import LiveDoc
 from oa_sync_server.postgres import read_model
 from oa_sync_server.postgres.read_model import DocRow
@@ -50,6 +57,10 @@ from oa_sync_server.transports.http import authenticate, bad_query, document_jso
 __all__ = ["CATCH_UP_PAGE", "add_routes", "stream", "update_event"]
 
 CATCH_UP_PAGE: Final = 500
+SLOW_CONSUMER_GRACE_S: Final = 2.0
+SOCKET_SEND_BUFFER_BYTES: Final = 256 * 1024
+"""The kernel send buffer of each stream (``SO_SNDBUF``), as for the WebSocket."""
+"""Longest one write may wait for a client to read before it counts as a slow consumer."""
 MAX_WATERMARK: Final = 2**63 - 1
 _LAST_ID = re.compile(r"[0-9]{1,19}")
 
@@ -70,6 +81,19 @@ def _live_event(live: LiveDoc) -> bytes:
     if cached is None:
         cached = live.cache["sse"] = update_event(live.row)
     return cached
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    """Write, waiting at most :data:`SLOW_CONSUMER_GRACE_S` for the client to drain.
+
+    Raises:
+        LimitExceededError: ``send_queue``: the client did not read for the grace.
+    """
+    try:
+        async with asyncio.timeout(SLOW_CONSUMER_GRACE_S):
+            await response.write(data)
+    except TimeoutError:
+        raise LimitExceededError(LimitKind.SEND_QUEUE, SLOW_CONSUMER_GRACE_S) from None
 
 
 def _control(event: str, body: dict[str, str], event_id: int | None = None) -> bytes:
@@ -103,13 +127,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",
         }
     )
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):  # bound what the kernel holds for a slow reader
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER_BYTES)
     try:
         await response.prepare(request)
         async with state.engine.connect() as conn:
             meta = await read_model.read_meta(conn)
         after, reset = decide_resume(None if last is None else Position(watermark=last), meta)
         if reset is not None:
-            await response.write(_control("reset", {"reason": reset.value, "epoch": meta.epoch}))
+            await _write(response, _control("reset", {"reason": reset.value, "epoch": meta.epoch}))
         high = meta.watermark
         while True:
             # One pooled connection per page, returned before writing to a possibly slow client.
@@ -118,14 +146,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     conn, topics, principal.grant, after=after, limit=CATCH_UP_PAGE
                 )
             for row in rows:
-                await response.write(update_event(row))
+                await _write(response, update_event(row))
                 state.metrics.updates_sent.labels(format="sse").inc()
                 high = max(high, row.watermark)
             if len(rows) < CATCH_UP_PAGE:
                 break
             after = rows[-1].watermark
-        await response.write(
-            _control("synced", {"watermark": str(high), "epoch": meta.epoch}, high)
+        await _write(
+            response, _control("synced", {"watermark": str(high), "epoch": meta.epoch}, high)
         )
         sent = high
         latency = state.metrics.append_to_send_seconds
@@ -135,7 +163,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     live = await anext(feed, None)
             except TimeoutError:
                 if time.time() < principal.expires_at:
-                    await response.write(b": heartbeat %d\n\n" % max(sent, state.hub.watermark))
+                    await _write(response, b": heartbeat %d\n\n" % max(sent, state.hub.watermark))
                 continue
             if live is None:
                 break
@@ -143,19 +171,25 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 continue
             sent = live.row.watermark
             if any(p.matches(live.row.doc_key) for p in patterns):
-                await response.write(_live_event(live))
+                await _write(response, _live_event(live))
                 state.metrics.updates_sent.labels(format="sse").inc()
                 if live.committed_at:
                     latency.observe(max(0.0, time.time() - live.committed_at))
         if feed.overflowed:
-            state.metrics.slow_consumer_disconnects.inc()
-            _log.info("sse_slow_consumer", subject=principal.subject)
-        elif feed.epoch_changed:
-            await response.write(
+            raise LimitExceededError(LimitKind.SEND_QUEUE, limits.send_queue_messages)
+        if feed.epoch_changed:
+            await _write(
+                response,
                 _control(
                     "reset", {"reason": ResetReason.EPOCH_CHANGED.value, "epoch": state.hub.epoch}
-                )
+                ),
             )
+    except LimitExceededError:  # only the slow-consumer kind is raised after prepare
+        state.metrics.slow_consumer_disconnects.inc()
+        state.metrics.limit_breaches.labels(kind=LimitKind.SEND_QUEUE.value).inc()
+        _log.info("sse_slow_consumer", subject=principal.subject)
+        if request.transport is not None:
+            request.transport.abort()  # drop what the client would not read
     except ConnectionError:
         pass  # the client went away
     except (sa.exc.SQLAlchemyError, OSError) as exc:

@@ -8,27 +8,45 @@ Before the upgrade the handler refuses what HTTP can answer: a server shutting d
 too many connections (429). After the upgrade a client that chose no known subprotocol is
 closed with 4400.
 
-Each connection then runs one :class:`~oa_sync_core.protocol.server_session.ServerSession` and four
-kinds of task, all of them feeding the session and performing the actions it returns:
+Each connection is one :class:`~oa_sync_core.protocol.server_session.ServerSession` and one
+task, the handler's own, which reads: it decodes each message
+(:func:`oa_sync_core.protocol.wire.decode_client`; a bad one closes with the code
+:func:`oa_sync_server.errors.classify` gives), verifies tokens (cached by the verifier until
+``exp``) and performs the actions the session returns. Nothing else runs per connection:
 
-* the **reader** decodes each message (:func:`oa_sync_core.protocol.wire.decode_client`; a bad one
-  closes with the code :func:`oa_sync_server.errors.classify` gives) and verifies tokens;
-* the **feed** task takes the live changes of the process's :class:`~oa_sync_server.fanout.Hub`
-  (the feed is attached *before* any snapshot is read, so nothing falls between a snapshot and
-  the live stream; the session drops what the snapshot already covered);
-* one **catch-up** task per new subscription reads the change-log metadata, then the matching
-  documents page by page (:func:`oa_sync_server.postgres.read_model.documents_matching`);
-* the **timer** calls ``tick`` at the session's next deadline (auth deadline, token expiry,
-  idleness, heartbeats).
+* **live changes** are pushed by the process's :class:`~oa_sync_server.fanout.Hub` through a
+  :class:`~oa_sync_server.fanout.Tap`, synchronously, inside the hub's read pass: the session
+  decides (``on_live``) and the frames go straight into the connection's send buffer. The tap
+  is attached *before* any snapshot is read, so nothing falls between a snapshot and the live
+  stream; the session drops what the snapshot already covered;
+* the **send buffer** is a deque of already-encoded WebSocket payloads, bounded in messages and
+  in bytes. It is flushed once per event-loop turn (``call_soon``): every pending frame goes to
+  the transport in one ``write`` (one system call for a whole hub page), as long as the
+  transport's own buffer is below :data:`_TRANSPORT_HIGH_BYTES`;
+* **time** (heartbeats, the auth deadline, idleness, token expiry, the slow-consumer grace, and
+  re-trying a flush the transport refused) is one entry per connection in the app's
+  :class:`TimerWheel`: one event-loop timer per occupied slot of
+  :data:`TIMER_RESOLUTION_S`, whatever the number of connections;
+* one transient **catch-up** task per new subscription reads the change-log metadata, then the
+  matching documents page by page (:func:`oa_sync_server.postgres.read_model.documents_matching`),
+  waiting for room in the send buffer between chunks.
 
-Everything sent goes through one bounded per-connection send queue drained by a **writer**
-task. Catch-up pages wait for room in that queue (backpressure). Live changes are queued while
-fewer than ``send_queue_messages`` are waiting; a client is a *slow consumer*, closed with 4429
-and counted in ``slow_consumer_disconnects``, when its queue stays full for
-:data:`SLOW_CONSUMER_GRACE_S` or its live feed (bounded: the queue size plus one hub page)
-overflows meanwhile. The hub and every other connection carry on. aiohttp's own refusals are
-mapped to the protocol's codes: a message over ``max_message_bytes`` closes with 4413 (not
-1009), invalid UTF-8 or a frame-level protocol error with 4400.
+Slow consumers, in every phase (snapshot, catch-up, live). A connection is *full* when its send
+buffer holds ``send_queue_messages`` messages or ``send_queue_bytes`` bytes. Live changes and
+control frames are buffered past that, up to twice ``send_queue_bytes`` and
+``send_queue_messages`` plus one hub page (a burst is not a slow consumer); catch-up chunks
+wait for the buffer to fall below half. A connection full for :data:`SLOW_CONSUMER_GRACE_S`,
+past a hard bound, or whose catch-up waited the grace for room, is closed with 4429 and counted
+in ``slow_consumer_disconnects``; its buffer is dropped at once. Memory per connection is so
+bounded by twice ``send_queue_bytes`` plus the transport's :data:`_TRANSPORT_HIGH_BYTES` and
+one catch-up page, and the kernel's by :data:`SOCKET_SEND_BUFFER_BYTES`. The hub and every
+other connection carry on. aiohttp's own refusals are mapped
+to the protocol's codes: a message over ``max_message_bytes`` closes with 4413 (not 1009),
+invalid UTF-8 or a frame-level protocol error with 4400.
+
+Frames are written as RFC 6455 server frames (FIN, text or binary opcode, no mask, no
+compression: the socket is prepared with ``compress=False``) directly to the transport, so a
+batch costs one write; aiohttp keeps reading, answering pings and closing.
 
 What this is not: protocol logic (the session decides what to send), a codec, or a reader of
 the database beyond the two read-model calls.
@@ -39,13 +57,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import math
+import socket
+import struct
 import time
 import uuid
 import weakref
-from collections.abc import Coroutine, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -64,12 +83,12 @@ from oa_sync_core.protocol.server_session import (
     VerifyToken,
 )
 from oa_sync_core.protocol.wire import (
-    EncodedUpdate,
     ErrorFrame,
     WireFormat,
     decode_client,
     encode_server,
 )
+from oa_sync_core.topics import Topic
 
 from oa_sync_server.auth import Principal
 from oa_sync_server.config import Limits
@@ -80,22 +99,30 @@ from oa_sync_server.errors import (
     LimitExceededError,
     classify,
 )
-from oa_sync_server.fanout import Feed
+from oa_sync_server.fanout import LiveDoc, Tap
 from oa_sync_server.postgres import read_model
 from oa_sync_server.state import STATE, ServerState
 
-__all__ = ["SUBPROTOCOLS", "close_all", "session_limits", "sync_handler"]
+__all__ = ["SUBPROTOCOLS", "TimerWheel", "close_all", "session_limits", "sync_handler"]
 
 SUBPROTOCOLS: Final = (WireFormat.JSON.value, WireFormat.PROTO.value)
 """The subprotocols offered on the upgrade, preferred first."""
 
 READ_SCOPE: Final = "sync:read"
 _CATCH_UP_PAGE: Final = 500
-_HUB_BURST: Final = 1000  # the hub hands a feed up to one page of changes at once
 _CLOSE_TIMEOUT_S: Final = 5.0
 SLOW_CONSUMER_GRACE_S: Final = 2.0
-"""How long a full send queue may stay full before its client counts as a slow consumer."""
+"""How long a full send buffer may stay full before its client counts as a slow consumer."""
+TIMER_RESOLUTION_S: Final = 0.05
+"""Granularity of the timer wheel: a deadline fires at most this late."""
+_TRANSPORT_HIGH_BYTES: Final = 64 * 1024
+SOCKET_SEND_BUFFER_BYTES: Final = 256 * 1024
+"""The kernel send buffer of each WebSocket (``SO_SNDBUF``; Linux doubles it): without it the
+kernel's auto-tuning lets a reader that stopped reading hold up to 4 MiB (``tcp_wmem``)."""
+"""Bytes the transport may hold unsent before the connection stops writing to it."""
 _REASON_BYTES: Final = 120
+_OP_TEXT: Final = 0x81  # FIN + text
+_OP_BINARY: Final = 0x82  # FIN + binary
 
 _LIMIT_ERRORS: Final[dict[str, str]] = {
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: LimitKind.SUBSCRIPTIONS.value,
@@ -119,27 +146,101 @@ def session_limits(limits: Limits) -> SessionLimits:
     )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Item:
-    """A document version as the session sees it, with its shared encoding."""
+def frame_header(opcode: int, length: int) -> bytes:
+    """The header of an unmasked, final RFC 6455 frame of ``length`` payload bytes."""
+    if length < 126:
+        return struct.pack("!BB", opcode, length)
+    if length < 65536:
+        return struct.pack("!BBH", opcode, 126, length)
+    return struct.pack("!BBQ", opcode, 127, length)
 
-    doc_key: str
-    version: int
-    watermark: int
-    encoded: EncodedUpdate
-    committed_at: float = 0.0
 
-    @classmethod
-    def of_row(cls, row: read_model.DocRow) -> _Item:
-        return cls(row.doc_key, row.version, row.watermark, row.encoded())
+class _Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Scheduler(Protocol):
+    """What the wheel needs of an event loop (an ``asyncio`` loop is one)."""
+
+    def call_at(self, when: float, callback: Callable[[int], None], slot: int, /) -> _Cancellable:
+        """Run ``callback(slot)`` at loop time ``when``."""
+        ...
+
+
+class TimerWheel:
+    """One event-loop timer per occupied time slot, for any number of owners.
+
+    An owner is scheduled at most once; :meth:`schedule` moves it only to an *earlier* slot
+    (a later deadline is found when the earlier slot fires and the owner re-arms), so frequent
+    sends that push a heartbeat back cost nothing here. When a slot fires each of its owners'
+    callbacks runs once.
+    """
+
+    def __init__(self, loop: Scheduler, resolution_s: float) -> None:
+        self._loop = loop
+        self._resolution = resolution_s
+        self._slots: dict[int, dict[int, Callable[[], None]]] = {}
+        self._handles: dict[int, _Cancellable] = {}
+        self._slot_of: dict[int, int] = {}  # owner id -> its slot
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    @property
+    def slots(self) -> int:
+        """Event-loop timers in use."""
+        return len(self._handles)
+
+    def schedule(self, owner: int, when: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` at ``when`` (or up to one resolution later), unless ``owner`` is
+        already due sooner."""
+        if math.isinf(when):
+            return
+        slot = math.ceil(when / self._resolution)
+        current = self._slot_of.get(owner)
+        if current is not None:
+            if current <= slot:
+                return
+            self._remove(owner, current)
+        self._slot_of[owner] = slot
+        owners = self._slots.get(slot)
+        if owners is None:
+            owners = self._slots[slot] = {}
+            self._handles[slot] = self._loop.call_at(slot * self._resolution, self._fire, slot)
+        owners[owner] = callback
+
+    def cancel(self, owner: int) -> None:
+        """Forget ``owner``."""
+        slot = self._slot_of.pop(owner, None)
+        if slot is not None:
+            self._remove(owner, slot, forget=False)
+
+    def _remove(self, owner: int, slot: int, *, forget: bool = True) -> None:
+        if forget:
+            self._slot_of.pop(owner, None)
+        owners = self._slots.get(slot)
+        if owners is not None:
+            owners.pop(owner, None)
+            if not owners:
+                del self._slots[slot]
+                self._handles.pop(slot).cancel()
+
+    def _fire(self, slot: int) -> None:
+        self._handles.pop(slot, None)
+        owners = self._slots.pop(slot, {})
+        for owner in owners:
+            self._slot_of.pop(owner, None)
+        for callback in owners.values():
+            callback()
 
 
 class _Registry:
-    """The open connections of one app: for shutdown and the per-subject limit."""
+    """The open connections of one app: for shutdown, the per-subject limit and the timers."""
 
     def __init__(self) -> None:
         self.connections: set[_Connection] = set()
         self.per_subject: collections.Counter[str] = collections.Counter()
+        self.wheel = TimerWheel(asyncio.get_running_loop(), TIMER_RESOLUTION_S)
 
     def acquire(self, subject: str, limit: int) -> bool:
         if self.per_subject[subject] >= limit:
@@ -245,6 +346,10 @@ async def sync_handler(request: web.Request) -> web.StreamResponse:
             registry.release(principal.subject)
         await ws.close(code=CloseCode.MALFORMED, message=b"unsupported subprotocol")
         return ws
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):  # bound what the kernel holds for a slow reader
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER_BYTES)
     connection = _Connection(ws, WireFormat(ws.ws_protocol), state, registry, request.transport)
     registry.connections.add(connection)
     try:
@@ -273,7 +378,7 @@ async def close_all(app: web.Application, *, timeout_s: float = _CLOSE_TIMEOUT_S
 
 
 class _Connection:
-    """One open WebSocket: the session, its tasks and its send queue."""
+    """One open WebSocket: the session, its send buffer and its place in the timer wheel."""
 
     def __init__(
         self,
@@ -286,29 +391,38 @@ class _Connection:
         self.ws = ws
         self.transport = transport
         self.fmt = fmt
+        self.opcode = _OP_TEXT if fmt is WireFormat.JSON else _OP_BINARY
         self.state = state
         self.registry = registry
+        self.wheel = registry.wheel
         self.limits = state.settings.limits
         self.loop = asyncio.get_running_loop()
-        self.session: ServerSession[_Item] = ServerSession(
+        self.session: ServerSession[LiveDoc] = ServerSession(
             session_limits(self.limits), self.loop.time(), session_id=uuid.uuid4().hex
         )
         self.format_label = "json" if fmt is WireFormat.JSON else "proto"
-        self.queue: collections.deque[tuple[str | bytes, bool, float]] = collections.deque()
-        self.low_water = max(1, self.limits.send_queue_messages // 2)
-        self.chunk = max(1, self.limits.send_queue_messages // 4)
-        self.wake_writer = asyncio.Event()
-        self.room = asyncio.Event()
-        self.rearm = asyncio.Event()
-        self.armed_for = math.inf  # the deadline the timer sleeps until
-        self.stop = asyncio.Event()
+        self.sent = state.metrics.updates_sent.labels(format=self.format_label)
+        # The send buffer: (payload, committed_at or 0 for non-updates, is an update).
+        self.buffer: collections.deque[tuple[bytes, float, bool]] = collections.deque()
+        self.buffered_bytes = 0
+        self.peak_bytes = 0
+        """Most bytes the send buffer ever held (for tests and the memory bound)."""
+        self.max_messages = self.limits.send_queue_messages
+        self.max_bytes = self.limits.send_queue_bytes
+        # A hub page arrives at once: a burst of one page is not a slow consumer.
+        self.hard_messages = self.max_messages + state.hub.page_size
+        self.full_since: float | None = None
+        self.flush_scheduled = False
+        self.room: asyncio.Future[None] | None = None
+        self.closing = False
+        self.closer: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
         self.close_request: tuple[int, str] | None = None
-        self.feed: Feed | None = None
-        self.feed_task: asyncio.Task[None] | None = None
+        self.tap: Tap | None = None
         self.catch_ups: dict[int, asyncio.Task[None]] = {}
         self.subject: str | None = None
         self.subscriptions = 0
+        self.key = id(self)
         self.log = _log.bind(session_id=self.session.session_id, format=self.format_label)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -317,31 +431,29 @@ class _Connection:
         metrics = self.state.metrics
         metrics.connections.labels(transport="ws").inc()
         self.log.debug("ws_connected")
-        writer = asyncio.create_task(self._guard(self._write_loop()), name="oa-sync-ws-writer")
-        tasks = [asyncio.create_task(self._guard(self._timer_loop()), name="oa-sync-ws-timer")]
+        self._arm()
         try:
             if principal is not None:
                 self.subject = principal.subject  # acquired before the upgrade
-                await self._authenticated(principal, acquired=True)
-            tasks.append(
-                asyncio.create_task(self._guard(self._read_loop()), name="oa-sync-ws-reader")
-            )
-            await self.stop.wait()
+                self._authenticated(principal, acquired=True)
+            await self._read_loop()
+        except Exception as exc:  # noqa: BLE001 - a broken connection must not break the server
+            self.log.error("ws_failed", error=type(exc).__name__)
+            self.request_close(1011, "internal error")
         finally:
-            tasks.extend(self.catch_ups.values())
-            if self.feed_task is not None:
-                tasks.append(self.feed_task)
+            self.closing = True
+            self.session.close(CloseCode.GOING_AWAY, "closed")
+            self.wheel.cancel(self.key)
+            if self.tap is not None:
+                self.tap.close()
+            tasks = list(self.catch_ups.values())
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if self.feed is not None:
-                self.feed.close()
-            # The writer may be waiting for the transport to drain; aiohttp shares that wait
-            # with the close frame's, so cancelling the writer first would cancel the close.
-            self.queue.clear()
-            await self._close_socket()
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            self._drop_buffer()
+            if self.closer is None:
+                self.closer = asyncio.create_task(self._close_socket())
+            await asyncio.shield(self.closer)
             metrics.connections.labels(transport="ws").dec()
             metrics.subscriptions.dec(self.subscriptions)
             self.subscriptions = 0
@@ -367,37 +479,43 @@ class _Connection:
             self.log.debug("ws_close_failed", error=type(exc).__name__)
 
     def request_close(self, code: int, reason: str) -> None:
-        """Close the connection with ``code`` (from any task); the first request wins."""
-        if self.close_request is None and not self.stop.is_set():
-            self.close_request = (code, reason)
-            self.log.debug("ws_closing", code=code, reason=reason)
-        self.session.close(CloseCode.GOING_AWAY, reason)  # no more decisions; tasks end
-        self.stop.set()
+        """Close the connection with ``code`` (from any context); the first request wins.
 
-    async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
-        try:
-            await work
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a broken connection must not break the server
-            self.log.error("ws_failed", error=type(exc).__name__)
-            self.request_close(1011, "internal error")
+        Sending stops at once; the close frame is written by a closing task, which also ends
+        the handler's read.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        self.close_request = (code, reason)
+        self.log.debug("ws_closing", code=code, reason=reason)
+        self.session.close(CloseCode.GOING_AWAY, reason)  # no more decisions
+        self._drop_buffer()
+        self.wheel.cancel(self.key)
+        if self.tap is not None:
+            self.tap.close()
+        for serial, task in list(self.catch_ups.items()):
+            if task is not asyncio.current_task():
+                task.cancel()
+                del self.catch_ups[serial]
+        self.closer = asyncio.create_task(self._close_socket(), name="oa-sync-ws-close")
 
     # -- performing actions ----------------------------------------------------------------
 
-    def _perform(self, actions: Sequence[Action[_Item]]) -> None:
+    def _perform(self, actions: Sequence[Action[LiveDoc]]) -> None:
         catching_up = False
         for action in actions:
             if isinstance(action, SendUpdate):
                 update = action.update
-                data = update.encoded.frame(action.subscription_id, self.fmt)
-                self._enqueue(data, update=True, committed_at=update.committed_at)
+                data = update.update.frame_bytes(action.subscription_id, self.fmt)
+                self._enqueue(data, update.committed_at, update=True)
             elif isinstance(action, Send):
                 frame = action.frame
                 if isinstance(frame, ErrorFrame) and frame.code in _LIMIT_ERRORS:
                     kind = _LIMIT_ERRORS[frame.code]
                     self.state.metrics.limit_breaches.labels(kind=kind).inc()
-                self._enqueue(encode_server(frame, self.fmt))
+                encoded = encode_server(frame, self.fmt)
+                self._enqueue(encoded.encode("utf-8") if isinstance(encoded, str) else encoded)
             elif isinstance(action, Close):
                 if action.limit:
                     self.state.metrics.limit_breaches.labels(kind=action.limit).inc()
@@ -405,7 +523,7 @@ class _Connection:
             elif isinstance(action, CatchUp):
                 catching_up = True
                 self.catch_ups[action.serial] = asyncio.create_task(
-                    self._guard(self._catch_up(action)), name="oa-sync-ws-catch-up"
+                    self._catch_up(action), name="oa-sync-ws-catch-up"
                 )
             elif isinstance(action, CancelCatchUp):
                 task = self.catch_ups.pop(action.serial, None)
@@ -413,107 +531,223 @@ class _Connection:
                     task.cancel()
             elif isinstance(action, VerifyToken):  # pragma: no cover - handled by the reader
                 raise TypeError("VerifyToken must be handled by the reader")
+        if self.closing:
+            return
         count = len(self.session.subscription_ids)
         if catching_up or count != self.subscriptions:
-            # Before any catch-up task runs (none has yielded yet): the feed must already carry
+            # Before any catch-up task runs (none has yielded yet): the tap must already carry
             # the new topics when their snapshot is read, or a change could fall in between.
-            self._route_feed()
+            self._route_tap()
         if count != self.subscriptions:
             self.state.metrics.subscriptions.inc(count - self.subscriptions)
             self.subscriptions = count
-        if self.session.next_deadline() < self.armed_for:
-            self.rearm.set()  # a deadline moved earlier (sends only ever move them later)
+        self._arm()
 
-    def _enqueue(
-        self, data: str | bytes, *, update: bool = False, committed_at: float = 0.0
-    ) -> None:
-        if self.stop.is_set():
+    # -- the send buffer -------------------------------------------------------------------
+
+    def _full(self) -> bool:
+        return len(self.buffer) >= self.max_messages or self.buffered_bytes >= self.max_bytes
+
+    def _enqueue(self, data: bytes, committed_at: float = 0.0, *, update: bool = False) -> None:
+        if self.closing:
             return
-        self.queue.append((data, update, committed_at))
-        self.wake_writer.set()
+        if len(self.buffer) >= self.hard_messages or self.buffered_bytes >= 2 * self.max_bytes:
+            self._slow_consumer()  # past the hard bounds: no grace (memory stays bounded)
+            return
+        self.buffer.append((data, committed_at, update))
+        self.buffered_bytes += len(data)
+        self.peak_bytes = max(self.peak_bytes, self.buffered_bytes)
+        if self.full_since is None and self._full():
+            self.full_since = self.loop.time()
+            self._arm()
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
-    async def _below(self, threshold: int, grace_s: float | None = None) -> bool:
-        """Wait until fewer than ``threshold`` messages are queued.
+    def _flush(self) -> None:
+        """Write what the transport has room for, in one write."""
+        self.flush_scheduled = False
+        transport = self.transport
+        if self.closing or not self.buffer or self.ws.closed:
+            return
+        if transport is None or transport.is_closing():
+            self.request_close(1011, "transport lost")
+            return
+        room = _TRANSPORT_HIGH_BYTES - transport.get_write_buffer_size()
+        if room <= 0:
+            self._arm()  # retry at the next slot of the wheel
+            return
+        parts: list[bytes] = []
+        written = 0
+        updates = 0
+        now = 0.0
+        latency = self.state.metrics.append_to_send_seconds
+        buffer = self.buffer
+        opcode = self.opcode
+        while buffer and written < room:
+            data, committed_at, update = buffer.popleft()
+            parts.append(frame_header(opcode, len(data)))
+            parts.append(data)
+            written += len(data)
+            if update:
+                updates += 1
+                if committed_at:
+                    now = now or time.time()
+                    latency.observe(max(0.0, now - committed_at))
+        self.buffered_bytes -= written
+        transport.write(b"".join(parts))
+        if updates:
+            self.sent.inc(updates)
+        if self.full_since is not None and not self._full():
+            self.full_since = None
+        if (
+            self.room is not None
+            and self.buffered_bytes * 2 < self.max_bytes
+            and (len(buffer) * 2 < self.max_messages)
+        ):
+            if not self.room.done():
+                self.room.set_result(None)
+            self.room = None
+        if buffer:
+            if transport.get_write_buffer_size() < _TRANSPORT_HIGH_BYTES:
+                self.flush_scheduled = True  # the socket took it: go on at the next turn
+                self.loop.call_soon(self._flush)
+            else:
+                self._arm()  # the socket is full: retry at the next slot of the wheel
+
+    def _drop_buffer(self) -> None:
+        self.buffer.clear()
+        self.buffered_bytes = 0
+        self.full_since = None
+        if self.room is not None and not self.room.done():
+            self.room.set_result(None)
+        self.room = None
+
+    async def _wait_for_room(self) -> bool:
+        """Wait until the send buffer is below half of both bounds.
 
         Returns:
-            ``False`` when ``grace_s`` passed first (the client is not reading).
+            ``False`` when it stayed above for :data:`SLOW_CONSUMER_GRACE_S` (a slow consumer)
+            or the connection is closing.
         """
-        deadline = None if grace_s is None else self.loop.time() + grace_s
-        while len(self.queue) >= threshold and not self.stop.is_set():
-            self.room.clear()
+        deadline = self.loop.time() + SLOW_CONSUMER_GRACE_S
+        while not self.closing and (
+            self.buffered_bytes * 2 >= self.max_bytes or len(self.buffer) * 2 >= self.max_messages
+        ):
+            if self.room is None:
+                self.room = self.loop.create_future()
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self.room.wait()
+                    await asyncio.shield(self.room)
             except TimeoutError:
-                return len(self.queue) < threshold
-        return True
+                self._slow_consumer()
+                return False
+        return not self.closing
 
-    # -- tasks -----------------------------------------------------------------------------
+    def _slow_consumer(self) -> None:
+        if self.closing:
+            return
+        self.state.metrics.slow_consumer_disconnects.inc()
+        self.state.metrics.limit_breaches.labels(kind=LimitKind.SEND_QUEUE.value).inc()
+        self.request_close(CloseCode.RATE_LIMITED, "too slow a consumer")
 
-    async def _write_loop(self) -> None:
-        metrics = self.state.metrics
-        sent = metrics.updates_sent.labels(format=self.format_label)
-        while True:
-            while not self.queue:
-                self.wake_writer.clear()
-                await self.wake_writer.wait()
-            data, update, committed_at = self.queue.popleft()
-            self.room.set()
-            try:
-                if isinstance(data, str):
-                    await self.ws.send_str(data)
-                else:
-                    await self.ws.send_bytes(data)
-            except (ConnectionError, RuntimeError):
-                self.stop.set()  # the peer is gone
+    # -- time ------------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """Be in the timer wheel at the next thing due (session deadline, slow-consumer grace,
+        a flush the transport refused)."""
+        if self.closing:
+            return
+        when = self.session.next_deadline()
+        if self.full_since is not None:
+            when = min(when, self.full_since + SLOW_CONSUMER_GRACE_S)
+        if self.buffer and not self.flush_scheduled:
+            when = min(when, self.loop.time())  # next slot: retry the flush
+        self.wheel.schedule(self.key, when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        if self.closing:
+            return
+        try:
+            now = self.loop.time()
+            if self.buffer and not self.flush_scheduled:
+                self._flush()
+            if self.full_since is not None and now - self.full_since >= SLOW_CONSUMER_GRACE_S:
+                self._slow_consumer()
                 return
-            if update:
-                sent.inc()
-                if committed_at:
-                    metrics.append_to_send_seconds.observe(max(0.0, time.time() - committed_at))
+            if self.session.next_deadline() <= now:
+                self._perform(self.session.tick(now, watermark=self.state.hub.watermark))
+            self._arm()
+        except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the wheel
+            self.log.error("ws_failed", error=type(exc).__name__)
+            self.request_close(1011, "internal error")
 
-    async def _timer_loop(self) -> None:
-        hub = self.state.hub
-        while True:
-            deadline = self.session.next_deadline()
-            if deadline > self.loop.time():
-                self.rearm.clear()
-                self.armed_for = deadline
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout_at(deadline):
-                        await self.rearm.wait()
-                self.armed_for = math.inf
-                continue
-            actions = self.session.tick(self.loop.time(), watermark=hub.watermark)
-            self._perform(actions)
-            if not actions:  # float rounding: the deadline is due by a hair
-                await asyncio.sleep(0.001)
+    # -- live changes (the hub's Receiver) -------------------------------------------------
+
+    def offer(self, live: LiveDoc) -> None:
+        """A change from the hub (synchronously, inside its read pass)."""
+        if self.closing:
+            return
+        try:
+            for action in self.session.on_live(live, self.loop.time()):
+                if type(action) is SendUpdate:  # the common case, without _perform's dispatch
+                    frame = live.update.frame_bytes(action.subscription_id, self.fmt)
+                    self._enqueue(frame, live.committed_at, update=True)
+                else:  # a close (token expired): sends only ever move deadlines later
+                    self._perform([action])
+        except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the hub
+            self.log.error("ws_failed", error=type(exc).__name__)
+            self.request_close(1011, "internal error")
+
+    def tap_ended(self, tap: Tap) -> None:
+        """The hub closed our tap: on an epoch change, reset and re-snapshot."""
+        if self.closing or tap is not self.tap or not tap.epoch_changed:
+            return
+        self.tap = None
+        self._attach()
+        self._perform(self.session.epoch_changed(self.state.hub.epoch, self.loop.time()))
+
+    def _attach(self) -> None:
+        self.tap = self.state.hub.tap(self, self._topics())
+
+    def _topics(self) -> list[Topic]:
+        session = self.session
+        return [topic for sid in session.subscription_ids for topic in session.topics_of(sid)]
+
+    def _route_tap(self) -> None:
+        """Offer the tap only the changes the open subscriptions' topics cover."""
+        if self.tap is not None:
+            self.tap.set_topics(self._topics())
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _stopped(self) -> bool:
+        return self.closing
 
     async def _read_loop(self) -> None:
         max_bytes = self.limits.max_message_bytes
-        try:
-            while not self.stop.is_set():
-                msg = await self.ws.receive()
-                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    return  # closed by the peer, or refused by aiohttp (too large, bad frame)
-                try:
-                    frame = decode_client(msg.data, self.fmt, max_bytes=max_bytes)
-                except OaSyncError as exc:
-                    mapping = classify(exc)
-                    code = mapping.close_code or CloseCode.MALFORMED
-                    if code == CloseCode.TOO_LARGE:
-                        self.state.metrics.limit_breaches.labels(
-                            kind=LimitKind.MESSAGE_SIZE.value
-                        ).inc()
-                    self.request_close(code, mapping.code)
-                    return
-                for action in self.session.receive(frame, self.loop.time()):
-                    if isinstance(action, VerifyToken):
-                        await self._verify(action.token)
-                    else:
-                        self._perform([action])
-        finally:
-            self.stop.set()
+        while not self.closing:
+            msg = await self.ws.receive()
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                return  # closed by the peer, by us, or refused by aiohttp (too large, bad frame)
+            if self._stopped():  # closed by the hub, the wheel or a catch-up meanwhile
+                return
+            try:
+                frame = decode_client(msg.data, self.fmt, max_bytes=max_bytes)
+            except OaSyncError as exc:
+                mapping = classify(exc)
+                code = mapping.close_code or CloseCode.MALFORMED
+                if code == CloseCode.TOO_LARGE:
+                    self.state.metrics.limit_breaches.labels(
+                        kind=LimitKind.MESSAGE_SIZE.value
+                    ).inc()
+                self.request_close(code, mapping.code)
+                return
+            for action in self.session.receive(frame, self.loop.time()):
+                if isinstance(action, VerifyToken):
+                    await self._verify(action.token)
+                else:
+                    self._perform([action])
 
     async def _verify(self, token: str) -> None:
         try:
@@ -525,20 +759,20 @@ class _Connection:
         if not principal.has_scope(READ_SCOPE):
             self._perform(self.session.auth_failed("missing scope sync:read", self.loop.time()))
             return
-        await self._authenticated(principal, acquired=False)
+        self._authenticated(principal, acquired=False)
 
-    async def _authenticated(self, principal: Principal, *, acquired: bool) -> None:
+    def _authenticated(self, principal: Principal, *, acquired: bool) -> None:
+        if self.closing:
+            return
         expires_at = self.loop.time() + (principal.expires_at - time.time())
         credentials = Credentials(
             subject=principal.subject, grant=principal.grant, expires_at=expires_at
         )
+        hub = self.state.hub
         if self.session.credentials is not None:  # a refresh
             self._perform(
                 self.session.authenticated(
-                    credentials,
-                    self.loop.time(),
-                    epoch=self.session.epoch,
-                    watermark=self.state.hub.watermark,
+                    credentials, self.loop.time(), epoch=self.session.epoch, watermark=hub.watermark
                 )
             )
             return
@@ -551,67 +785,38 @@ class _Connection:
                 self.request_close(CloseCode.RATE_LIMITED, "too many connections")
                 return
             self.subject = principal.subject
-        # Attach the live feed before any snapshot is read, so nothing falls in between. The
+        # Attach the live tap before any snapshot is read, so nothing falls in between. The
         # welcome announces what the hub has delivered (no database read per connection).
         self._attach()
-        hub = self.state.hub
         self._perform(
             self.session.authenticated(
                 credentials, self.loop.time(), epoch=hub.epoch, watermark=hub.watermark
             )
         )
 
-    def _attach(self) -> None:
-        self.feed = self.state.hub.attach(self.limits.send_queue_messages + _HUB_BURST)
-        self._route_feed()
-        if self.feed_task is None or self.feed_task.done():
-            self.feed_task = asyncio.create_task(
-                self._guard(self._feed_loop()), name="oa-sync-ws-feed"
-            )
+    # -- catch-up --------------------------------------------------------------------------
 
-    def _route_feed(self) -> None:
-        """Offer the feed only the changes the open subscriptions' topics cover."""
-        if self.feed is not None:
-            session = self.session
-            self.feed.set_topics(
-                topic for sid in session.subscription_ids for topic in session.topics_of(sid)
-            )
+    async def _send_rows(self, serial: int, rows: Sequence[read_model.DocRow]) -> bool:
+        """Hand ``rows`` to the session in chunks of at most a quarter of either bound, each
+        once the send buffer is below half (:meth:`_wait_for_room`).
 
-    async def _feed_loop(self) -> None:
-        while not self.stop.is_set():
-            feed = self.feed
-            assert feed is not None
-            async for live in feed:
-                limit = self.limits.send_queue_messages
-                if not await self._below(limit, SLOW_CONSUMER_GRACE_S):
-                    self._slow_consumer()
-                    return
-                if feed.overflowed or self.stop.is_set():
-                    break
-                item = _Item(
-                    live.row.doc_key,
-                    live.row.version,
-                    live.row.watermark,
-                    live.update,
-                    live.committed_at,
-                )
-                self._perform(self.session.on_live(item, self.loop.time()))
-            if self.stop.is_set():
-                return
-            if feed.overflowed:
-                self._slow_consumer()
-                return
-            if not feed.epoch_changed:
-                return  # the hub stopped: the app is shutting down
-            self._attach()
-            self._perform(self.session.epoch_changed(self.state.hub.epoch, self.loop.time()))
-
-    def _slow_consumer(self) -> None:
-        if self.stop.is_set():
-            return
-        self.state.metrics.slow_consumer_disconnects.inc()
-        self.state.metrics.limit_breaches.labels(kind=LimitKind.SEND_QUEUE.value).inc()
-        self.request_close(CloseCode.RATE_LIMITED, "too slow a consumer")
+        Returns:
+            ``False`` when the connection closed meanwhile (e.g. a slow consumer).
+        """
+        max_chunk_messages = max(1, self.max_messages // 4)
+        max_chunk_bytes = max(1, self.max_bytes // 4)
+        start = 0
+        while start < len(rows):
+            if not await self._wait_for_room():
+                return False
+            end, size = start, 0
+            while end < len(rows) and end - start < max_chunk_messages and size < max_chunk_bytes:
+                size += len(rows[end].body)
+                end += 1
+            items = [LiveDoc.of_row(r) for r in rows[start:end]]
+            self._perform(self.session.catch_up_rows(serial, items, self.loop.time()))
+            start = end
+        return not self.closing
 
     async def _catch_up(self, action: CatchUp) -> None:
         serial = action.serial
@@ -627,23 +832,24 @@ class _Connection:
                     conn, action.topics, action.grant, after=plan.after, limit=_CATCH_UP_PAGE
                 )
             while True:
-                for start in range(0, len(rows), self.chunk):
-                    await self._below(self.low_water)
-                    items = [_Item.of_row(r) for r in rows[start : start + self.chunk]]
-                    self._perform(self.session.catch_up_rows(serial, items, self.loop.time()))
+                if not await self._send_rows(serial, rows):
+                    return
                 if len(rows) < _CATCH_UP_PAGE:
                     break
                 # Each page in its own short transaction: a document that changes meanwhile
                 # moves to a higher watermark and is found by a later page or the live feed.
+                after = rows[-1].watermark
+                rows = []  # not held while the next page is read
                 async with engine.connect() as conn:
                     rows = await read_model.documents_matching(
-                        conn,
-                        action.topics,
-                        action.grant,
-                        after=rows[-1].watermark,
-                        limit=_CATCH_UP_PAGE,
+                        conn, action.topics, action.grant, after=after, limit=_CATCH_UP_PAGE
                     )
             self._perform(self.session.end_catch_up(serial, meta, self.loop.time()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken connection must not break the server
+            self.log.error("ws_failed", error=type(exc).__name__)
+            self.request_close(1011, "internal error")
         finally:
             if self.catch_ups.get(serial) is asyncio.current_task():
                 del self.catch_ups[serial]

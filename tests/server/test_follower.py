@@ -1,0 +1,66 @@
+"""The log follower on a real Postgres: a NOTIFY wakes a waiter at once, silence ends the wait
+at the poll interval, and a killed LISTEN connection is replaced (with a hint, so the consumer
+re-reads what it may have missed)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import sqlalchemy as sa
+from oa_sync_core.protocol.backoff import BackoffPolicy
+from oa_sync_server.postgres.follower import LogFollower, libpq_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+WAIT_S = 15.0
+
+
+async def test_notify_wakes_and_silence_polls(engine: AsyncEngine) -> None:
+    """A notification on the channel ends a wait long before the poll interval; without one
+    the wait lasts the interval (the poll fallback)."""
+    async with LogFollower(libpq_url(engine), "oa_sync_changes", poll_interval_s=0.3) as follower:
+        async with asyncio.timeout(WAIT_S):
+            await follower.listening.wait()
+        await follower.wait()  # the connect hint
+        started = time.monotonic()
+        await follower.wait()
+        assert time.monotonic() - started >= 0.25
+        waiting = asyncio.create_task(follower.wait(timeout_s=WAIT_S))
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT pg_notify('oa_sync_changes', '1')"))
+            await conn.commit()
+        started = time.monotonic()
+        await asyncio.wait_for(waiting, WAIT_S)
+        assert time.monotonic() - started < WAIT_S / 2
+
+
+async def test_killed_listener_reconnects_with_a_hint(engine: AsyncEngine) -> None:
+    """Terminating the LISTEN backend sets the hint, counts a reconnect, and a new backend
+    listens again."""
+    reconnects: list[int] = []
+    follower = LogFollower(
+        libpq_url(engine),
+        "oa_sync_events",
+        poll_interval_s=30,
+        backoff=BackoffPolicy(base_s=0.01, cap_s=0.05),
+        on_reconnect=lambda: reconnects.append(1),
+    )
+    async with follower:
+        async with asyncio.timeout(WAIT_S):
+            await follower.listening.wait()
+        old = follower.backend_pid
+        follower.hint.clear()
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": old})
+        async with asyncio.timeout(WAIT_S):
+            await follower.hint.wait()
+            while follower.backend_pid in (None, old):
+                await follower.wait(timeout_s=0.05)
+        assert reconnects == [1]
+
+
+def test_unknown_channel_is_refused() -> None:
+    """Only the server's two channels can be followed (no SQL is composed from a name)."""
+    with pytest.raises(ValueError, match="unknown channel"):
+        LogFollower("postgresql://", "x; DROP TABLE y", poll_interval_s=1)
