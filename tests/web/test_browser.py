@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import aiohttp
@@ -186,3 +187,25 @@ async def test_inspector_falls_back_to_sse_when_its_origin_is_refused(database_u
         assert not await browser.call(
             "eval", js="document.getElementById('admin').hidden === false"
         )
+
+
+async def test_the_demo_url_shows_the_demo_runs_moving(database_url: str) -> None:
+    """The inspector URL `oa-sync serve --demo` prints (several worker processes) opens on the
+    WebSocket and shows the demo's run documents gaining versions."""
+    npm_ready(browser=True)
+    await build_js()
+    async with (
+        serve_process(database_url, demo=True, allow_own_origin=False) as server,
+        Browser() as browser,
+    ):
+        url = (await server.wait_for_line(re.compile(r"^\s+(http://\S+/#token=\S+)$")))[1]
+        await browser.call("open", url=url)
+        rows = "document.querySelectorAll('#docs tr[data-key^=\"runtime/run_summary:\"]')"
+        versions = f"[...{rows}].reduce((n, tr) => n + Number(tr.dataset.version), 0)"
+        before = await browser.call("waitFor", js=f"{versions} > 0 && {versions}", timeoutMs=30_000)
+        await browser.call("waitFor", js=f"{versions} > {before}", timeoutMs=30_000)
+        transport = await browser.call(
+            "eval", js="document.getElementById('transport').textContent"
+        )
+        assert transport == "websocket"
+        await browser.call("waitFor", js="!document.getElementById('admin').hidden")
