@@ -1,4 +1,4 @@
-"""Developer sessions: tests, lint, typecheck, proto, proto_check, inspector, serve, bench.
+"""Developer sessions: tests, deep, lint, typecheck, proto, proto_check, inspector, serve, bench.
 
 Every session installs what it needs into its own virtualenv from the pins in the root
 ``pyproject.toml`` (dependency groups) and the two packages' own metadata, so a machine with
@@ -51,15 +51,37 @@ def _install(session: nox.Session, *groups: str, packages: bool = True) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the whole test suite (real Postgres: see tests/conftest.py for how it is found).
+    """Run the whole test suite with line and branch coverage, failing under the floor.
 
-    The TypeScript client's `npm test` and the browser test run inside it
-    (tests/web/test_js_client.py, tests/web/test_browser.py) against a real `oa-sync serve`;
+    Real Postgres: see tests/pg.py for how it is found. The floor is
+    ``[tool.coverage.report] fail_under`` in pyproject.toml. Arguments (``nox -s tests --
+    tests/core -x``) run just those tests, without the coverage floor. The TypeScript client's
+    `npm test` and the browser tests run inside it (tests/web) against a real `oa-sync serve`;
     their pinned npm tools are installed here first.
     """
     _install(session, "test")
     _npm_ci(session)
-    session.run("pytest", *session.posargs)
+    if session.posargs:
+        session.run("pytest", *session.posargs)
+        return
+    session.run("pytest", "--cov", "--cov-report=term", "--cov-report=xml:coverage.xml")
+
+
+@nox.session
+def deep(session: nox.Session) -> None:
+    """The property tests with the ``deep`` Hypothesis profile: 10x examples, random seeds.
+
+    Runs the tests that use Hypothesis (the core's folds, codecs and state machines, the token
+    verifier, the malformed-frame and OpenAPI campaigns); see tests/profiles.py.
+    """
+    _install(session, "test")
+    tests = sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "tests").rglob("test_*.py")
+        if "from hypothesis" in path.read_text(encoding="utf-8")
+    )
+    args = session.posargs or tests
+    session.run("pytest", "--timeout=1800", *args, env={"HYPOTHESIS_PROFILE": "deep"})
 
 
 @nox.session

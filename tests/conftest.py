@@ -1,3 +1,3 @@
 """Shared pytest configuration. Database fixtures live in the ``tests.pg`` plugin."""
 
-pytest_plugins = ["tests.log_guard", "tests.pg", "tests.live"]
+pytest_plugins = ["tests.profiles", "tests.log_guard", "tests.pg", "tests.live"]

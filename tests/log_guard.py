@@ -1,4 +1,4 @@
-"""pytest plugin: no token, secret or DSN password may appear in any log line of the suite.
+"""pytest plugin: no token, secret, DSN password or SQL may appear in any log line of the suite.
 
 For the whole session, logging is configured as the server configures it
 (:func:`oa_sync_server.logs.configure_logging`, JSON lines) at DEBUG, and one extra handler on
@@ -11,7 +11,10 @@ so it sees exactly what a production log would hold. Each line is checked as it 
   ``password=...`` keyword that is not masked;
 * none of the secret strings the suite created: the value of every
   :class:`oa_sync_server.server_config.Secret` constructed during the session (at least 12
-  characters) and the password of ``OA_SYNC_TEST_DATABASE_URL``.
+  characters) and the password of ``OA_SYNC_TEST_DATABASE_URL``;
+* no SQL statement or bound parameters (SQLAlchemy's ``[SQL: …]`` and ``[parameters: …]``)
+  and no traceback through the database driver (``sqlalchemy``/``psycopg`` frames): those
+  carry statements and event payloads.
 
 A leak does not fail the test that caused it (the test may have passed for good reasons); the
 session fails at its end with a report naming the tests and the kind of leak, never the secret.
@@ -42,6 +45,9 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _DSN_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:(?P<password>[^@\s]*)@")
 _KEYWORD_PASSWORD = re.compile(r"(?i)\bpassword\s*=\s*(?P<password>[^\s&'\"]+)")
 _MASKS: Final = ("***", REDACTED, "")
+_SQL = re.compile(r"\[SQL: ")
+_PARAMETERS = re.compile(r"\[parameters: ")
+_DB_TRACEBACK = re.compile(r"Traceback \(most recent call last\).*(?:sqlalchemy|psycopg)", re.S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,12 @@ class LeakDetector:
             secrets = list(self.secrets)
         if any(secret in line for secret in secrets):
             found.append("secret")
+        if _SQL.search(line):
+            found.append("sql")
+        if _PARAMETERS.search(line):
+            found.append("parameters")
+        if _DB_TRACEBACK.search(line):
+            found.append("database traceback")
         return found
 
     def check(self, line: str, test: str) -> None:

@@ -23,8 +23,10 @@ from oa_sync_core.codec import (
 from oa_sync_core.contracts import v1
 from oa_sync_core.errors import CodecError, CodecErrorCode
 
+from tests.profiles import examples
+
 BIG = 1 << 20
-PROPERTY = settings(max_examples=50, deadline=None)
+PROPERTY = settings(max_examples=examples(50), deadline=None)
 """Enough examples to find encoding corner cases; the suite has a time budget."""
 
 json_values = st.recursive(

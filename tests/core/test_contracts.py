@@ -27,7 +27,11 @@ from oa_sync_core.contracts import v1
 from oa_sync_core.errors import CodecError
 from oa_sync_core.testing import texts, timestamps
 
-PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+from tests.profiles import examples
+
+PROPERTY = settings(
+    max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 """Per message class; 37 classes make this the widest property test of the core."""
 
 MESSAGES = sorted(
@@ -220,7 +224,7 @@ _ANY_JSON = st.recursive(
 
 
 @pytest.mark.parametrize("cls", MESSAGES, ids=lambda cls: cls.__name__)
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(value=_ANY_JSON)
 def test_reader_raises_only_codec_errors(cls: type[betterproto.Message], value: Any) -> None:
     """Any JSON value is read as the message or refused with a CodecError, never another error."""
@@ -247,7 +251,7 @@ _ODD_LEAVES: st.SearchStrategy[Any] = (
 
 
 @pytest.mark.parametrize("cls", MESSAGES, ids=lambda cls: cls.__name__)
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(data=st.data())
 def test_reader_is_never_laxer_than_the_official_runtime(
     cls: type[betterproto.Message], data: st.DataObject, official: dict[str, Any] | None

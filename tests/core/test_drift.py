@@ -14,8 +14,9 @@ from oa_sync_core.sinks import StoredDocument
 from oa_sync_core.testing import event_sequences, new_event
 
 from tests.core.test_replay import LIFECYCLE, R1, R2, W1, ReadModel, RunSummaryV2, read_model
+from tests.profiles import examples
 
-PROPERTY = settings(max_examples=30, deadline=None)
+PROPERTY = settings(max_examples=examples(30), deadline=None)
 """Fewer examples than hypothesis's default: each one builds a log and a read model."""
 
 

@@ -20,6 +20,8 @@ from oa_sync_core.testing import (
     record_events,
 )
 
+from tests.profiles import examples
+
 
 def _ev(stream_id: str = "run:r1", type_: str = "run.started", **payload: Any) -> NewEvent:
     return NewEvent(stream_id=stream_id, type=type_, payload=payload or {"runId": "r1"})
@@ -151,7 +153,7 @@ def test_payload_size_limit_is_inclusive() -> None:
     validate_new_event(NewEvent(stream_id="a:b", type="a.b", payload={"n": note}))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(event_sequences(max_size=10))
 def test_validation_is_idempotent(events: list[NewEvent]) -> None:
     """Validating an already validated event returns an equal event."""
@@ -233,7 +235,7 @@ async def test_memory_log_expected_seq_conflict_is_atomic() -> None:
     ) == [3, 4]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(st.lists(st.sampled_from(["r1", "r2", "w1"]), max_size=12))
 async def test_memory_log_stream_seqs_are_gap_free(idents: list[str]) -> None:
     """Within every stream, stream_seq is 1, 2, 3... in log order."""

@@ -35,7 +35,9 @@ from oa_sync_core.testing import (
     record_events,
 )
 
-PROPERTY = settings(max_examples=50, deadline=None)
+from tests.profiles import examples
+
+PROPERTY = settings(max_examples=examples(50), deadline=None)
 """Fewer examples than hypothesis's default: generating valid event sequences is the cost."""
 
 MESSAGES: dict[str, type[betterproto.Message]] = {

@@ -29,7 +29,9 @@ from oa_sync_core.replay import apply_plan, fold_log, plan_reprojection
 from oa_sync_core.sinks import MemorySink, StoredDocument
 from oa_sync_core.testing import FixedClock, event_sequences, fold_events, new_event
 
-PROPERTY = settings(max_examples=30, deadline=None)
+from tests.profiles import examples
+
+PROPERTY = settings(max_examples=examples(30), deadline=None)
 """Fewer examples than hypothesis's default: each one builds a log and a read model."""
 
 R1 = (RUN_SUMMARY, f"{RUN_SUMMARY}:r1")
@@ -325,4 +327,6 @@ class ReadModelMachine(RuleBasedStateMachine):
 
 
 TestReadModelMachine = ReadModelMachine.TestCase
-TestReadModelMachine.settings = settings(max_examples=25, stateful_step_count=12, deadline=None)
+TestReadModelMachine.settings = settings(
+    max_examples=examples(25), stateful_step_count=12, deadline=None
+)

@@ -52,6 +52,8 @@ from oa_sync_core.protocol.wire import (
 )
 from oa_sync_core.topics import Grant
 
+from tests.profiles import examples
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Doc:
@@ -624,4 +626,6 @@ class SessionMachine(RuleBasedStateMachine):
 
 
 TestSessionMachine = SessionMachine.TestCase
-TestSessionMachine.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+TestSessionMachine.settings = settings(
+    max_examples=examples(200), stateful_step_count=50, deadline=None
+)

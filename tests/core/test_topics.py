@@ -10,6 +10,8 @@ from oa_sync_core.projectors import DEFAULT_PROJECTORS
 from oa_sync_core.testing import new_event, record_events
 from oa_sync_core.topics import MAX_TOPIC_LENGTH, Grant, Topic, parse_topic
 
+from tests.profiles import examples
+
 RUN = "runtime/run_summary"
 _KEY_ALPHABET = "abAB01./:_-@"
 keys = st.text(alphabet=_KEY_ALPHABET, max_size=8)
@@ -119,7 +121,7 @@ def test_within_and_overlaps_table() -> None:
         assert o.overlaps(t) is overlaps, (other, topic)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(patterns, max_size=4), patterns, st.lists(keys, max_size=12))
 def test_grant_semantics_agree_with_key_matching(
     grant_patterns: list[str], pattern: str, samples: list[str]
@@ -139,7 +141,7 @@ def test_grant_semantics_agree_with_key_matching(
                 assert grant.intersects(topic), key
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.from_regex(r"[A-Za-z0-9._\-:@/]{1,200}", fullmatch=True))
 def test_every_document_key_is_an_exact_topic(ident: str) -> None:
     """Any id a stream may carry gives document keys that parse as exact topics of themselves."""

@@ -42,6 +42,8 @@ from oa_sync_core.protocol.wire import (
     encode_server,
 )
 
+from tests.profiles import examples
+
 MAX = 1 << 20
 FORMATS = list(WireFormat)
 
@@ -493,7 +495,7 @@ def test_wrong_frame_type_and_size(fmt: WireFormat) -> None:
     assert info.value.code is C.TOO_LARGE
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=examples(300))
 @given(data=st.binary(max_size=64))
 def test_random_bytes_never_raise_anything_but_wire_error(data: bytes) -> None:
     """Arbitrary bytes decode to a frame or raise WireError, on both sides."""
@@ -502,7 +504,7 @@ def test_random_bytes_never_raise_anything_but_wire_error(data: bytes) -> None:
             decode(data, WireFormat.PROTO, max_bytes=MAX)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(frame=server_frames, cut=st.integers(min_value=0), flip=st.integers(min_value=0))
 def test_mutated_frames_never_raise_anything_but_wire_error(
     frame: ServerFrame, cut: int, flip: int

@@ -3,6 +3,7 @@ and every documented error status with a JSON body and never a traceback."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import aiohttp
@@ -37,6 +38,8 @@ async def call(
     """One request; returns the status and the decoded JSON body (checked to be JSON)."""
     data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
     headers = auth(token) if token else {}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
     async with session.request(method, url, data=data, headers=headers, params=params) as resp:
         text = await resp.read()
         assert resp.content_type == "application/json", text[:200]
@@ -270,7 +273,8 @@ async def test_oversized_body_is_413(database_url: str) -> None:
                     yield b" " * 100
                 yield b"]}"
 
-            async with s.post("/v1/events", data=chunks(), headers=auth(token)) as resp:
+            headers = auth(token) | {"Content-Type": "application/json"}
+            async with s.post("/v1/events", data=chunks(), headers=headers) as resp:
                 assert resp.status == 413
 
 
@@ -350,3 +354,84 @@ async def test_readyz_is_503_while_the_projector_lags(database_url: str) -> None
                 assert body["projectorLagSeconds"] >= 290
             async with s.get("/healthz") as resp:
                 assert resp.status == 200
+
+
+async def test_append_refuses_any_body_but_json_with_415(live_server: LiveServer) -> None:
+    """POST /v1/events with text/plain, a form, XML or no Content-Type answers 415
+    ``unsupported_media_type`` and appends nothing; ``application/json; charset=utf-8`` is taken."""
+    token = live_server.token()
+    body = orjson.dumps({"events": [run_event("run.created", "r1")]})
+    async with aiohttp.ClientSession(live_server.url) as s:
+        for media_type in (
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/xml",
+            None,
+        ):
+            headers = auth(token) | ({"Content-Type": media_type} if media_type else {})
+            # skip_auto_headers: aiohttp would otherwise declare application/octet-stream.
+            async with s.post(
+                "/v1/events", data=body, headers=headers, skip_auto_headers=["Content-Type"]
+            ) as resp:
+                assert resp.status == 415, media_type
+                error = (await resp.json())["error"]
+                assert error["code"] == "unsupported_media_type"
+                assert "application/json" in error["message"]
+        async with live_server.engine.connect() as conn:
+            count = sa.select(sa.func.count()).select_from(sa.text("oa_sync.events"))
+            assert (await conn.execute(count)).scalar_one() == 0
+        headers = auth(token) | {"Content-Type": "application/json; charset=utf-8"}
+        async with s.post("/v1/events", data=body, headers=headers) as resp:
+            assert resp.status == 200
+
+
+async def test_413_is_counted_and_names_the_limit_as_an_integer(live_server: LiveServer) -> None:
+    """A body over the default 1 MiB limit answers 413 whose message prints 1048576 (not
+    1.04858e+06) and counts in ``oa_sync_limit_breaches_total{kind="body_size"}``; too many
+    topics count under ``topics``."""
+    token = live_server.token()
+    big = {"events": [run_event("run.created", "r1", agentId="x" * 1_100_000)]}
+    headers = auth(token) | {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(live_server.url) as s:
+        data = io.BytesIO(orjson.dumps(big))
+        async with s.post("/v1/events", data=data, headers=headers) as resp:
+            assert resp.status == 413
+            body = await resp.json()
+        assert body["error"]["message"] == "body_size limit of 1048576 exceeded"
+        topics = [("topic", f"t{i}") for i in range(33)]
+        status, _ = await call(s, "GET", "/v1/changes", token=token, params=topics)
+        assert status == 400
+        async with s.get("/metrics") as resp:
+            text = await resp.text()
+    assert 'oa_sync_limit_breaches_total{kind="body_size"} 1.0' in text
+    assert 'oa_sync_limit_breaches_total{kind="topics"} 1.0' in text
+
+
+async def test_405_names_the_allowed_methods(live_server: LiveServer) -> None:
+    """A method a path does not serve answers 405 with an ``Allow`` header listing the ones
+    it does."""
+    async with aiohttp.ClientSession(live_server.url) as s:
+        status, body = await call(s, "PUT", "/v1/events", body={})
+        assert status == 405
+        assert body["error"]["code"] == "method_not_allowed"
+        async with s.delete("/v1/changes") as resp:
+            assert resp.status == 405
+            assert set(resp.headers["Allow"].split(",")) >= {"GET"}
+        async with s.put("/v1/events") as resp:
+            assert resp.headers["Allow"] == "POST"
+
+
+async def test_cors_exposes_www_authenticate_and_retry_after(database_url: str) -> None:
+    """An allowed Origin's responses carry ``Access-Control-Expose-Headers`` naming
+    ``WWW-Authenticate`` and ``Retry-After``, so a page can read why it was refused."""
+    origins = ("https://app.example",)
+    async with (
+        make_live_server(database_url, allowed_origins=origins) as server,
+        aiohttp.ClientSession(server.url) as s,
+    ):
+        headers = {"Origin": "https://app.example"}
+        async with s.get("/v1/changes", params={"topic": "*"}, headers=headers) as resp:
+            assert resp.status == 401
+            assert resp.headers["WWW-Authenticate"] == "Bearer"
+            exposed = resp.headers["Access-Control-Expose-Headers"]
+    assert {h.strip() for h in exposed.split(",")} >= {"WWW-Authenticate", "Retry-After"}

@@ -21,6 +21,7 @@ from oa_sync_server.config import Limits
 
 from tests.e2e import raw_ws
 from tests.live import LiveServer, make_live_server
+from tests.profiles import DERANDOMIZE, examples
 
 MAX_MESSAGE_BYTES = 4096
 CLOSE_WITHIN_S = 2.0
@@ -191,10 +192,10 @@ def campaign(loop: asyncio.AbstractEventLoop, server: LiveServer, token: str) ->
     seen = 0
 
     @settings(
-        max_examples=EXAMPLES,
+        max_examples=examples(EXAMPLES),
         deadline=None,
         database=None,
-        derandomize=True,
+        derandomize=DERANDOMIZE,
         suppress_health_check=list(HealthCheck),
     )
     @given(bad=malformed)

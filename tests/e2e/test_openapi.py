@@ -20,6 +20,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.live import LiveServer
+from tests.profiles import DERANDOMIZE, examples
 
 EXAMPLES_PER_OPERATION = 30
 # Streams never end on their own: the SSE stream and the WebSocket are exercised by their own
@@ -53,10 +54,10 @@ def campaign(
                 continue
 
             @settings(
-                max_examples=EXAMPLES_PER_OPERATION,
+                max_examples=examples(EXAMPLES_PER_OPERATION),
                 deadline=None,
                 database=None,
-                derandomize=True,
+                derandomize=DERANDOMIZE,
                 phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=list(HealthCheck),
             )

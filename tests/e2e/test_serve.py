@@ -218,3 +218,75 @@ async def test_create_app_owns_an_engine_from_the_url(database_url: str) -> None
         create_app(Settings(jwt=JwtSettings(hs256_secret=secret)))
     with pytest.raises(ConfigError, match="OA_SYNC_JWT_HS256_SECRET"):
         create_app(Settings(database_url=database_url))
+
+
+async def _serve(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "oa_sync_server.cli",
+        "serve",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(20):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.slow
+async def test_serve_says_how_to_allow_a_browser_and_demo_allows_its_own_origin(
+    database_url: str,
+) -> None:
+    """Without allowed origins the start-up output names OA_SYNC_ALLOWED_ORIGINS and a dev
+    origin to put in it; with --demo a page from the server's own origin gets its WebSocket
+    upgraded and CORS headers, while another origin still gets 403."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OA_SYNC_")}
+    env |= {"OA_SYNC_DATABASE_URL": database_url, "OA_SYNC_JWT_HS256_SECRET": "e" * 40}
+    proc = await _serve(["--port", "0"], env)
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            await _read_until(proc.stdout, re.compile(r"serving on http://\S+"))
+            hint = (await _read_until(proc.stdout, re.compile(r"^browsers: .*")))[0]
+    finally:
+        await _stop(proc)
+    assert "OA_SYNC_ALLOWED_ORIGINS=http://localhost:5173" in hint
+
+    proc = await _serve(["--demo", "--port", "0"], env)
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            url = (await _read_until(proc.stdout, re.compile(r"serving on (http://\S+)")))[1]
+            line = (await _read_until(proc.stdout, re.compile(r"^browsers: .*")))[0]
+            token = (await _read_until(proc.stdout, re.compile(r"demo token .*: (\S+)$")))[1]
+            port = url.rsplit(":", 1)[1]
+            assert url in line
+            assert f"http://localhost:{port}" in line
+            async with aiohttp.ClientSession(url) as http:
+                for origin in (url, f"http://localhost:{port}"):
+                    async with http.ws_connect(
+                        "/v1/sync", protocols=["oa-sync.v1.json"], headers={"Origin": origin}
+                    ) as ws:
+                        await ws.send_str(orjson.dumps({"authenticate": {"token": token}}).decode())
+                    async with http.get(
+                        "/v1/changes",
+                        params={"topic": "*"},
+                        headers={"Origin": origin, "Authorization": f"Bearer {token}"},
+                    ) as resp:
+                        assert resp.headers["Access-Control-Allow-Origin"] == origin
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect("/v1/sync", headers={"Origin": "http://evil.example"})
+                assert refused.value.status == 403
+    finally:
+        await _stop(proc)

@@ -110,7 +110,7 @@ async def test_snapshot_then_live_and_changes_agree(live_server: LiveServer) -> 
         assert all(e.event == "update" and e.id == e.data["watermark"] for e in snapshot)
         assert synced.id == synced.data["watermark"] == snapshot[-1].id
         body = {"events": [run_event("run.started", "r1"), run_event("run.created", "r3")]}
-        async with s.post("/v1/events", data=orjson.dumps(body), headers=auth(token)) as resp:
+        async with s.post("/v1/events", json=body, headers=auth(token)) as resp:
             assert resp.status == 200
         live = [await stream.next(), await stream.next()]
         by_key = {e.data["docKey"]: e.data["version"] for e in snapshot + live}
@@ -251,7 +251,8 @@ async def test_database_failure_mid_stream_ends_it_cleanly(live_server: LiveServ
     """A database failure after the stream started ends the stream (the client resumes later)
     instead of breaking the response."""
     async with live_server.engine.begin() as conn:
-        await conn.execute(sa.text("ALTER TABLE oa_sync.documents RENAME TO documents_gone"))
+        # The position read before the headers still works; the snapshot read after them fails.
+        await conn.execute(sa.text("ALTER TABLE oa_sync.documents RENAME COLUMN body TO gone"))
     async with aiohttp.ClientSession(live_server.url) as s:
         stream = await open_stream(s, live_server.token(), ["*"])
         async with asyncio.timeout(WAIT_S):
@@ -269,3 +270,48 @@ async def test_stream_ends_when_the_token_expires(live_server: LiveServer) -> No
         async with asyncio.timeout(WAIT_S):
             rest = [e async for e in stream.events if e.event != "comment"]
         assert rest == []
+
+
+async def test_last_event_id_query_fallback_and_header_precedence(live_server: LiveServer) -> None:
+    """``?lastEventId=`` resumes like the header (for clients that cannot set headers); when
+    both are given the ``Last-Event-ID`` header wins."""
+    await live_server.append([run_event("run.created", "r1")])
+    first = await live_server.settle()
+    await live_server.append([run_event("run.created", "r2")])
+    await live_server.settle()
+    token = live_server.token()
+    params = [("topic", "*"), ("lastEventId", str(first))]
+    async with aiohttp.ClientSession(live_server.url) as s:
+        async with s.get("/v1/stream", params=params, headers=auth(token)) as resp:
+            catch_up, _ = await Stream(resp).until_synced()
+        assert [e.data["docKey"] for e in catch_up] == ["runtime/run_summary:r2"]
+        # The header says "from the start of the log": both documents; the query is ignored.
+        headers = auth(token) | {"Last-Event-ID": "0"}
+        async with s.get("/v1/stream", params=params, headers=headers) as resp:
+            catch_up, _ = await Stream(resp).until_synced()
+        assert sorted(e.data["docKey"] for e in catch_up) == [
+            "runtime/run_summary:r1",
+            "runtime/run_summary:r2",
+        ]
+
+
+async def test_live_epoch_change_sends_reset_and_ends_the_stream(live_server: LiveServer) -> None:
+    """A rebuild's new epoch reaching a live stream sends ``reset`` (``epoch_changed``, the new
+    epoch) and ends the response, so the browser reconnects and gets a fresh snapshot."""
+    await live_server.append([run_event("run.created", "r1")])
+    await live_server.settle()
+    async with aiohttp.ClientSession(live_server.url) as s:
+        stream = await open_stream(s, live_server.token(), ["*"])
+        await stream.until_synced()
+        async with live_server.engine.begin() as conn:
+            await conn.execute(
+                sa.update(sync_meta).where(sync_meta.c.key == "epoch").values(value="rebuilt")
+            )
+        live_server.state.hub.wake()
+        reset = await stream.next()
+        assert (reset.event, reset.data) == (
+            "reset",
+            {"reason": "epoch_changed", "epoch": "rebuilt"},
+        )
+        async with asyncio.timeout(WAIT_S):
+            assert [e async for e in stream.events if e.event != "comment"] == []

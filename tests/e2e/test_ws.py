@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 import sqlalchemy as sa
 from oa_sync_core.protocol.wire import (
@@ -32,6 +34,7 @@ from oa_sync_core.protocol.wire import (
     encode_client,
 )
 from oa_sync_core.testing import new_event
+from oa_sync_server.auth import mint_token
 from oa_sync_server.config import Limits
 from oa_sync_server.postgres.tables import sync_meta
 from oa_sync_server.transports.ws import close_all
@@ -290,13 +293,28 @@ async def test_expired_token_closes_4401(live_server: LiveServer) -> None:
         assert await client.closed_with() == 4401
 
 
+def test_a_short_token_lives_its_whole_ttl_even_at_a_second_boundary() -> None:
+    """A 1-second token minted 8 ms before a second boundary expires no sooner than 1 s later
+    (``exp`` rounds up; it used to be truncated with ``iat`` and leave 8 ms)."""
+    for now in (1_800_000_000.992, 1_800_000_000.0, 1_800_000_000.5):
+        claims = jwt.decode(
+            mint_token("s" * 40, subject="t", topics=["*"], ttl_s=1, now=now),
+            options={"verify_signature": False},
+        )
+        assert claims["exp"] >= now + 1
+        assert claims["iat"] <= now
+
+
 async def test_in_band_refresh_keeps_the_stream(live_server: LiveServer) -> None:
     """Re-authenticating before expiry keeps the session and its subscription alive."""
-    async with connect(live_server, token=live_server.token(ttl_s=2)) as client:
+    first = live_server.token(ttl_s=2)
+    expires = jwt.decode(first, options={"verify_signature": False})["exp"]
+    async with connect(live_server, token=first) as client:
         await client.send(Subscribe("s", (RUN + "*",)))
         await client.until_synced("s")
         await client.send(Authenticate(live_server.token(ttl_s=600)))
-        await asyncio.sleep(2.5)  # past the first token's expiry (the point of the test)
+        # Wall-clock time must pass the first token's expiry: that is the point of the test.
+        await asyncio.sleep(max(0.0, expires - time.time()) + 0.5)
         await live_server.append(runs("after"))
         (update,) = await client.updates(1)
         assert update.doc_key == RUN + "after"
@@ -479,3 +497,26 @@ async def test_quiet_connection_gets_heartbeats_with_the_watermark(database_url:
             await client.until_synced("s")
             heartbeat = await client.recv(within_s=2.0)
             assert heartbeat == Heartbeat(watermark=watermark)
+
+
+async def test_refusals_before_the_upgrade(live_server: LiveServer) -> None:
+    """Before upgrading: a header token without ``sync:read`` is a 403 ``forbidden``, and a
+    server that is shutting down answers 503 with ``Retry-After`` (no socket is opened in
+    either case)."""
+    async with aiohttp.ClientSession() as http:
+        append_only = live_server.token(scopes=("sync:append",))
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(
+                live_server.ws_url,
+                protocols=(WireFormat.JSON.value,),
+                headers={"Authorization": f"Bearer {append_only}"},
+            )
+        assert refused.value.status == 403
+        # The flag on_shutdown sets first: the window before the listener closes.
+        live_server.state.stopping.set()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(live_server.ws_url, protocols=(WireFormat.JSON.value,))
+        assert refused.value.status == 503
+        assert refused.value.headers is not None
+        assert refused.value.headers["Retry-After"] == "1"
+    assert live_server.state.metrics.connections.labels(transport="ws")._value.get() == 0

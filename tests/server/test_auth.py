@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import jwt
@@ -19,11 +19,21 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from oa_sync_server.auth import MAX_TOKEN_BYTES, Principal, TokenVerifier, mint_token
+from oa_sync_server.auth import (
+    MAX_GRANT_TOPICS,
+    MAX_JWKS_BYTES,
+    MAX_SUBJECT_LENGTH,
+    MAX_TOKEN_BYTES,
+    Principal,
+    TokenVerifier,
+    mint_token,
+)
 from oa_sync_server.config import JwtSettings, PublicKeySpec, Secret
 from oa_sync_server.errors import AuthError, AuthFailure
+
+from tests.profiles import examples
 
 SECRET = "k" * 40
 NOW = 1_900_000_000.0
@@ -310,7 +320,7 @@ async def test_huge_token_is_refused_before_decoding() -> None:
     await assert_refused(hs_verifier(), "a" * 10_000_000, AuthFailure.TOO_LARGE)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.text(max_size=300), st.binary(max_size=200).map(lambda b: b64(b) + ".e30.")))
 async def test_arbitrary_text_only_ever_raises_auth_error(text: str) -> None:
     """No string, however malformed, makes verify raise anything but AuthError."""
@@ -327,22 +337,35 @@ _json = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.fixed_dictionaries(
-        {},
-        optional=dict.fromkeys(
-            ("sub", "iss", "aud", "iat", "exp", "nbf", "oa_topics", "oa_scopes"), _json
-        ),
-    )
+_CLAIMS: Final = ("sub", "iss", "aud", "iat", "exp", "nbf", "oa_topics", "oa_scopes")
+_VALID: Final = "valid"
+_ABSENT: Final = "absent"
+# Per claim: keep the valid value (most often, so valid tokens do occur), drop it, or put any
+# JSON value in its place.
+_claim_plans = st.fixed_dictionaries(
+    {name: st.one_of(st.just(_VALID), st.just(_VALID), st.just(_ABSENT), _json) for name in _CLAIMS}
 )
-async def test_signed_claims_of_any_shape_never_crash(payload: dict[str, Any]) -> None:
-    """Correctly signed tokens with claims of arbitrary JSON types give a Principal or AuthError."""
+_ALL_VALID: Final = dict.fromkeys(_CLAIMS, _VALID)
+
+
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_claim_plans)
+@example(_ALL_VALID)
+async def test_signed_claims_of_any_shape_never_crash(plan: dict[str, Any]) -> None:
+    """Correctly signed tokens whose claims are each valid, absent or any JSON value give a
+    Principal or an AuthError, never a crash; when every claim is valid, a Principal."""
+    valid = claims(nbf=int(NOW) - 10)  # the verifier's clock is NOW
+    payload = {
+        name: valid[name] if choice == _VALID else choice
+        for name, choice in plan.items()
+        if choice != _ABSENT
+    }
     try:
         principal = await hs_verifier().verify(hs256(payload))
     except AuthError:
+        assert plan != _ALL_VALID
         return
-    assert isinstance(principal.subject, str)
+    assert principal.subject == payload["sub"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +380,9 @@ class JwksServer:
     hits: int = 0
     status: int = 200
     cache_control: str | None = None
+    redirect: bool = False  # answer 302 to /moved.json, which serves the keys
+    padding: int = 0  # bytes of filler in the document (to test the size cap)
+    moved_hits: int = 0
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     requested: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -381,10 +407,20 @@ async def jwks_server() -> AsyncIterator[JwksServer]:
         server.requested.set()
         await server.gate.wait()
         headers = {"Cache-Control": server.cache_control} if server.cache_control else {}
-        return web.json_response({"keys": server.keys}, status=server.status, headers=headers)
+        if server.redirect:
+            raise web.HTTPFound("/moved.json")
+        document: dict[str, Any] = {"keys": server.keys}
+        if server.padding:
+            document["padding"] = "x" * server.padding
+        return web.json_response(document, status=server.status, headers=headers)
+
+    async def moved(_request: web.Request) -> web.Response:
+        server.moved_hits += 1
+        return web.json_response({"keys": server.keys})
 
     app = web.Application()
     app.router.add_get("/jwks.json", handle)
+    app.router.add_get("/moved.json", moved)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -580,6 +616,62 @@ async def test_jwks_skips_unusable_keys(
     await assert_refused(verifier, weak_token, AuthFailure.UNKNOWN_KEY)
     for kid in ("enc", "junk", "mislabelled"):
         await assert_refused(verifier, signed(rsa_key, kid), AuthFailure.UNKNOWN_KEY)
+
+
+async def test_jwks_redirects_are_not_followed(
+    jwks_server: JwksServer, http_session: aiohttp.ClientSession, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    """A JWKS URL answering a redirect is a failed fetch (keys unavailable): the verifier never
+    asks the redirect's target for keys."""
+    jwks_server.keys = [jwk(rsa_key, "k")]
+    jwks_server.redirect = True
+    verifier = jwks_verifier(jwks_server, http_session, FakeClock(0))
+    await assert_refused(verifier, signed(rsa_key, "k"), AuthFailure.KEYS_UNAVAILABLE)
+    assert (jwks_server.hits, jwks_server.moved_hits) == (1, 0)
+
+
+async def test_jwks_documents_over_256_kib_are_refused(
+    jwks_server: JwksServer, http_session: aiohttp.ClientSession, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    """A JWKS document a little over 256 KiB is not used (keys unavailable); one a little
+    under it is read whole and verifies."""
+    clock = FakeClock(0)
+    jwks_server.keys = [jwk(rsa_key, "k")]
+    jwks_server.padding = MAX_JWKS_BYTES
+    verifier = jwks_verifier(jwks_server, http_session, clock)
+    await assert_refused(verifier, signed(rsa_key, "k"), AuthFailure.KEYS_UNAVAILABLE)
+    jwks_server.padding = MAX_JWKS_BYTES - 4096
+    clock.now += 31  # past the refetch cooldown
+    assert (await verifier.verify(signed(rsa_key, "k"))).subject == "user-1"
+
+
+async def test_jwks_ec_key_on_another_curve_is_ignored(
+    jwks_server: JwksServer, http_session: aiohttp.ClientSession
+) -> None:
+    """An EC key on P-384 labelled ES256 is skipped: ES256 is P-256 only."""
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    entry = {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(p384.public_key())), "kid": "p384"}
+    jwks_server.keys = [entry | {"alg": "ES256", "use": "sig"}]
+    verifier = jwks_verifier(jwks_server, http_session, FakeClock(0))
+    real = jwt.encode(claims(), p384, algorithm="ES384", headers={"kid": "p384"})
+    head = b64(json.dumps({"alg": "ES256", "typ": "JWT", "kid": "p384"}).encode())
+    relabelled = head + real[real.index(".") :]
+    await assert_refused(verifier, relabelled, AuthFailure.UNKNOWN_KEY)
+
+
+async def test_claim_and_header_lengths_are_bounded() -> None:
+    """``sub`` over 256 characters or empty, more than 256 ``oa_topics`` patterns, and a ``kid``
+    over 256 characters are refused; exactly 256 of each is accepted."""
+    verifier = hs_verifier()
+    assert (await verifier.verify(hs256(claims(sub="s" * MAX_SUBJECT_LENGTH)))).subject
+    for sub in ("s" * (MAX_SUBJECT_LENGTH + 1), ""):
+        await assert_refused(verifier, hs256(claims(sub=sub)), AuthFailure.INVALID_CLAIM)
+    topics = [f"t{i}" for i in range(MAX_GRANT_TOPICS)]
+    assert await verifier.verify(hs256(claims(oa_topics=topics)))
+    too_many = hs256(claims(oa_topics=[*topics, "extra"]))
+    await assert_refused(verifier, too_many, AuthFailure.INVALID_CLAIM)
+    assert await verifier.verify(hs256(claims(), kid="k" * 256))
+    await assert_refused(verifier, hs256(claims(), kid="k" * 257), AuthFailure.MALFORMED)
 
 
 async def test_refusals_are_counted_by_reason() -> None:

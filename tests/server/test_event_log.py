@@ -188,7 +188,10 @@ async def test_append_notifies_on_commit(engine: AsyncEngine, database_url: str)
         async with engine.connect() as conn, conn.begin() as tx:
             await log.append([new_event("run.created", "hole")], conn=conn)
             await tx.rollback()
+        # A marker committed after the rollback: notifications arrive in commit order, so a
+        # hint leaked by the rolled-back append would come before it.
+        await listener.execute("SELECT pg_notify('oa_sync_events', 'marker')")
         await log.append([new_event("run.created", "r1")])
-        gen = listener.notifies(timeout=10, stop_after=1)
-        got = [n async for n in gen]
-    assert [n.channel for n in got] == [EVENTS_CHANNEL]
+        gen = listener.notifies(timeout=10, stop_after=2)
+        got = [(n.channel, n.payload) async for n in gen]
+    assert got == [(EVENTS_CHANNEL, "marker"), (EVENTS_CHANNEL, "")]

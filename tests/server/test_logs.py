@@ -13,12 +13,15 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 from oa_sync_server.auth import mint_token
 from oa_sync_server.config import Secret, Settings
 from oa_sync_server.logs import REDACTED, configure_logging, redact, scrub
 
 from tests.log_guard import LeakDetector, guard
+from tests.profiles import examples
 
 SECRET = "log-test-secret-" + "z" * 24
 
@@ -151,6 +154,67 @@ def test_leak_detector_finds_each_kind_and_ignores_masks(token: str) -> None:
         assert detector.kinds(clean) == [], clean
     detector.check(f"x {token}", "t")
     assert [(leak.test, leak.kind) for leak in detector.leaks] == [("t", "jwt")]
+
+
+def test_database_errors_are_logged_without_sql_parameters_or_traceback(
+    lines: io.StringIO,
+) -> None:
+    """A SQLAlchemy error carrying a statement and parameters, logged with ``exc_info`` by
+    structlog or by a library's plain ``logging`` call, keeps its type and SQLSTATE and loses
+    its text and traceback; the guard's detector flags each of those when they do appear."""
+    import psycopg.errors
+    import sqlalchemy.exc
+
+    orig = psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+    error = sqlalchemy.exc.OperationalError(
+        "INSERT INTO oa_sync.events (payload) VALUES (%(payload)s)",
+        {"payload": "secret-payload-text"},
+        orig,
+    )
+    assert "[SQL: INSERT" in str(error)
+    assert "[parameters:" in str(error)
+    try:
+        raise error
+    except sqlalchemy.exc.OperationalError:
+        structlog.get_logger("oa_sync_server.test").error("request_failed", exc_info=True)
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    text = lines.getvalue()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert [r["event"] for r in records] == ["request_failed", "Error handling request"]
+    for record in records:
+        assert record["db_error"] == "AdminShutdown"
+        assert record["sqlstate"] == "57P01"
+        assert "exception" not in record
+    for leak in ("INSERT", "secret-payload-text", "Traceback", "[SQL:", "[parameters:"):
+        assert leak not in text, leak
+    assert "[SQL redacted]" in scrub(f"failed: {error}")
+    assert "secret-payload-text" not in scrub(f"failed: {error}")
+    detector = LeakDetector()
+    assert detector.kinds(str(error)) == ["sql", "parameters"]
+    traceback = 'Traceback (most recent call last):\n  File "sqlalchemy/engine/base.py"'
+    assert detector.kinds(traceback) == ["database traceback"]
+    assert detector.kinds('Traceback (most recent call last):\n  File "app.py"') == []
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(
+    # Digits only, so neither can occur by chance in the error's own words.
+    statement=st.text(min_size=12, max_size=60, alphabet="0123456789 ,()=*"),
+    value=st.text(min_size=8, max_size=40, alphabet="0123456789"),
+)
+def test_scrub_never_lets_a_statement_or_its_parameters_through(statement: str, value: str) -> None:
+    """Whatever the statement and the bound values, the text of a SQLAlchemy error passed
+    through scrub (alone or embedded in a longer line) holds neither."""
+    import psycopg.errors
+    import sqlalchemy.exc
+
+    orig = psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+    error = sqlalchemy.exc.OperationalError(statement, {"payload": value}, orig)
+    for text in (str(error), f"before {error} after", repr(str(error))):
+        clean = scrub(text)
+        assert statement not in clean
+        assert value not in clean
+        assert "QueryCanceled" in clean
 
 
 def test_session_guard_sees_debug_lines_and_registered_secrets(token: str) -> None:

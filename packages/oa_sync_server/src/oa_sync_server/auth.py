@@ -240,11 +240,14 @@ class JwksCache:
                 ) as response:
                     if response.status != 200:
                         raise ValueError(f"status {response.status}")
-                    body = await response.content.read(MAX_JWKS_BYTES + 1)
-                    if len(body) > MAX_JWKS_BYTES:
-                        raise ValueError("document too large")
+                    # read(n) returns what has arrived, not n bytes: gather to the end.
+                    body = bytearray()
+                    async for chunk in response.content.iter_chunked(64 * 1024):
+                        body += chunk
+                        if len(body) > MAX_JWKS_BYTES:
+                            raise ValueError("document too large")
                     header_age = _max_age(response.headers.get("Cache-Control"))
-            keys = _parse_jwks(loads_strict(body, max_bytes=MAX_JWKS_BYTES))
+            keys = _parse_jwks(loads_strict(bytes(body), max_bytes=MAX_JWKS_BYTES))
         except (aiohttp.ClientError, TimeoutError, CodecError, ValueError) as exc:
             _log.warning("jwks_fetch_failed", url=self._url, error=type(exc).__name__)
             return False
@@ -545,7 +548,8 @@ def mint_token(
         subject: ``sub``.
         topics: ``oa_topics`` patterns.
         scopes: ``oa_scopes``.
-        ttl_s: lifetime in seconds.
+        ttl_s: lifetime in seconds; the token is valid for at least this long (``exp`` is
+            rounded up to the whole second, ``iat`` down: claims are integers).
         issuer: ``iss``.
         audience: ``aud``.
         now: issue time in seconds since the epoch (default: now).
@@ -561,13 +565,13 @@ def mint_token(
         raise ValueError(f"an HS256 secret is at least {MIN_HS256_SECRET_BYTES} bytes")
     topic_list = list(topics)
     Grant.parse(topic_list)
-    issued = int(time.time() if now is None else now)
+    moment = time.time() if now is None else now
     claims = {
         "sub": subject,
         "iss": issuer,
         "aud": audience,
-        "iat": issued,
-        "exp": issued + int(ttl_s),
+        "iat": int(moment),
+        "exp": math.ceil(moment + ttl_s),
         "oa_topics": topic_list,
         "oa_scopes": list(scopes),
     }

@@ -11,6 +11,7 @@ class the distribution raises is defined here::
         ├── AuthError                     a token was refused; ``reason`` says why (401 / 4401)
         ├── ForbiddenError                authenticated, but not allowed (403 / ``error`` frame)
         ├── LimitExceededError            a configured limit was breached; ``kind`` names it
+        ├── UnsupportedMediaTypeError     a request body of a media type the route does not take
         ├── StaleCursorError              a polling position cannot continue (410 ``reset``)
         ├── NotVisibleError               appended, but not projected within ``timeoutMs`` (504)
         ├── DatabaseUnavailableError      unreachable, credentials refused, no such database
@@ -29,6 +30,10 @@ class the distribution raises is defined here::
 
 :func:`classify` is the only place that turns an exception into an HTTP status, a WebSocket
 close code and a machine-readable ``error`` code: handlers call it, they never pick numbers.
+It also knows the database driver's errors: a connection that failed, was refused or was
+terminated, an exhausted pool, a serialization failure or a server shutting down is a
+*transient outage* (:func:`is_database_unavailable`): 503 ``unavailable`` with ``Retry-After``,
+so a writer can tell "try again" from a bug (500 ``internal``).
 
 What this is not: the protocol's vocabulary. Close codes, error codes and limit kinds are the
 core's (:mod:`oa_sync_core.protocol.codes`); this module only maps exceptions onto them.
@@ -40,6 +45,8 @@ import dataclasses
 import enum
 from typing import Final
 
+import psycopg
+import sqlalchemy.exc as sa_exc
 from oa_sync_core.errors import (
     CodecError,
     CodecErrorCode,
@@ -51,6 +58,7 @@ from oa_sync_core.errors import (
 from oa_sync_core.protocol.codes import CloseCode, ErrorCode, LimitKind
 
 __all__ = [
+    "RETRY_AFTER_S",
     "AuthError",
     "AuthFailure",
     "ConfigError",
@@ -59,7 +67,9 @@ __all__ = [
     "ForbiddenError",
     "LimitExceededError",
     "ServerError",
+    "UnsupportedMediaTypeError",
     "classify",
+    "is_database_unavailable",
 ]
 
 
@@ -138,7 +148,23 @@ class LimitExceededError(ServerError):
     def __init__(self, kind: LimitKind, limit: float):
         self.kind = kind
         self.limit = limit
-        super().__init__(f"{kind.value} limit of {limit:g} exceeded")
+        shown = int(limit) if float(limit).is_integer() else limit
+        super().__init__(f"{kind.value} limit of {shown} exceeded")
+
+
+class UnsupportedMediaTypeError(ServerError):
+    """A request body whose ``Content-Type`` the route does not accept (HTTP 415).
+
+    Attributes:
+        media_type: what the request declared (empty when it declared nothing).
+        accepted: the media types the route takes.
+    """
+
+    def __init__(self, media_type: str, accepted: tuple[str, ...]):
+        self.media_type = media_type
+        self.accepted = accepted
+        declared = repr(media_type) if media_type else "no Content-Type"
+        super().__init__(f"{declared} is not accepted; send {' or '.join(accepted)}")
 
 
 class EmbeddedUnavailableError(ServerError):
@@ -322,11 +348,13 @@ class ErrorMapping:
         close_code: the WebSocket close code, or ``None`` when the socket stays open and the
             client gets an ``error`` frame instead.
         code: the machine-readable ``error.code`` of an ``error`` frame or an HTTP body.
+        retry_after_s: the ``Retry-After`` seconds of a transient failure, else ``None``.
     """
 
     status: int
     close_code: int | None
     code: str
+    retry_after_s: int | None = None
 
 
 _LIMIT_CLOSE: Final[dict[LimitKind, ErrorMapping]] = {
@@ -363,6 +391,47 @@ _UNAUTHENTICATED: Final = ErrorMapping(
 _FORBIDDEN: Final = ErrorMapping(status=403, close_code=None, code=ErrorCode.FORBIDDEN)
 _CONFLICT: Final = ErrorMapping(status=409, close_code=None, code=ErrorCode.CONFLICT)
 _INTERNAL: Final = ErrorMapping(status=500, close_code=CloseCode.INTERNAL, code=ErrorCode.INTERNAL)
+RETRY_AFTER_S: Final = 1
+"""The ``Retry-After`` of a 503: the pool reconnects on the next checkout, so soon is right."""
+# The codes of 415 and 503 are spelled here until oa_sync_core.protocol.codes.ErrorCode has
+# UNSUPPORTED_MEDIA_TYPE and UNAVAILABLE.
+_UNSUPPORTED_MEDIA_TYPE: Final = ErrorMapping(
+    status=415, close_code=None, code=ErrorCode.UNSUPPORTED_MEDIA_TYPE
+)
+_UNAVAILABLE: Final = ErrorMapping(
+    status=503,
+    close_code=CloseCode.INTERNAL,
+    code=ErrorCode.UNAVAILABLE,
+    retry_after_s=RETRY_AFTER_S,
+)
+# SQLSTATE classes of a transient condition: 08 connection exception, 40 transaction rollback
+# (serialization failure, deadlock), 53 insufficient resources (too many connections),
+# 57 operator intervention (admin shutdown, crash shutdown, cannot connect now).
+_TRANSIENT_SQLSTATE_CLASSES: Final = frozenset({"08", "40", "53", "57"})
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` is a transient database failure (retrying later may succeed).
+
+    Connection failures, refused or terminated connections, an exhausted pool, and the
+    SQLSTATE classes 08, 40, 53 and 57, whether raised by psycopg directly or wrapped by
+    SQLAlchemy. A constraint violation, a syntax error or a bug is not.
+    """
+    if isinstance(exc, sa_exc.TimeoutError):  # the pool had no connection to give
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig if exc.orig is not None else exc
+    state = _sqlstate(exc)
+    if state is not None:
+        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
 def classify(exc: BaseException) -> ErrorMapping:
@@ -370,8 +439,9 @@ def classify(exc: BaseException) -> ErrorMapping:
 
     This is the one table of DESIGN.md's status and close codes: 400/4400 malformed,
     401/4401 unauthenticated, 403 forbidden (an ``error`` frame, no close), 409 sequence
-    conflict, 413/4413 too large, 429/4429 rate limited or slow consumer, and 500/1011 for
-    anything unexpected (which handlers log and never show).
+    conflict, 413/4413 too large, 415 unsupported media type, 429/4429 rate limited or slow
+    consumer, 503 ``unavailable`` (with ``Retry-After``) for a transient database outage, and
+    500/1011 for anything unexpected (which handlers log and never show).
 
     Args:
         exc: any exception.
@@ -393,4 +463,8 @@ def classify(exc: BaseException) -> ErrorMapping:
         return _MALFORMED
     if isinstance(exc, ConcurrencyError):
         return _CONFLICT
+    if isinstance(exc, UnsupportedMediaTypeError):
+        return _UNSUPPORTED_MEDIA_TYPE
+    if is_database_unavailable(exc):
+        return _UNAVAILABLE
     return _INTERNAL

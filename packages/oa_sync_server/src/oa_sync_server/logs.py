@@ -14,6 +14,14 @@ keyword fields.
   the value of a ``token=`` / ``access_token=`` / ``secret=`` query or form parameter, and the
   password of a ``scheme://user:password@`` URL (also a libpq ``password=...`` keyword).
 
+:func:`guard_database_errors` keeps database errors to their type and SQLSTATE: SQLAlchemy's
+exception text carries the statement (``[SQL: …]``) and its bound parameters (``[parameters:
+…]``, i.e. event payloads), and a traceback repeats them, so a record whose ``exc_info`` is a
+database error (or caused by one) loses the traceback and gains ``error`` and ``sqlstate``
+fields instead; any ``[SQL: …]``/``[parameters: …]`` text left in a string is cut by
+:func:`scrub`. :func:`error_fields` gives the same fields for a handler that logs an error
+itself.
+
 :func:`build_formatter` is the stdlib formatter of that pipeline, for any extra handler that
 must see exactly what the server writes (the test suite's log guard uses it).
 
@@ -29,6 +37,8 @@ import sys
 from collections.abc import Mapping
 from typing import IO, Any, Final
 
+import psycopg
+import sqlalchemy.exc as sa_exc
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -38,6 +48,8 @@ __all__ = [
     "REDACTED",
     "build_formatter",
     "configure_logging",
+    "error_fields",
+    "guard_database_errors",
     "quiet_libraries",
     "redact",
     "scrub",
@@ -56,6 +68,10 @@ _PARAM = re.compile(
     r"(?i)(?P<name>\b(?:access_token|id_token|refresh_token|token|secret|password|passwd)=)"
     r"(?P<value>[^&\s'\"]+)"
 )
+# SQLAlchemy renders "<message>\n[SQL: <statement>]\n[parameters: <values>]\n(Background on
+# this error at: <url>)": cut from the first bracket to the background link or the end.
+_STATEMENT = re.compile(r"\[(?:SQL|parameters): .*?(?=\(Background on this error at|\Z)", re.S)
+SQL_REDACTED: Final = "[SQL redacted] "
 _MAX_DEPTH: Final = 8
 _HANDLER_NAME: Final = "oa_sync"
 _QUIET: Final = ("sqlalchemy", "pgserver")
@@ -66,7 +82,60 @@ def scrub(text: str) -> str:
     text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _JWT.sub(REDACTED, text)
     text = redact_dsn(text)
+    text = _STATEMENT.sub(SQL_REDACTED, text)
     return _PARAM.sub(lambda m: m.group("name") + REDACTED, text)
+
+
+def _database_error(exc: BaseException | None) -> BaseException | None:
+    """The first database error in ``exc``'s chain (itself, its cause or its context)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, sa_exc.SQLAlchemyError | psycopg.Error):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def error_fields(exc: BaseException) -> dict[str, str]:
+    """Log fields naming an error without its text: ``error`` (type) and ``sqlstate``.
+
+    For a database error the text holds SQL and parameters; this is what may be logged.
+    """
+    fields = {"error": type(exc).__name__}
+    db = _database_error(exc)
+    if db is not None:
+        orig = getattr(db, "orig", None) or db
+        fields["db_error"] = type(orig).__name__
+        sqlstate = getattr(orig, "sqlstate", None)
+        if isinstance(sqlstate, str):
+            fields["sqlstate"] = sqlstate
+    return fields
+
+
+def _exception(exc_info: Any) -> BaseException | None:
+    if isinstance(exc_info, BaseException):
+        return exc_info
+    if isinstance(exc_info, tuple) and len(exc_info) == 3:
+        value = exc_info[1]
+        return value if isinstance(value, BaseException) else None
+    if exc_info is True:
+        return sys.exc_info()[1]
+    return None
+
+
+def guard_database_errors(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: a database error is logged by type and SQLSTATE, no traceback.
+
+    Runs before ``format_exc_info``; other exceptions keep their traceback.
+    """
+    exc = _exception(event_dict.get("exc_info"))
+    if exc is None or _database_error(exc) is None:
+        return event_dict
+    del event_dict["exc_info"]
+    for key, value in error_fields(exc).items():
+        event_dict.setdefault(key, value)
+    return event_dict
 
 
 def _clean(value: Any, depth: int) -> Any:
@@ -112,6 +181,7 @@ def _shared_processors() -> list[Processor]:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
+        guard_database_errors,
         structlog.processors.format_exc_info,
         _drop_color_message,
         redact,

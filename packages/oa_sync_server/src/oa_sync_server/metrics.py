@@ -46,6 +46,8 @@ class Metrics:
         append_to_send_seconds: time from a change's commit to its send to a client.
         projector_lag_events: events appended but not yet projected.
         projector_lag_seconds: age of the oldest event not yet projected.
+        read_horizon_age_seconds: age of the oldest open transaction holding an xid anywhere
+            on the database server (it holds projection back; 0 when there is none).
         slow_consumer_disconnects: connections closed (4429) because their send queue filled.
         limit_breaches: limit breaches, by ``kind`` (:class:`~oa_sync_server.errors.LimitKind`).
         auth_failures: refused tokens, by ``reason`` (:class:`~oa_sync_server.errors.AuthFailure`).
@@ -89,6 +91,12 @@ class Metrics:
         self.projector_lag_seconds = Gauge(
             "projector_lag_seconds",
             "Age in seconds of the oldest unprojected event.",
+            namespace=namespace,
+            registry=reg,
+        )
+        self.read_horizon_age_seconds = Gauge(
+            "read_horizon_age_seconds",
+            "Age in seconds of the oldest open transaction holding the read horizon.",
             namespace=namespace,
             registry=reg,
         )

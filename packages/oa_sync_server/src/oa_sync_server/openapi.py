@@ -183,10 +183,18 @@ _SCHEMAS: Final[dict[str, Any]] = {
         "type": "object",
         "required": ["status", "database"],
         "properties": {
-            "status": {"type": "string", "enum": ["ready", "lagging", "unavailable"]},
+            "status": {
+                "type": "string",
+                "enum": ["ready", "waiting", "stalled", "lagging", "unavailable"],
+            },
             "database": {"type": "boolean"},
+            "detail": {"type": "string", "description": "why it is not ready"},
             "projectorLagEvents": {"type": "integer"},
             "projectorLagSeconds": {"type": "number"},
+            "readHorizonAgeSeconds": {
+                "type": ["number", "null"],
+                "description": "null when the server's role may not see the holder's age",
+            },
             "watermark": _INT64,
         },
     },
@@ -203,6 +211,10 @@ _TOPIC_PARAMETER: Final = {
 }
 
 _UNAUTHENTICATED: Final = "missing, malformed or refused bearer token"
+_UNAVAILABLE_RESPONSE: Final = _error(
+    "the database is unavailable for a moment (code `unavailable`); retry after `Retry-After`"
+    " seconds (appends: with the same idempotency keys)"
+)
 
 _PATHS: Final[dict[str, Any]] = {
     "/v1/events": {
@@ -237,6 +249,8 @@ _PATHS: Final[dict[str, Any]] = {
                 "403": _error("the token lacks sync:append"),
                 "409": _error("expectedSeq does not match the stream"),
                 "413": _error("body larger than OA_SYNC_MAX_BODY_BYTES"),
+                "415": _error("a Content-Type other than application/json"),
+                "503": _UNAVAILABLE_RESPONSE,
                 "504": _error("wait=visible: appended, but not projected within timeoutMs"),
             },
         }
@@ -260,6 +274,7 @@ _PATHS: Final[dict[str, Any]] = {
                 "401": _error(_UNAUTHENTICATED),
                 "403": _error("the token lacks sync:read or does not grant the key"),
                 "404": _error("no such document"),
+                "503": _UNAVAILABLE_RESPONSE,
             },
         }
     },
@@ -295,6 +310,7 @@ _PATHS: Final[dict[str, Any]] = {
                 "401": _error(_UNAUTHENTICATED),
                 "403": _error("the token lacks sync:read or a topic is outside the grant"),
                 "410": _error("the position is stale (code `reset`): start again from after=0"),
+                "503": _UNAVAILABLE_RESPONSE,
             },
         }
     },
@@ -320,6 +336,7 @@ _PATHS: Final[dict[str, Any]] = {
                 "400": _error("bad topic or Last-Event-ID"),
                 "401": _error(_UNAUTHENTICATED),
                 "403": _error("the token lacks sync:read or a topic is outside the grant"),
+                "503": _UNAVAILABLE_RESPONSE,
             },
         }
     },

@@ -35,8 +35,20 @@ watermark lock (:data:`oa_sync_server.postgres.stores.WATERMARK_LOCK`) shared wi
 :meth:`ProjectorWorker.run` is the long-running loop: it LISTENs on ``oa_sync_events`` for
 append hints and polls as a fallback (one
 :class:`~oa_sync_server.postgres.follower.LogFollower`), re-acquires the lease after losing it,
-and backs off on database errors. What this is not: the read side or the fan-out of changes to
-clients.
+and backs off on database errors. On a clean stop it releases the lease at once, so only a
+crash makes a successor wait for the lease to expire.
+
+Stalls are named, not silent. Transaction ids are cluster-wide: a transaction holding an xid
+that stays open anywhere on the server (another database included) keeps the read horizon
+(the snapshot xmin) below every event committed after it began, and projection waits. When
+committed events wait behind the horizon for ``stall_warn_after_s``, the loop logs
+``projection_stalled`` naming the blocking backend from ``pg_stat_activity`` (pid, database,
+application, state, transaction age and start, query start — never the query text), again
+every :data:`STALL_WARN_EVERY_S` while it lasts, and ``projection_resumed`` after. A standby
+whose lease holder stopped renewing (killed without releasing it) logs
+``projector_lease_waiting`` with the holder and the expiry it waits for.
+The diagnostics themselves (:mod:`oa_sync_server.postgres.diagnostics`) also serve ``/readyz``
+and ``/metrics``. What this is not: the read side or the fan-out of changes to clients.
 """
 
 from __future__ import annotations
@@ -66,6 +78,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
+from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
 from oa_sync_server.postgres.event_log import LogCursor, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.stores import (
@@ -76,6 +89,7 @@ from oa_sync_server.postgres.stores import (
 )
 
 __all__ = [
+    "STALL_WARN_EVERY_S",
     "LeaseBusyError",
     "LeaseError",
     "LeaseLost",
@@ -128,8 +142,19 @@ _PASSED = sa.text(
     "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= CAST(CAST(:target AS text) AS xid8)"
 )
 _NOTIFY = sa.text("SELECT pg_notify('oa_sync_changes', :watermark)")
+# Committed events after the lease cursor; after an empty batch, these wait behind the horizon.
+_PENDING = sa.text(
+    "SELECT EXISTS (SELECT 1 FROM oa_sync.events e, oa_sync.projector_leases l "
+    "WHERE l.name = :name AND (e.tx_id, e.position) > "
+    "(COALESCE(l.cursor_tx_id, CAST('0' AS xid8)), COALESCE(l.cursor_position, 0)))"
+)
 
 DEFAULT_LEASE_TTL_S: Final = 10.0
+DEFAULT_STALL_WARN_AFTER_S: Final = 5.0
+STALL_WARN_EVERY_S: Final = 30.0
+"""While a stall lasts, ``projection_stalled`` is repeated this often (or at once for a new
+blocking backend)."""
+_STALL_CHECK_EVERY_S: Final = 1.0
 
 
 def default_holder() -> str:
@@ -151,6 +176,8 @@ class ProjectorWorker:
         cache_size: documents whose state is kept in memory between batches (0: none).
         retention_s: while idle, :meth:`run` deletes change rows older than this (at most
             every ``retention_s / 10`` seconds, capped at an hour); ``None`` keeps them all.
+        stall_warn_after_s: committed events waiting this long behind the read horizon make
+            :meth:`run` log ``projection_stalled`` naming the blocking backend.
 
     Attributes:
         epoch: the fencing epoch of the lease we hold (0: none).
@@ -170,6 +197,7 @@ class ProjectorWorker:
         poll_interval_s: float = 1.0,
         cache_size: int = 100_000,
         retention_s: float | None = None,
+        stall_warn_after_s: float = DEFAULT_STALL_WARN_AFTER_S,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -195,6 +223,11 @@ class ProjectorWorker:
         self._renew_due = 0.0  # monotonic time at which an idle worker renews its lease
         self._cache: dict[DocId, DocumentState] = {}
         self._cache_at = -1  # the last watermark when the cache was known to be exact
+        self.stall_warn_after_s = stall_warn_after_s
+        self._stall_check_due = 0.0
+        self._blocked_since: float | None = None  # monotonic: events first seen waiting
+        self._stall_warned: tuple[int | None, float] | None = None  # (pid, next warning at)
+        self._lease_warned: tuple[str | None, object] | None = None  # (holder, expiry) told
 
     def __repr__(self) -> str:
         return f"ProjectorWorker(name={self.name!r}, holder={self.holder!r}, epoch={self.epoch})"
@@ -445,12 +478,14 @@ class ProjectorWorker:
             while not stop.is_set():
                 try:
                     if not self.epoch and not await self.acquire():
+                        await self._note_silent_lease()
                         await self._wait(stop, min(renew_every, self.poll_interval_s))
                         continue
                     if await self.run_once():
                         backoff = 0.1
                         continue
                     await self._maybe_prune()
+                    await self._check_stall()
                     await self._wait(stop, min(renew_every, self.poll_interval_s))
                 except LeaseError:
                     continue
@@ -462,6 +497,62 @@ class ProjectorWorker:
             await self._follower.stop()
             with contextlib.suppress(DBAPIError, OSError):
                 await self.release()
+
+    async def _note_silent_lease(self) -> None:
+        """Standing by: warn once per holder when the lease's holder stopped renewing it."""
+        async with self.engine.connect() as conn:
+            lease = await read_lease(conn, self.name)
+        if lease is None or not lease.silent:
+            return
+        seen = (lease.holder, lease.expires_at)
+        if seen != self._lease_warned:
+            self._lease_warned = seen
+            log.warning(
+                "projector_lease_waiting",
+                name=self.name,
+                held_by=lease.holder,
+                until=lease.expires_at.isoformat() if lease.expires_at else None,
+                silent_s=round(lease.heartbeat_age_s, 1),
+            )
+
+    async def _check_stall(self) -> None:
+        """After an empty batch: warn when committed events wait behind the read horizon."""
+        now = time.monotonic()
+        if now < self._stall_check_due:
+            return
+        self._stall_check_due = now + _STALL_CHECK_EVERY_S
+        async with self.engine.connect() as conn:
+            pending = bool((await conn.execute(_PENDING, {"name": self.name})).scalar_one())
+            holder = await read_horizon_holder(conn) if pending else None
+        if not pending:
+            if self._stall_warned is not None:
+                log.info("projection_resumed", name=self.name)
+            self._blocked_since = self._stall_warned = None
+            return
+        if self._blocked_since is None:
+            self._blocked_since = now
+        if now - self._blocked_since < self.stall_warn_after_s:
+            return
+        pid = holder.pid if holder is not None else None
+        if self._stall_warned is not None:
+            warned_pid, next_at = self._stall_warned
+            if warned_pid == pid and now < next_at:
+                return
+        self._stall_warned = (pid, now + STALL_WARN_EVERY_S)
+        fields = holder.log_fields() if holder is not None else {"blocking_pid": None}
+        if holder is None:
+            hint = "no open transaction found: look for a prepared one (pg_prepared_xacts)"
+        elif not holder.visible:
+            hint = "its age and state are hidden from this role: grant it pg_read_all_stats"
+        else:
+            hint = "an open transaction holds the read horizon: end it (pg_terminate_backend)"
+        log.warning(
+            "projection_stalled",
+            name=self.name,
+            waiting_s=round(now - self._blocked_since, 1),
+            hint=hint,
+            **fields,
+        )
 
     async def _maybe_prune(self) -> None:
         if self.retention_s is None or time.monotonic() < self._next_prune:

@@ -16,11 +16,14 @@ died (its standard input closed) stops too. Per-process figures
 (``/metrics``, the per-subject connection limit) are per worker.
 
 ``--demo`` also runs a synthetic runtime (:mod:`oa_sync_server.demo`), generates a throw-away
-HS256 secret when no JWT key is configured (never printed), and prints a token plus a
-ready-to-paste command to watch updates, and the inspector's URL (``GET /``) with a
-``sync:admin`` token in its fragment (for the server panel): one click and the demo runs move
-in the browser. The demo also accepts its own origin on the WebSocket (added to
-``OA_SYNC_ALLOWED_ORIGINS``) so that page can use it.
+HS256 secret when no JWT key is configured (never printed), prints a token plus a
+ready-to-paste command to watch updates, and allows the server's own origin
+(:func:`own_origins`), so a page it serves (the inspector) may connect from a browser, and
+prints the inspector's URL (``GET /``) with a ``sync:admin`` token in its fragment (for the
+server panel): one click and the demo runs move in the browser.
+
+The start-up lines say which browser origins may connect and, when none may, how to allow a
+development origin: a refused page only sees WebSocket close 1006 and CORS errors.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 
@@ -77,6 +81,54 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+_LOOPBACK: Final = ("127.0.0.1", "localhost", "::1")
+_ANY: Final = ("0.0.0.0", "::", "")  # noqa: S104 - recognising a wildcard bind, not binding
+
+
+def own_origins(host: str, port: int) -> tuple[str, ...]:
+    """The origins a page served by this server has: its URL, and the loopback names' for a
+    loopback or wildcard bind (``localhost`` and ``127.0.0.1`` reach the same server)."""
+    names = [host] if host not in _ANY else []
+    if host in _LOOPBACK or host in _ANY:
+        names += ["127.0.0.1", "localhost"]
+    return tuple(dict.fromkeys(_url(name, port) for name in names))
+
+
+def _with_own(settings: Settings, own: tuple[str, ...]) -> Settings:
+    """``settings`` whose allowed origins also hold ``own`` (unchanged when ``*`` is set)."""
+    if not own or "*" in settings.allowed_origins:
+        return settings
+    origins = tuple(dict.fromkeys((*settings.allowed_origins, *own)))
+    return dataclasses.replace(settings, allowed_origins=origins)
+
+
+def origin_lines(allowed: tuple[str, ...], own: tuple[str, ...] = ()) -> list[str]:
+    """What the start-up output says about browsers (``own``: origins added by ``--demo``)."""
+    if "*" in allowed:
+        return ["browsers: every Origin may connect (OA_SYNC_ALLOWED_ORIGINS=*)"]
+    configured = [o for o in allowed if o not in own]
+    lines = []
+    if own:
+        lines.append(f"browsers: this server's own origin may connect (--demo): {', '.join(own)}")
+    if configured:
+        lines.append(f"browsers: OA_SYNC_ALLOWED_ORIGINS allows {', '.join(configured)}")
+    if not allowed:
+        lines.append(
+            "browsers: no web page may connect (it would see WebSocket close 1006 and CORS "
+            "errors); allow a development origin with "
+            "OA_SYNC_ALLOWED_ORIGINS=http://localhost:5173"
+        )
+    return lines
+
+
+def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, reuse_port=reuse_port)
+    except OSError as exc:
+        raise ConfigError("OA_SYNC_PORT", f"cannot listen on {host}:{port}: {exc}") from None
 
 
 def self_command() -> str:
@@ -153,24 +205,28 @@ async def serve(
         _stop_with_parent(loop, stop)
     try:
         async with open_database(settings) as engine:
-            app = create_app(settings, engine=engine)
+            # Bound before the app is built: --demo allows the origin, whose port may be 0.
+            sock = _bind(settings.host, settings.port, reuse_port=child)
+            port = int(sock.getsockname()[1])
+            own = own_origins(settings.host, port) if demo else ()
+            settings = _with_own(settings, own)
+            try:
+                app = create_app(settings, engine=engine)
+            except BaseException:
+                sock.close()
+                raise
             runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
             await runner.setup()
             demo_task: asyncio.Task[int] | None = None
             try:
-                site = web.TCPSite(runner, settings.host, settings.port, reuse_port=child)
-                try:
-                    await site.start()
-                except OSError as exc:
-                    raise ConfigError(
-                        "OA_SYNC_PORT", f"cannot listen on {settings.host}:{settings.port}: {exc}"
-                    ) from None
-                host, port = runner.addresses[0][:2]
-                url = _url(str(host), int(port))
+                await web.SockSite(runner, sock).start()
+                url = _url(settings.host, port)
                 if child:
                     print(_WORKER_READY, flush=True)
                 else:
                     print(f"oa-sync serving on {url}", flush=True)
+                    for line in origin_lines(settings.allowed_origins, own):
+                        print(line, flush=True)
                 if demo:
                     _print_demo(settings, url)
                 if demo or demo_runtime:
@@ -199,9 +255,6 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--port", "must be between 0 and 65535")
         settings = dataclasses.replace(settings, port=args.port)
     settings = settings.require_jwt_key(dev=args.demo)
-    if args.demo and settings.port != 0 and "*" not in settings.allowed_origins:
-        own = (_url(settings.host, settings.port), f"http://localhost:{settings.port}")
-        settings = dataclasses.replace(settings, allowed_origins=(*settings.allowed_origins, *own))
     configure_logging(settings.log_format, settings.log_level)
     if args.worker_child:
         return asyncio.run(serve(settings, demo=False, child=True, demo_runtime=args.demo_runtime))
@@ -260,17 +313,16 @@ async def supervise(settings: Settings, *, workers: int, demo: bool) -> int:
         async with open_database(settings) as engine:
             reserved = _reserve_port(settings.host, settings.port)
             port = int(reserved.getsockname()[1])
+            own = own_origins(settings.host, port) if demo else ()
+            settings = _with_own(settings, own)
             env = {
                 **os.environ,
                 "OA_SYNC_DATABASE_URL": libpq_url(engine),
                 "OA_SYNC_HOST": settings.host,
                 "OA_SYNC_PORT": str(port),
             }
-            origins = list(settings.allowed_origins)
-            if demo and settings.port == 0 and "*" not in origins:
-                origins.append(_url(settings.host, port))  # the inspector's own origin
-            if origins:  # with --demo's own origins (see run), which the environment lacks
-                env["OA_SYNC_ALLOWED_ORIGINS"] = ",".join(origins)
+            if settings.allowed_origins:  # --demo's own origin reaches every worker
+                env["OA_SYNC_ALLOWED_ORIGINS"] = ",".join(settings.allowed_origins)
             secret = settings.jwt.hs256_secret
             if secret is not None:  # the --demo secret generated here, shared (never printed)
                 env["OA_SYNC_JWT_HS256_SECRET"] = secret.reveal()
@@ -299,6 +351,8 @@ async def supervise(settings: Settings, *, workers: int, demo: bool) -> int:
                 reserved.close()
             url = _url(settings.host, port)
             print(f"oa-sync serving on {url}", flush=True)
+            for browsers in origin_lines(settings.allowed_origins, own):
+                print(browsers, flush=True)
             print(f"oa-sync: {workers} worker processes", file=sys.stderr, flush=True)
             if demo:
                 _print_demo(settings, url)

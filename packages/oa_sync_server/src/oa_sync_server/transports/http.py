@@ -15,12 +15,16 @@ Routes (added by :func:`add_routes`):
   older than the retained change log or newer than the log) answers 410 with error code
   ``reset``: start again from ``after=0``.
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (database reachable, projector not
-  far behind), ``GET /metrics`` (Prometheus text).
+  far behind, not stalled; a ``detail`` names the cause), ``GET /metrics`` (Prometheus text).
 
 Errors. Every failure is a JSON body ``{"error": {"code", "message"[, "index", "field"]}}``
-whose status comes from :func:`oa_sync_server.errors.classify` — the one table. Unexpected
-exceptions become a bare 500 ``internal`` (logged with their type, never shown). Bodies are
-proto3 JSON: 64-bit integers as strings, lowerCamelCase names.
+whose status comes from :func:`oa_sync_server.errors.classify` — the one table. A transient
+database outage is 503 ``unavailable`` with ``Retry-After`` (logged as one warning line: the
+error's type and SQLSTATE, never its text, which carries SQL and parameters). Unexpected
+exceptions become a bare 500 ``internal`` (logged with their type, never shown). A limit
+breach counts in ``oa_sync_limit_breaches_total``; a 405 names the allowed methods in
+``Allow``. Bodies are proto3 JSON: 64-bit integers as strings, lowerCamelCase names; a body
+of another ``Content-Type`` than ``application/json`` is refused with 415.
 
 What this is not: SSE (:mod:`oa_sync_server.transports.sse`) or the WebSocket
 (:mod:`oa_sync_server.transports.ws`).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -50,24 +55,31 @@ from oa_sync_core.topics import Topic, parse_topic
 
 from oa_sync_server.auth import Principal
 from oa_sync_server.errors import (
+    RETRY_AFTER_S,
     AuthError,
     AuthFailure,
     ForbiddenError,
     LimitExceededError,
     NotVisibleError,
     StaleCursorError,
+    UnsupportedMediaTypeError,
     classify,
 )
+from oa_sync_server.logs import error_fields
 from oa_sync_server.postgres import read_model
+from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
 from oa_sync_server.state import STATE, ServerState
 
 __all__ = [
+    "BODY_MEDIA_TYPES",
+    "CORS_EXPOSED_HEADERS",
     "DEFAULT_CHANGES_LIMIT",
     "DEFAULT_VISIBLE_TIMEOUT_MS",
     "LAG_COUNT_CAP",
     "MAX_CHANGES_LIMIT",
     "MAX_VISIBLE_TIMEOUT_MS",
     "READY_MAX_LAG_S",
+    "READY_STALL_S",
     "StaleCursorError",
     "add_cors_headers",
     "add_routes",
@@ -84,7 +96,14 @@ DEFAULT_CHANGES_LIMIT: Final = 100
 MAX_CHANGES_LIMIT: Final = 1000
 READY_MAX_LAG_S: Final = 30.0
 """``/readyz`` answers 503 while the oldest unprojected event is older than this."""
+READY_STALL_S: Final = 5.0
+"""``/readyz`` answers 503 ``stalled`` once events older than this wait behind an open
+transaction that began before them (it holds the read horizon)."""
 _DB_CHECK_TIMEOUT_S: Final = 2.0
+BODY_MEDIA_TYPES: Final = ("application/json",)
+"""The ``Content-Type`` a request body may have (parameters such as ``charset`` aside)."""
+CORS_EXPOSED_HEADERS: Final = "WWW-Authenticate, Retry-After"
+"""Response headers a browser page may read (``Access-Control-Expose-Headers``)."""
 DEFAULT_VISIBLE_TIMEOUT_MS: Final = 5_000
 """How long ``POST /v1/events?wait=visible`` waits for the projector when no ``timeoutMs``."""
 MAX_VISIBLE_TIMEOUT_MS: Final = 60_000
@@ -143,8 +162,9 @@ def _error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         return 504, {"error": late}
     if isinstance(exc, web.HTTPException):
         return exc.status, {"error": {"code": exc.reason.lower().replace(" ", "_"), "message": ""}}
-    if mapping.status >= 500:
-        return mapping.status, {"error": {"code": mapping.code, "message": "internal error"}}
+    if mapping.status >= 500 or mapping.retry_after_s is not None:
+        message = "internal error" if mapping.retry_after_s is None else "try again later"
+        return mapping.status, {"error": {"code": mapping.code, "message": message}}
     error: dict[str, Any] = {"code": mapping.code, "message": str(exc)}
     if isinstance(exc, EventValidationError):
         if exc.index is not None:
@@ -173,11 +193,19 @@ async def error_middleware(request: web.Request, handler: _Handler) -> web.Strea
         if isinstance(exc, web.HTTPException) and exc.status < 400:
             raise
         status, body = _error_body(exc)
-        if status >= 500:
+        mapping = classify(exc)
+        if mapping.retry_after_s is not None:
+            # Expected in an outage: one line, no traceback (its text holds SQL and data).
+            _log.warning("request_unavailable", route=name, **error_fields(exc))
+        elif status >= 500 and not isinstance(exc, web.HTTPException):
             _log.error("request_failed", route=name, error=type(exc).__name__, exc_info=exc)
         response = _json(body, status)
         if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
+        if status == 503:  # an outage, or a server shutting down: either way, come back soon
+            response.headers["Retry-After"] = str(mapping.retry_after_s or RETRY_AFTER_S)
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            response.headers["Allow"] = exc.headers.get("Allow", "")
     state.metrics.http_requests.labels(route=name, status=str(response.status)).inc()
     return response
 
@@ -218,6 +246,7 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     origin = _cors_origin(request)
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
         response.headers["Vary"] = "Origin"
 
 
@@ -240,6 +269,12 @@ async def authenticate(request: web.Request, scope: str) -> Principal:
     return principal
 
 
+def _breach(request: web.Request, kind: LimitKind, limit: float) -> LimitExceededError:
+    """Count a limit breach of the HTTP API and return the error to raise."""
+    _state(request).metrics.limit_breaches.labels(kind=kind.value).inc()
+    return LimitExceededError(kind, limit)
+
+
 def bad_query(name: str, message: str) -> EventValidationError:
     """A 400 for a bad query parameter or header ``name``."""
     return EventValidationError(message, field=name)
@@ -257,7 +292,7 @@ def parse_topics(request: web.Request, principal: Principal) -> list[Topic]:
     if not raw:
         raise bad_query("topic", "at least one topic query parameter is required")
     if len(raw) > limit:
-        raise LimitExceededError(LimitKind.TOPICS, limit)
+        raise _breach(request, LimitKind.TOPICS, limit)
     topics: list[Topic] = []
     for text in raw:
         try:
@@ -296,14 +331,21 @@ def document_json(row: read_model.DocRow) -> bytes:
 # -- handlers ---------------------------------------------------------------------------------
 
 
+def _require_json(request: web.Request) -> None:
+    """415 unless the body is declared ``application/json`` (checked before it is read)."""
+    declared = request.headers.get("Content-Type", "")
+    if request.content_type not in BODY_MEDIA_TYPES or not declared:
+        raise UnsupportedMediaTypeError(declared.split(";")[0].strip(), BODY_MEDIA_TYPES)
+
+
 async def _read_body(request: web.Request) -> bytes:
     limit = _state(request).settings.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise LimitExceededError(LimitKind.BODY_SIZE, limit)
+        raise _breach(request, LimitKind.BODY_SIZE, limit)
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise LimitExceededError(LimitKind.BODY_SIZE, limit) from None
+        raise _breach(request, LimitKind.BODY_SIZE, limit) from None
 
 
 def _event_error(exc: CodecError) -> EventValidationError:
@@ -316,6 +358,7 @@ def _event_error(exc: CodecError) -> EventValidationError:
 async def append_events(request: web.Request) -> web.Response:
     """``POST /v1/events``: validate every event strictly, append atomically, return positions."""
     await authenticate(request, "sync:append")
+    _require_json(request)
     state = _state(request)
     body = await _read_body(request)
     try:
@@ -462,39 +505,77 @@ async def projector_lag(state: ServerState) -> tuple[int, float]:
     return int(row.n), float(row.age)
 
 
+async def _readiness(state: ServerState) -> tuple[str, dict[str, Any]]:
+    """The readiness status and its details: lag, the lease, the read horizon.
+
+    ``ready``; ``waiting`` while a silent holder (killed without releasing) keeps the lease
+    until it expires; ``stalled`` while events wait behind an open transaction that holds the
+    read horizon; ``lagging`` beyond :data:`READY_MAX_LAG_S`.
+    """
+    lag_events, lag_s = await projector_lag(state)
+    async with state.engine.connect() as conn:
+        lease = await read_lease(conn)
+        holder = await read_horizon_holder(conn)
+    metrics = state.metrics
+    metrics.projector_lag_events.set(lag_events)
+    metrics.projector_lag_seconds.set(lag_s)
+    # Unknown (NaN) when the holder's age is hidden from this role; 0 when nothing holds it.
+    age = 0.0 if holder is None else math.nan if holder.age_s is None else holder.age_s
+    metrics.read_horizon_age_seconds.set(age)
+    body: dict[str, Any] = {
+        "projectorLagEvents": lag_events,
+        "projectorLagSeconds": round(lag_s, 3),
+        "readHorizonAgeSeconds": None if math.isnan(age) else round(age, 3),
+    }
+    if lease is not None and lease.silent:
+        return "waiting", body | {"detail": lease.describe()}
+    # The holder blocks the waiting events when its transaction began before them (an age
+    # hidden from this role is taken to: a pending event older than READY_STALL_S says enough).
+    if (
+        lag_events
+        and lag_s > READY_STALL_S
+        and holder is not None
+        and (holder.age_s is None or holder.age_s >= lag_s)
+    ):
+        return "stalled", body | {"detail": holder.describe()}
+    if lag_s > READY_MAX_LAG_S:
+        return "lagging", body | {"detail": f"oldest unprojected event is {lag_s:.0f} s old"}
+    return "ready", body
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: 200 when the database answers and the projector keeps up, else 503."""
+    """``GET /readyz``: 200 when the database answers and projection runs, else 503.
+
+    The body says why: ``status`` (``ready``, ``waiting``, ``stalled``, ``lagging``,
+    ``unavailable``) and, unless ready, a one-line ``detail`` naming the cause.
+    """
     state = _state(request)
     try:
         async with asyncio.timeout(_DB_CHECK_TIMEOUT_S):
-            lag_events, lag_s = await projector_lag(state)
+            status, details = await _readiness(state)
     except (TimeoutError, sa.exc.SQLAlchemyError, OSError) as exc:
-        _log.warning("readiness_failed", error=type(exc).__name__)
-        return _json({"status": "unavailable", "database": False}, 503)
-    state.metrics.projector_lag_events.set(lag_events)
-    state.metrics.projector_lag_seconds.set(lag_s)
-    ready = lag_s <= READY_MAX_LAG_S
+        _log.warning("readiness_failed", **error_fields(exc))
+        return _json(
+            {"status": "unavailable", "database": False, "detail": "database unreachable"}, 503
+        )
     body = {
-        "status": "ready" if ready else "lagging",
+        "status": status,
         "database": True,
-        "projectorLagEvents": lag_events,
-        "projectorLagSeconds": round(lag_s, 3),
+        **details,
         "watermark": str(state.hub.watermark),
     }
-    return _json(body, 200 if ready else 503)
+    return _json(body, 200 if status == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``: the Prometheus exposition (projector lag refreshed on scrape)."""
+    """``GET /metrics``: the Prometheus exposition (lag and read horizon refreshed on scrape)."""
     state = _state(request)
     started = time.monotonic()
     try:
         async with asyncio.timeout(_DB_CHECK_TIMEOUT_S):
-            lag_events, lag_s = await projector_lag(state)
-        state.metrics.projector_lag_events.set(lag_events)
-        state.metrics.projector_lag_seconds.set(lag_s)
+            await _readiness(state)
     except (TimeoutError, sa.exc.SQLAlchemyError, OSError) as exc:
-        _log.warning("lag_scrape_failed", error=type(exc).__name__, s=time.monotonic() - started)
+        _log.warning("lag_scrape_failed", s=time.monotonic() - started, **error_fields(exc))
     body, content_type = state.metrics.render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type

@@ -132,9 +132,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(OSError):  # bound what the kernel holds for a slow reader
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER_BYTES)
     try:
-        await response.prepare(request)
+        # Read before the headers go out: a database outage is then a 503 with Retry-After.
         async with state.engine.connect() as conn:
             meta = await read_model.read_meta(conn)
+        await response.prepare(request)
         after, reset = decide_resume(None if last is None else Position(watermark=last), meta)
         if reset is not None:
             await _write(response, _control("reset", {"reason": reset.value, "epoch": meta.epoch}))
