@@ -101,3 +101,4 @@ class LimitKind(enum.StrEnum):
     IDLE = "idle"
     SEND_QUEUE = "send_queue"
     BODY_SIZE = "body_size"
+    APPEND_EVENTS = "append_events"

@@ -40,7 +40,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from oa_sync_server.postgres.tables import checkpoints, documents
 
 __all__ = [
-    "CHANGES_CHANNEL",
     "WATERMARK_LOCK",
     "PostgresCheckpointStore",
     "PostgresDocumentSink",
@@ -54,7 +53,6 @@ __all__ = [
     "write_updates",
 ]
 
-CHANGES_CHANNEL: Final = "oa_sync_changes"
 """NOTIFY channel carrying the new highest watermark after a commit (a hint, no data)."""
 
 WATERMARK_LOCK: Final = 0x6F615F73796E63  # "oa_sync"

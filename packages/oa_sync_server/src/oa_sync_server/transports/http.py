@@ -41,7 +41,7 @@ import structlog
 from aiohttp import web
 from oa_sync_core.codec import loads_strict, read_message
 from oa_sync_core.contracts import v1
-from oa_sync_core.errors import CodecError, EventValidationError
+from oa_sync_core.errors import AppendLimitError, CodecError, EventValidationError
 from oa_sync_core.events import NewEvent, check_append_size
 from oa_sync_core.protocol.codes import ErrorCode, LimitKind
 from oa_sync_core.protocol.resume import Position, decide_resume
@@ -337,7 +337,11 @@ async def append_events(request: web.Request) -> web.Response:
             raise _event_error(exc) from None
         raise
     items = message.get("events", [])
-    check_append_size(len(items), state.event_log.max_events)  # 413 naming the limit
+    try:
+        check_append_size(len(items), state.event_log.max_events)  # 413 naming the limit
+    except AppendLimitError:
+        state.metrics.limit_breaches.labels(kind=LimitKind.APPEND_EVENTS.value).inc()
+        raise
     if not items:
         raise EventValidationError("events must hold at least one event", field="events")
     batch = []
