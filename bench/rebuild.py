@@ -129,6 +129,7 @@ def main() -> int:
         },
     )
     result.target("rebuild", rate, at_least=40_000, unit="events/s")
+    result.target("rebuild / same-run raw log read", rate / read_rate, at_least=0.5, unit="x")
     if rebuilt["events"] != total or rebuilt["rewrites"] != streams:
         result.notes.append(
             f"CHECK FAILED: folded {rebuilt['events']} of {total} events, "

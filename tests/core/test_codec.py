@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from oa_sync_core.codec import (
     MAX_DEPTH,
     canonical_json,
+    canonical_timestamp,
     check_json,
     content_hash,
     format_timestamp,
@@ -337,3 +338,63 @@ def test_read_message_paths_are_prefixed() -> None:
         read_message(v1.ClientMessage, {"subscribe": {"topics": [1]}}, path="frame")
     assert info.value.path == "frame.subscribe.topics[0]"
     assert info.value.code is CodecErrorCode.WRONG_TYPE
+
+
+_ANY_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_ANY_JSON)
+def test_canonical_json_fast_path_writes_the_reference_bytes(value: Any) -> None:
+    """canonical_json (orjson when safe) equals the json.dumps definition on arbitrary JSON,
+    floats, huge integers and odd text included."""
+    reference = json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+    assert canonical_json(value) == reference
+
+
+@pytest.mark.parametrize("value", [float("nan"), {"a": [float("inf")]}, {"x": "\ud800"}])
+def test_canonical_json_still_refuses_what_the_reference_refuses(value: Any) -> None:
+    """Non-finite numbers and lone surrogates raise ValueError on the fast path as before."""
+    with pytest.raises(ValueError):  # noqa: PT011 - the reference's own error types
+        canonical_json(value)
+
+
+_STAMP = st.builds(
+    "{:04d}-{:02d}-{:02d}{}{:02d}:{:02d}:{:02d}{}{}".format,
+    st.integers(0, 9999),
+    st.integers(0, 13),
+    st.integers(0, 32),
+    st.sampled_from("Tt"),
+    st.integers(0, 24),
+    st.integers(0, 60),
+    st.integers(0, 60),
+    st.sampled_from(["", ".0", ".000", ".5", ".120000", ".123456", ".000001", ".123456789"]),
+    st.sampled_from(["Z", "z", "+00:00", "-05:30", "+24:00"]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_STAMP)
+def test_canonical_timestamp_agrees_with_parse_and_format(text: str) -> None:
+    """The UTC fast path gives format_timestamp(parse_timestamp(t)) or the same ValueError."""
+    try:
+        expected: str | None = format_timestamp(*parse_timestamp(text))
+    except ValueError as exc:
+        expected = None
+        message = str(exc)
+    if expected is None:
+        with pytest.raises(ValueError) as caught:  # noqa: PT011 - the message is compared below
+            canonical_timestamp(text)
+        assert str(caught.value) == message
+    else:
+        assert canonical_timestamp(text) == expected

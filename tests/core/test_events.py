@@ -272,3 +272,21 @@ def test_testing_helpers_record_like_a_log() -> None:
     assert [e.recorded_at.second for e in events] == [0, 1, 2]
     with pytest.raises(EventValidationError):
         new_event("run.step", "r1", stepIndex=-1)
+
+
+def test_event_from_log_equals_the_checked_constructor() -> None:
+    """Event.from_log builds the same frozen value as Event(...), without the checks."""
+    at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    fields = {
+        "position": 7,
+        "stream_id": "run:r1",
+        "stream_seq": 2,
+        "type": "run.started",
+        "payload": {"runId": "r1"},
+        "recorded_at": at,
+    }
+    fast = Event.from_log(7, "run:r1", 2, "run.started", {"runId": "r1"}, at)
+    assert fast == Event(**fields)  # type: ignore[arg-type]
+    assert repr(fast) == repr(Event(**fields))  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.position = 8  # type: ignore[misc]

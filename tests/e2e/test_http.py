@@ -356,6 +356,27 @@ async def test_readyz_is_503_while_the_projector_lags(database_url: str) -> None
                 assert resp.status == 200
 
 
+async def test_append_over_the_event_limit_is_413_naming_it(database_url: str) -> None:
+    """A POST with more events than OA_SYNC_MAX_APPEND_EVENTS answers 413 naming the limit,
+    appends nothing and counts the breach; a batch at the limit is accepted."""
+    async with make_live_server(database_url, limits=Limits(max_append_events=2)) as server:
+        token = server.token()
+        events = [run_event("run.created", f"r{i}") for i in range(3)]
+        async with aiohttp.ClientSession(server.url) as s:
+            status, body = await call(s, "POST", "/v1/events", token=token, body={"events": events})
+            assert status == 413
+            assert body["error"]["code"] == "too_large"
+            assert "at most 2 events" in body["error"]["message"]
+            status, body = await call(
+                s, "POST", "/v1/events", token=token, body={"events": events[:2]}
+            )
+            assert status == 200
+            assert len(body["positions"]) == 2
+            async with s.get("/metrics") as resp:
+                text = await resp.text()
+    assert 'oa_sync_limit_breaches_total{kind="append_events"} 1.0' in text
+
+
 async def test_append_refuses_any_body_but_json_with_415(live_server: LiveServer) -> None:
     """POST /v1/events with text/plain, a form, XML or no Content-Type answers 415
     ``unsupported_media_type`` and appends nothing; ``application/json; charset=utf-8`` is taken."""

@@ -156,8 +156,8 @@ def test_append_from_a_file_and_stdin(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """JSON lines from a file or stdin are appended (in chunks, one transaction); positions
-    are printed; keys replay."""
+    """JSON lines from a file or stdin are appended (in chunks); positions are printed; keys
+    replay."""
     _env(monkeypatch, database_url)
     monkeypatch.setattr("oa_sync_server.commands.append.CHUNK", 1)
     path = tmp_path / "events.jsonl"
@@ -165,7 +165,7 @@ def test_append_from_a_file_and_stdin(
     assert main(["append", str(path)]) == 0
     first = json.loads(capsys.readouterr().out)["positions"]
     assert len(first) == 2
-    monkeypatch.setattr("sys.stdin", io.StringIO(LINES[2] + "\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(LINES[2].encode() + b"\n")))
     assert main(["append"]) == 0
     assert json.loads(capsys.readouterr().out)["positions"] == [first[1]]
     assert _count(database_url, "events") == 2

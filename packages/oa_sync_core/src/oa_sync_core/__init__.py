@@ -29,6 +29,7 @@ from oa_sync_core.codec import canonical_json, content_hash, loads_strict, read_
 from oa_sync_core.drift import DriftDetector, DriftItem, DriftKind, DriftReport
 from oa_sync_core.engine import DocumentState, ProjectionEngine, ProjectionResult
 from oa_sync_core.errors import (
+    AppendLimitError,
     CodecError,
     CodecErrorCode,
     ConcurrencyError,
@@ -37,7 +38,17 @@ from oa_sync_core.errors import (
     ProjectionError,
     ProtocolError,
 )
-from oa_sync_core.events import EVENT_PAYLOADS, Event, EventSource, NewEvent, validate_new_event
+from oa_sync_core.events import (
+    EVENT_PAYLOADS,
+    MAX_APPEND_EVENTS,
+    AppendPlan,
+    Event,
+    EventLog,
+    EventSource,
+    NewEvent,
+    plan_append,
+    validate_new_event,
+)
 from oa_sync_core.memory import MemoryCheckpointStore, MemoryEventLog
 from oa_sync_core.projector import Projector, projection_of
 from oa_sync_core.projectors import (
@@ -76,8 +87,11 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "DEFAULT_PROJECTORS",
     "EVENT_PAYLOADS",
+    "MAX_APPEND_EVENTS",
     "RUN_SUMMARY",
     "WORKER_SUMMARY",
+    "AppendLimitError",
+    "AppendPlan",
     "Checkpoint",
     "CheckpointStore",
     "CodecError",
@@ -94,6 +108,7 @@ __all__ = [
     "DriftReport",
     "EncodedUpdate",
     "Event",
+    "EventLog",
     "EventSource",
     "EventValidationError",
     "FoldResult",
@@ -127,6 +142,7 @@ __all__ = [
     "fold_log",
     "loads_strict",
     "parse_topic",
+    "plan_append",
     "plan_reprojection",
     "projection_of",
     "read_message",

@@ -27,7 +27,7 @@ from oa_sync_core.events import Event
 from oa_sync_core.projector import Projector
 from oa_sync_core.sinks import DocumentUpdate, StoredDocument
 
-__all__ = ["DocumentState", "ProjectionEngine", "ProjectionResult"]
+__all__ = ["DocumentState", "Fold", "ProjectionEngine", "ProjectionResult"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,31 +147,71 @@ class ProjectionEngine:
         Raises:
             ProjectionError: a projector broke its contract.
         """
-        working: dict[DocId, tuple[JsonObject, int, int]] = {}  # body, version, covered
-        touched: dict[DocId, None] = {}
+        fold = Fold(self, states)
+        fold.add(events)
+        return fold.result()
+
+
+class Fold:
+    """Folds batch after batch, and encodes each changed document once, at the end.
+
+    :meth:`ProjectionEngine.apply` is one :meth:`add` and :meth:`result`. A rebuild adds every
+    batch of the log to one fold, so a document touched in every batch is still canonicalised
+    and hashed once (the bytes and hash are those of its final body: the same as folding batch
+    by batch, since encoding is a pure function of the body).
+
+    Args:
+        engine: the projectors.
+        states: the documents' states before the first batch (see
+            :meth:`ProjectionEngine.apply`).
+    """
+
+    def __init__(self, engine: ProjectionEngine, states: Mapping[DocId, DocumentState]) -> None:
+        self.engine = engine
+        self.states = states
+        self.working: dict[DocId, tuple[JsonObject, int, int]] = {}  # body, version, covered
+        self.touched: dict[DocId, int] = {}  # document -> tick of its last folded event
+        self.applied = self.skipped = self.ignored = 0
+        self.last_position = 0
+        self.events = 0
+        self._tick = 0
+
+    def _start(self, projector: Projector, doc_id: DocId) -> tuple[JsonObject, int, int]:
+        """A document's working state before its first event in this fold."""
+        state = self.states.get(doc_id) or DocumentState()
+        checkpoint = state.checkpoint
+        if checkpoint is None or checkpoint.projector_version != projector.version:
+            return (projector.initial(doc_id[1]), 0, 0)
+        if state.body is None:
+            return (projector.initial(doc_id[1]), 0, 0)
+        return (state.body, state.version, checkpoint.last_position)
+
+    def add(self, events: Sequence[Event]) -> None:
+        """Fold a batch (in log order) into the working documents.
+
+        Raises:
+            ProjectionError: a projector broke its contract.
+        """
+        # The inner loop runs once per event and projector: locals, no attribute lookups.
+        routes = [(p.doc_key, p.name, p) for p in self.engine.projectors.values()]
+        working, touched = self.working, self.touched
         applied = skipped = ignored = 0
-        last_position = 0
+        last, tick = self.last_position, self._tick
         for event in events:
-            last_position = max(last_position, event.position)
+            position = event.position
+            last = max(last, position)
             routed = False
-            for projector in self.projectors.values():
-                key = projector.doc_key(event)
+            for doc_key, name, projector in routes:
+                key = doc_key(event)
                 if key is None:
                     continue
                 routed = True
-                doc_id = (projector.name, key)
+                doc_id = (name, key)
                 current = working.get(doc_id)
                 if current is None:
-                    state = states.get(doc_id) or DocumentState()
-                    checkpoint = state.checkpoint
-                    fresh = checkpoint is None or checkpoint.projector_version != projector.version
-                    if fresh or state.body is None:
-                        current = (projector.initial(key), 0, 0)
-                    else:
-                        assert checkpoint is not None
-                        current = (state.body, state.version, checkpoint.last_position)
+                    current = self._start(projector, doc_id)
                 body, version, covered = current
-                if event.position <= covered:
+                if position <= covered:
                     skipped += 1
                     working[doc_id] = current
                     continue
@@ -179,19 +219,27 @@ class ProjectionEngine:
                 if new_body is body:
                     raise ProjectionError(
                         f"apply() returned its input for {event.type}; return a new document",
-                        projection=projector.name,
-                        position=event.position,
+                        projection=name,
+                        position=position,
                     )
-                working[doc_id] = (new_body, version + 1, event.position)
-                touched.pop(doc_id, None)
-                touched[doc_id] = None
+                working[doc_id] = (new_body, version + 1, position)
+                tick += 1
+                touched[doc_id] = tick
                 applied += 1
             if not routed:
                 ignored += 1
+        self.events += len(events)
+        self.applied += applied
+        self.skipped += skipped
+        self.ignored += ignored
+        self.last_position, self._tick = last, tick
+
+    def result(self) -> ProjectionResult:
+        """The updates and checkpoint advances of everything added, each document encoded once."""
         updates: list[DocumentUpdate] = []
         checkpoints: list[Checkpoint] = []
-        for doc_id in touched:
-            body, version, covered = working[doc_id]
+        for doc_id in sorted(self.touched, key=self.touched.__getitem__):
+            body, version, covered = self.working[doc_id]
             projection, key = doc_id
             canonical = canonical_json(body)
             digest = content_hash(canonical)
@@ -211,7 +259,7 @@ class ProjectionEngine:
                     projection=projection,
                     doc_key=key,
                     last_position=covered,
-                    projector_version=self.projectors[projection].version,
+                    projector_version=self.engine.projectors[projection].version,
                     content_hash=digest,
                     version=version,
                 )
@@ -219,8 +267,8 @@ class ProjectionEngine:
         return ProjectionResult(
             updates=tuple(updates),
             checkpoints=tuple(checkpoints),
-            applied=applied,
-            skipped=skipped,
-            ignored=ignored,
-            last_position=last_position,
+            applied=self.applied,
+            skipped=self.skipped,
+            ignored=self.ignored,
+            last_position=self.last_position,
         )

@@ -9,6 +9,7 @@ message::
     ├── ConcurrencyError          expected_seq did not match the stream (HTTP 409)
     ├── ProjectionError           a projector broke its contract (non-determinism, bad key)
     ├── CodecError                a wire message could not be decoded; ``code`` says why
+    │   ├── AppendLimitError      an append holds more events than the limit (HTTP 413)
     │   └── WireError             (also a ProtocolError) a WebSocket frame did not decode
     └── ProtocolError             a decoded message is illegal in the session's state
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "AppendLimitError",
     "CodecError",
     "CodecErrorCode",
     "ConcurrencyError",
@@ -125,6 +127,29 @@ class ProtocolError(OaSyncError):
     def __init__(self, code: str, message: str):
         self.code = code
         super().__init__(f"{code}: {message}")
+
+
+class AppendLimitError(CodecError):
+    """An append holds more events than the log accepts in one batch; nothing was written.
+
+    A :class:`CodecError` with code ``too_large``, so every transport reports it like any
+    other oversized message (HTTP 413, close 4413). Split the batch, or raise the limit
+    (``max_events`` of the log; ``OA_SYNC_MAX_APPEND_EVENTS`` for the server).
+
+    Attributes:
+        limit: the most events one append may hold.
+        count: how many the refused append held.
+    """
+
+    def __init__(self, limit: int, count: int):
+        self.limit = limit
+        self.count = count
+        super().__init__(
+            CodecErrorCode.TOO_LARGE,
+            f"an append holds at most {limit} events, this one holds {count}; "
+            "split it into smaller batches",
+            path="events",
+        )
 
 
 class WireError(CodecError, ProtocolError):

@@ -11,8 +11,14 @@ import datetime as dt
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 from oa_sync_core.checkpoints import Checkpoint, DocId
-from oa_sync_core.errors import ConcurrencyError
-from oa_sync_core.events import Event, NewEvent, validate_new_event
+from oa_sync_core.events import (
+    MAX_APPEND_EVENTS,
+    Event,
+    NewEvent,
+    check_append_size,
+    plan_append,
+    validate_new_event,
+)
 
 __all__ = ["MemoryCheckpointStore", "MemoryEventLog"]
 
@@ -22,69 +28,66 @@ def _utc_now() -> dt.datetime:
 
 
 class MemoryEventLog:
-    """An append-only event log in memory; an :class:`~oa_sync_core.events.EventSource`.
+    """An append-only event log in memory; an :class:`~oa_sync_core.events.EventLog`.
 
     Args:
         clock: gives ``recorded_at`` for new events (inject a fixed clock in tests).
+        max_events: the most events one append accepts.
     """
 
-    def __init__(self, clock: Callable[[], dt.datetime] = _utc_now) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], dt.datetime] = _utc_now,
+        *,
+        max_events: int = MAX_APPEND_EVENTS,
+    ) -> None:
         self._clock = clock
+        self.max_events = max_events
         self.events: list[Event] = []
         self._positions: list[int] = []
         self._stream_seq: dict[str, int] = {}
         self._by_key: dict[str, int] = {}
+        self._by_stream: dict[str, list[Event]] = {}
 
     async def append(self, events: Sequence[NewEvent]) -> list[int]:
-        """Validate then append a batch atomically.
+        """Validate then append a batch atomically (the plan is :func:`plan_append`'s).
 
         Returns:
             The position of each event; a replayed idempotency key gives its original position.
 
         Raises:
+            AppendLimitError: more than ``max_events`` events; nothing is appended.
             EventValidationError: an event is invalid; nothing is appended.
             ConcurrencyError: an ``expected_seq`` does not match; nothing is appended.
         """
+        check_append_size(len(events), self.max_events)
         checked = [validate_new_event(e, index=i) for i, e in enumerate(events)]
-        seqs = dict(self._stream_seq)
-        keys: dict[str, int] = {}
-        planned: list[tuple[NewEvent, int, int] | int] = []
-        next_position = (self._positions[-1] if self._positions else 0) + 1
-        for event in checked:
-            key = event.idempotency_key
-            if key is not None and (key in self._by_key or key in keys):
-                planned.append(self._by_key.get(key) or keys[key])
-                continue
-            current = seqs.get(event.stream_id, 0)
-            if event.expected_seq is not None and event.expected_seq != current:
-                raise ConcurrencyError(event.stream_id, event.expected_seq, current)
-            seqs[event.stream_id] = current + 1
-            if key is not None:
-                keys[key] = next_position
-            planned.append((event, next_position, current + 1))
-            next_position += 1
+        plan = plan_append(checked, self._stream_seq, self._by_key)
+        first = (self._positions[-1] if self._positions else 0) + 1
+        placed = list(range(first, first + len(plan.rows)))
         now = self._clock()
-        positions: list[int] = []
-        for item in planned:
-            if isinstance(item, int):
-                positions.append(item)
-                continue
-            event, position, seq = item
-            self.events.append(
-                Event(
-                    position=position,
-                    stream_id=event.stream_id,
-                    stream_seq=seq,
-                    type=event.type,
-                    payload=event.payload,
-                    recorded_at=now,
-                )
+        for row, position in zip(plan.rows, placed, strict=True):
+            recorded = Event(
+                position=position,
+                stream_id=row.event.stream_id,
+                stream_seq=row.stream_seq,
+                type=row.event.type,
+                payload=row.event.payload,
+                recorded_at=now,
             )
+            self.events.append(recorded)
             self._positions.append(position)
-            positions.append(position)
-        self._stream_seq = seqs
-        self._by_key.update(keys)
+            self._by_stream.setdefault(recorded.stream_id, []).append(recorded)
+        positions = plan.positions(placed, self._by_key)
+        self._stream_seq.update(plan.last_seqs)
+        for row, position in zip(plan.rows, placed, strict=True):
+            if row.event.idempotency_key is not None:
+                self._by_key[row.event.idempotency_key] = position
         return positions
+
+    async def stream(self, stream_id: str) -> list[Event]:
+        """Every event of one stream, in ``stream_seq`` order."""
+        return list(self._by_stream.get(stream_id, ()))
 
     async def read_after(self, position: int, limit: int) -> Sequence[Event]:
         """Up to ``limit`` events with a position above ``position``, ascending."""

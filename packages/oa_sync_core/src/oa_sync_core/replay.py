@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from oa_sync_core.checkpoints import Checkpoint, CheckpointStore, DocId
 from oa_sync_core.codec import canonical_json, content_hash
-from oa_sync_core.engine import DocumentState, ProjectionEngine
+from oa_sync_core.engine import Fold, ProjectionEngine
 from oa_sync_core.events import EventSource
 from oa_sync_core.memory import MemoryCheckpointStore
 from oa_sync_core.sinks import DocumentReader, DocumentUpdate, MemorySink, StoredDocument
@@ -57,7 +57,7 @@ async def fold_log(
     engine: ProjectionEngine,
     *,
     doc_key: str | None = None,
-    batch_size: int = 5_000,
+    batch_size: int = 20_000,
     progress: Progress | None = None,
 ) -> FoldResult:
     """Fold the whole log from scratch, in memory.
@@ -69,27 +69,25 @@ async def fold_log(
         batch_size: events per read.
         progress: called after each batch with the events read so far.
     """
-    states: dict[DocId, DocumentState] = {}
-    documents: dict[DocId, DocumentUpdate] = {}
-    checkpoints: dict[DocId, Checkpoint] = {}
-    after = 0
+    fold = Fold(engine, {})  # one fold: each document is encoded once, after the last batch
     count = 0
     async for events in source.batches(batch_size=batch_size):
-        result = engine.apply(events, states)
-        for update, checkpoint in zip(result.updates, result.checkpoints, strict=True):
-            if doc_key is not None and update.doc_key != doc_key:
-                continue
-            documents[update.id] = update
-            checkpoints[update.id] = checkpoint
-            states[update.id] = DocumentState(
-                checkpoint=checkpoint, body=update.body, version=update.version
-            )
-        after = max(after, result.last_position)
+        fold.add(events)
         count += len(events)
         if progress is not None:
             progress(count)
+    result = fold.result()
+    documents: dict[DocId, DocumentUpdate] = {}
+    checkpoints: dict[DocId, Checkpoint] = {}
+    for update, checkpoint in zip(result.updates, result.checkpoints, strict=True):
+        if doc_key is None or update.doc_key == doc_key:
+            documents[update.id] = update
+            checkpoints[update.id] = checkpoint
     return FoldResult(
-        documents=documents, checkpoints=checkpoints, events=count, last_position=after
+        documents=documents,
+        checkpoints=checkpoints,
+        events=count,
+        last_position=result.last_position,
     )
 
 

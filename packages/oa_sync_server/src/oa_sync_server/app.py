@@ -89,7 +89,7 @@ def create_app(
         verifier=verifier,
         metrics=metrics,
         hub=hub,
-        event_log=PostgresEventLog(engine),
+        event_log=PostgresEventLog(engine, max_events=settings.limits.max_append_events),
         projector=(
             ProjectorWorker(
                 engine,

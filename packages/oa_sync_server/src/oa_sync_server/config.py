@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from oa_sync_core.events import MAX_APPEND_EVENTS
 
 from oa_sync_server.errors import ConfigError
 
@@ -156,6 +157,7 @@ class Limits:
             is closed 4429).
         heartbeat_interval_s: interval of server ``heartbeat`` messages.
         max_body_bytes: largest HTTP request body (``POST /v1/events``).
+        max_append_events: most events in one append (``POST /v1/events``, 413 above it).
     """
 
     max_message_bytes: int = 65536
@@ -170,6 +172,7 @@ class Limits:
     send_queue_bytes: int = 4 * 2**20
     heartbeat_interval_s: float = 15.0
     max_body_bytes: int = 1_048_576
+    max_append_events: int = MAX_APPEND_EVENTS
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, repr=False)
@@ -276,6 +279,9 @@ class Settings:
             send_queue_bytes=env.get("SEND_QUEUE_BYTES", _integer(4096, 1024 * 2**20), 4 * 2**20),
             heartbeat_interval_s=env.get("HEARTBEAT_INTERVAL_S", _number(0.1, 3600), 15.0),
             max_body_bytes=env.get("MAX_BODY_BYTES", _integer(1024, 256 * 2**20), 1_048_576),
+            max_append_events=env.get(
+                "MAX_APPEND_EVENTS", _integer(1, 1_000_000), MAX_APPEND_EVENTS
+            ),
         )
         return cls(
             database_url=env.get("DATABASE_URL", _database_url, None),

@@ -102,3 +102,4 @@ class LimitKind(enum.StrEnum):
     IDLE = "idle"
     SEND_QUEUE = "send_queue"
     BODY_SIZE = "body_size"
+    APPEND_EVENTS = "append_events"

@@ -41,18 +41,43 @@ def add_worker_option(parser: argparse.ArgumentParser) -> None:
 
 
 class Progress:
-    """Reports events folded to stderr, at most once a second, once a run passes a second."""
+    """Reports progress to stderr at most once a second, once a run passes a second.
 
-    def __init__(self, what: str = "events folded", *, every_s: float = 1.0) -> None:
+    Each report gives the count, the rate since the start and, when the fraction done is known
+    (given, or ``count / total``), the percentage and an ETA:
+    ``... 45,000 events appended (9,800/s, 52%, ETA 5 s)``. ``enabled=False`` silences it (e.g.
+    when stderr is not a terminal).
+    """
+
+    def __init__(
+        self,
+        what: str = "events folded",
+        *,
+        every_s: float = 1.0,
+        total: int | None = None,
+        enabled: bool = True,
+    ) -> None:
         self.what = what
         self.every_s = every_s
+        self.total = total
+        self.enabled = enabled
         self.started = time.monotonic()
         self.last = self.started
         self.shown = False
 
-    def __call__(self, count: int) -> None:
+    def __call__(self, count: int, fraction: float | None = None) -> None:
+        """Report ``count``; done is ``fraction`` or, given a total, ``count / total``."""
         now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self.shown = True
-            print(f"... {count} {self.what} ({now - self.started:.0f} s)", file=sys.stderr)
+        if not self.enabled or now - self.last < self.every_s:
+            return
+        if fraction is None and self.total:
+            fraction = min(count / self.total, 1.0)
+        self.last = now
+        self.shown = True
+        elapsed = now - self.started
+        parts = [f"{count / elapsed:,.0f}/s"]
+        if fraction is not None and 0 < fraction <= 1:
+            parts.append(f"{fraction:.0%}, ETA {elapsed * (1 - fraction) / fraction:,.0f} s")
+        else:
+            parts.append(f"{elapsed:,.0f} s")
+        print(f"... {count:,} {self.what} ({', '.join(parts)})", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""``oa-sync append [FILE]``: append events from JSON lines (stdin when no FILE).
+"""``oa-sync append [FILE] [--atomic]``: append events from JSON lines (stdin when no FILE).
 
 Each non-empty line is one event object as ``POST /v1/events`` takes it::
 
@@ -10,27 +10,38 @@ Each non-empty line is one event object as ``POST /v1/events`` takes it::
         "expectedSeq": "1",
     }
 
-Every line is parsed and validated before anything is written; a bad line stops the command
-with its line number and nothing is appended. All events go in one transaction. Prints the
-positions as ``{"positions": ["41", ...]}`` (an ``AppendResponse``).
+Imports of any size. By default the input is streamed: every :data:`CHUNK` events are appended
+in a transaction of their own, so memory and the transaction stay bounded whatever the file
+holds. A bad line (or an ``expectedSeq`` conflict) stops the command with the line named and
+nothing of its transaction written; the message says how many events of the earlier lines were
+appended, so the rest can be appended from the next line on (``tail -n +N FILE``).
+
+``--atomic`` appends the whole input in one transaction, all or nothing: every line is read and
+validated first, the append locks of all its streams are taken up front (so concurrent
+appenders cannot deadlock), then the chunks are written. Inputs over :data:`ATOMIC_MAX_EVENTS`
+are refused with a message saying so.
+
+Prints the positions as ``{"positions": ["41", ...]}`` (an ``AppendResponse``; streamed, and
+closed over what was appended when the command stops early). Long imports report progress on
+stderr once a second (events, rate, ETA when the input is a file).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-import orjson
 from oa_sync_core import (
     ConcurrencyError,
     EventValidationError,
     NewEvent,
     OaSyncError,
     loads_strict,
-    validate_new_event,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -38,19 +49,26 @@ from oa_sync_server.commands._db import Progress, UsageError, with_database
 from oa_sync_server.postgres.event_log import PostgresEventLog, StreamOrderConflict
 
 NAME = "append"
-HELP = "append events from JSON lines (a file, or stdin)"
+HELP = "append events from JSON lines (a file, or stdin), streamed in bounded transactions"
 
 MAX_LINE_BYTES = 1024 * 1024
 CHUNK = 5000
-"""Events per INSERT statement; all chunks share one transaction."""
+"""Events per append (one transaction each by default; one statement each with ``--atomic``)."""
+ATOMIC_MAX_EVENTS = 1_000_000
+"""Most events ``--atomic`` holds in memory and in one transaction."""
 RETRIES = 5
-"""Attempts of the whole transaction when a concurrent appender got ahead on a stream."""
+"""Attempts of an ``--atomic`` transaction when a concurrent appender got ahead on a stream."""
 _FIELDS = {"streamId", "type", "payload", "idempotencyKey", "expectedSeq"}
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    """``FILE`` (optional; ``-`` or absent reads stdin)."""
+    """``FILE`` (optional; ``-`` or absent reads stdin) and ``--atomic``."""
     parser.add_argument("file", nargs="?", default="-", metavar="FILE", help="JSON lines file")
+    parser.add_argument(
+        "--atomic",
+        action="store_true",
+        help=f"all or nothing in one transaction (inputs up to {ATOMIC_MAX_EVENTS:,} events)",
+    )
 
 
 def _seq(value: object, line: int) -> int | None:
@@ -63,11 +81,11 @@ def _seq(value: object, line: int) -> int | None:
     raise UsageError(f"line {line}: expectedSeq must be a non-negative integer")
 
 
-def parse_line(text: str, line: int) -> NewEvent:
-    """One JSON line to a validated event.
+def parse_line(text: str | bytes, line: int) -> NewEvent:
+    """One JSON line to an event (validated later, once, by the log's append).
 
     Raises:
-        UsageError: the line is not a valid event object; the message names the line.
+        UsageError: the line is not an event object; the message names the line.
     """
     try:
         obj = loads_strict(text, max_bytes=MAX_LINE_BYTES)
@@ -81,63 +99,158 @@ def parse_line(text: str, line: int) -> NewEvent:
     for required in ("streamId", "type", "payload"):
         if required not in obj:
             raise UsageError(f"line {line}: missing {required!r}")
-    event = NewEvent(
+    return NewEvent(
         stream_id=obj["streamId"],  # checked by validate_new_event
         type=obj["type"],
         payload=obj["payload"],
         expected_seq=_seq(obj.get("expectedSeq"), line),
         idempotency_key=obj.get("idempotencyKey"),
     )
+
+
+class _Input:
+    """The input's lines as ``(line number, event)``, with how far into the input we are."""
+
+    def __init__(self, handle: IO[bytes], size: int | None) -> None:
+        self.handle = handle
+        self.size = size
+        self.read = 0
+
+    def events(self) -> Iterator[tuple[int, NewEvent]]:
+        for number, raw in enumerate(self.handle, start=1):
+            self.read += len(raw)
+            if len(raw) > MAX_LINE_BYTES:
+                raise UsageError(f"line {number}: longer than {MAX_LINE_BYTES} bytes")
+            if raw.strip():
+                yield number, parse_line(raw, number)
+
+    def fraction(self) -> float | None:
+        return self.read / self.size if self.size else None
+
+
+def _chunks(source: _Input) -> Iterator[list[tuple[int, NewEvent]]]:
+    chunk: list[tuple[int, NewEvent]] = []
+    for item in source.events():
+        chunk.append(item)
+        if len(chunk) >= CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Output:
+    """Streams ``{"positions": [...]}`` to stdout; :meth:`close` ends it validly at any point."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        sys.stdout.write('{"positions": [')
+
+    def add(self, positions: list[int]) -> None:
+        if not positions:
+            return
+        text = ", ".join(f'"{p}"' for p in positions)
+        sys.stdout.write((", " if self.count else "") + text)
+        self.count += len(positions)
+
+    def close(self) -> None:
+        sys.stdout.write("]}\n")
+        sys.stdout.flush()
+
+
+def _refusal(exc: OaSyncError, chunk: list[tuple[int, NewEvent]], done: int, atomic: bool) -> str:
+    """One line naming what was refused and what stands."""
+    if isinstance(exc, EventValidationError) and exc.index is not None:
+        what = f"line {chunk[exc.index][0]}: {exc}"
+        what = what.replace(f"event {exc.index}: ", "", 1)
+    else:
+        what = f"lines {chunk[0][0]}-{chunk[-1][0]}: {exc}"
+    if atomic or not done:
+        return f"nothing appended: {what}"
+    return (
+        f"{what}; nothing of lines {chunk[0][0]}-{chunk[-1][0]} appended, the {done} events "
+        f"before line {chunk[0][0]} were (append the rest with: tail -n +{chunk[0][0]} FILE)"
+    )
+
+
+async def _stream(engine: AsyncEngine, source: _Input, out: _Output, progress: Progress) -> None:
+    log = PostgresEventLog(engine, max_events=CHUNK)
+    chunks = _chunks(source)
+    while True:
+        try:
+            chunk = next(chunks, None)
+        except UsageError as exc:
+            if not out.count:
+                raise
+            raise UsageError(
+                f"{exc}; nothing of its transaction appended, the {out.count} events before it "
+                "were (fix the line and append from the first event not yet appended)"
+            ) from None
+        if chunk is None:
+            return
+        try:
+            positions = await log.append([event for _, event in chunk])
+        except (EventValidationError, ConcurrencyError) as exc:
+            raise UsageError(_refusal(exc, chunk, out.count, atomic=False)) from None
+        out.add(positions)
+        progress(out.count, source.fraction())
+
+
+async def _atomic(engine: AsyncEngine, source: _Input, out: _Output, progress: Progress) -> None:
+    items: list[tuple[int, NewEvent]] = []
+    for item in source.events():
+        if len(items) >= ATOMIC_MAX_EVENTS:
+            raise UsageError(
+                f"more than {ATOMIC_MAX_EVENTS:,} events: too many for one transaction "
+                "(--atomic); without --atomic the input is appended in bounded transactions"
+            )
+        items.append(item)
+    log = PostgresEventLog(engine, max_events=CHUNK)
+    chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+    for attempt in range(1, RETRIES + 1):
+        positions: list[int] = []
+        try:
+            async with engine.begin() as conn:
+                await log.lock_for(conn, (e for _, e in items))
+                for chunk in chunks:
+                    try:
+                        positions += await log.append([e for _, e in chunk], conn=conn)
+                    except (EventValidationError, ConcurrencyError) as exc:
+                        if isinstance(exc, StreamOrderConflict):
+                            raise
+                        raise UsageError(_refusal(exc, chunk, 0, atomic=True)) from None
+                    progress(len(positions), len(positions) / len(items))
+        except StreamOrderConflict:
+            if attempt == RETRIES:
+                raise
+            continue
+        out.add(positions)
+        return
+
+
+def _open(file: str) -> tuple[IO[bytes], int | None]:
+    if file == "-":
+        return sys.stdin.buffer, None
+    path = Path(file)
     try:
-        return validate_new_event(event)
-    except EventValidationError as exc:
-        raise UsageError(f"line {line}: {exc}") from None
-
-
-def read_events(stream: IO[str]) -> list[NewEvent]:
-    """Every event of a JSON-lines stream, validated; blank lines are skipped."""
-    events: list[NewEvent] = []
-    for number, text in enumerate(stream, start=1):
-        if text.strip():
-            events.append(parse_line(text, number))
-    return events
+        handle = path.open("rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    return handle, os.fstat(handle.fileno()).st_size
 
 
 def run(args: argparse.Namespace) -> int:
-    """Parse everything, then append it in one transaction and print the positions."""
-    if args.file == "-":
-        events = read_events(sys.stdin)
-    else:
-        path = Path(args.file)
-        try:
-            with path.open(encoding="utf-8") as handle:
-                events = read_events(handle)
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"{path} is not UTF-8 text") from None
-
-    async def append(engine: AsyncEngine) -> list[int]:
-        log = PostgresEventLog(engine)
-        progress = Progress("events appended")
-        for attempt in range(1, RETRIES + 1):
-            positions: list[int] = []
-            try:
-                async with engine.begin() as conn:  # one transaction, written in chunks
-                    for start in range(0, len(events), CHUNK):
-                        positions += await log.append(events[start : start + CHUNK], conn=conn)
-                        progress(len(positions))
-            except StreamOrderConflict:
-                if attempt == RETRIES:
-                    raise
-                continue
-            break
-        return positions
-
+    """Append the input (streamed, or ``--atomic``) and print the positions."""
+    handle, size = _open(args.file)
+    source = _Input(handle, size)
+    progress = Progress("events appended")
+    out = _Output()
+    work = _atomic if args.atomic else _stream
     try:
-        positions = asyncio.run(with_database(append)) if events else []
-    except ConcurrencyError as exc:
-        raise UsageError(f"nothing appended: {exc}") from None
-    sys.stdout.write(orjson.dumps({"positions": [str(p) for p in positions]}).decode() + "\n")
-    print(f"appended {len(positions)} events", file=sys.stderr)
+        asyncio.run(with_database(lambda engine: work(engine, source, out, progress)))
+    finally:
+        out.close()
+        if handle is not sys.stdin.buffer:
+            handle.close()
+    print(f"appended {out.count} events", file=sys.stderr)
     return 0

@@ -1,21 +1,26 @@
 """The Postgres event log: batch appends (own or caller's transaction) and gap-safe reads.
 
-Appends. :meth:`PostgresEventLog.append` validates every event with
+Appends. :meth:`PostgresEventLog.append` refuses a batch over ``max_events``
+(:class:`~oa_sync_core.AppendLimitError`), validates every event with
 :func:`oa_sync_core.validate_new_event` before touching the database, then, in one
-transaction:
+transaction and three statements:
 
-1. takes ``pg_advisory_xact_lock`` on every stream and idempotency key of the batch, in sorted
-   order (so concurrent appenders cannot deadlock, and a key or a stream's last row read next
-   is final);
-2. looks up idempotency keys seen before (their original positions are returned, nothing is
-   written for them, also for a key repeated inside the batch);
-3. reads each stream's last ``(stream_seq, tx_id)``: an ``expected_seq`` mismatch raises
-   :class:`~oa_sync_core.ConcurrencyError`; a last row written by a *newer* transaction than
-   ours raises :class:`StreamOrderConflict` (the per-stream order guard: it keeps log order,
-   ``(tx_id, position)``, equal to ``stream_seq`` order within each stream);
-4. inserts the batch with one ``INSERT ... SELECT FROM jsonb_to_recordset(:rows) RETURNING``
-   (one bound parameter whatever the batch size; positions follow batch order);
-5. ``pg_notify('oa_sync_events', '')`` — transactional, so it is delivered only on commit.
+1. takes ``pg_advisory_xact_lock`` on the *lock bucket* of every stream and idempotency key of
+   the batch (a CRC-32 of the name modulo :data:`LOCK_BUCKETS`), in sorted order, so
+   concurrent appenders cannot deadlock and a key's row or a stream's last row read next is
+   final; reads our transaction id; queues ``pg_notify('oa_sync_events', '')`` (transactional:
+   delivered only on commit). A bucket stands for every name hashed to it, so one append
+   holds at most :data:`LOCK_BUCKETS` locks whatever it touches (one lock per stream
+   exhausted Postgres' lock table, ``max_locks_per_transaction``, on imports of 10,000 runs);
+   two appends to different streams of the same bucket merely run one after the other;
+2. reads the idempotency keys seen before (their original positions are returned, nothing is
+   written for them) and each stream's last ``(stream_seq, tx_id)``: a last row written by a
+   *newer* transaction than ours raises :class:`StreamOrderConflict` (the per-stream order
+   guard: it keeps log order, ``(tx_id, position)``, equal to ``stream_seq`` order within each
+   stream); then :func:`oa_sync_core.plan_append` decides the rows (an ``expected_seq``
+   mismatch raises :class:`~oa_sync_core.ConcurrencyError`);
+3. inserts the rows with one ``INSERT ... SELECT FROM jsonb_to_recordset(:rows) RETURNING``
+   (one bound parameter whatever the batch size; positions follow batch order).
 
 With ``conn=None`` the log runs its own transaction and retries a few times on
 :class:`StreamOrderConflict` or a unique violation; with a caller's connection (the outbox
@@ -32,48 +37,57 @@ What this is not: the projector (:mod:`oa_sync_server.worker`) or the read model
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Final
+import zlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Final
 
 import orjson
 import sqlalchemy as sa
-from oa_sync_core import ConcurrencyError, Event, NewEvent, validate_new_event
+from oa_sync_core import Event, NewEvent, validate_new_event
+from oa_sync_core.events import MAX_APPEND_EVENTS, check_append_size, plan_append
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.errors import StreamOrderConflict
-from oa_sync_server.postgres.tables import events
+from oa_sync_server.postgres.tables import EVENTS_CHANNEL, events
 
 __all__ = [
-    "EVENTS_CHANNEL",
+    "LOCK_BUCKETS",
     "BoundedLog",
     "LogCursor",
     "PostgresEventLog",
     "StreamOrderConflict",
+    "lock_buckets",
     "read_committed",
 ]
 
-EVENTS_CHANNEL: Final = "oa_sync_events"
 """NOTIFY channel hinting that events were appended (carries no data)."""
 
+LOCK_BUCKETS: Final = 256
+"""Advisory lock buckets of the append guard: the most locks one append transaction holds."""
+_LOCK_SPACE: Final = 0x6F61  # the first key of the two-key advisory locks ("oa")
+
 _LOCK = sa.text(
-    "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) "
-    "FROM (SELECT k FROM unnest(CAST(:keys AS text[])) AS k ORDER BY k) AS sorted_keys"
-)
-_MY_XID = sa.text("SELECT CAST(CAST(pg_current_xact_id() AS text) AS bigint)")
-_LAST_SEQ = sa.text(
-    # One backward index probe per stream (not a scan of the stream's whole history).
-    "SELECT s.stream_id, e.stream_seq, CAST(CAST(e.tx_id AS text) AS bigint) "
+    # Sorted buckets, locked in array order; then our xid and the (commit-time) hint.
+    "SELECT (SELECT count(pg_advisory_xact_lock(:space, b)) "
+    "FROM unnest(CAST(:buckets AS int[])) AS b), "
+    "CAST(CAST(pg_current_xact_id() AS text) AS bigint), "
+    "pg_notify(:channel, '')"
+).bindparams(channel=EVENTS_CHANNEL)
+_STATE = sa.text(
+    # One backward index probe per stream (not a scan of the stream's whole history), and the
+    # idempotency keys recorded before: rows of ('s', stream, seq, tx) and ('k', key, pos, 0).
+    "SELECT 's', s.stream_id, e.stream_seq, CAST(CAST(e.tx_id AS text) AS bigint) "
     "FROM unnest(CAST(:streams AS text[])) AS s(stream_id) CROSS JOIN LATERAL ("
     "SELECT stream_seq, tx_id FROM oa_sync.events WHERE stream_id = s.stream_id "
-    "ORDER BY stream_seq DESC LIMIT 1) AS e"
-)
-_KNOWN_KEYS = sa.text(
-    "SELECT idempotency_key, position FROM oa_sync.events "
+    "ORDER BY stream_seq DESC LIMIT 1) AS e "
+    "UNION ALL "
+    "SELECT 'k', idempotency_key, position, 0 FROM oa_sync.events "
     "WHERE idempotency_key = ANY(CAST(:keys AS text[]))"
 )
-_NOTIFY = sa.text("SELECT pg_notify('oa_sync_events', '')")
 _INSERT = sa.text(
     "INSERT INTO oa_sync.events (stream_id, stream_seq, type, payload, idempotency_key) "
     "SELECT stream_id, stream_seq, type, payload, idempotency_key "
@@ -81,7 +95,7 @@ _INSERT = sa.text(
     "stream_id text, stream_seq bigint, type text, payload jsonb, idempotency_key text)) "
     "WITH ORDINALITY AS x(stream_id, stream_seq, type, payload, idempotency_key, n) "
     "ORDER BY n "
-    "RETURNING stream_id, stream_seq, position, idempotency_key"
+    "RETURNING stream_id, stream_seq, position"
 )
 _READ = sa.text(
     "SELECT position, stream_id, stream_seq, type, CAST(payload AS text) AS payload, recorded_at, "
@@ -142,18 +156,12 @@ async def read_committed(
         "n": limit,
     }
     rows = (await conn.execute(_READ, params)).all()
-    found = [
-        Event(
-            position=r.position,
-            stream_id=r.stream_id,
-            stream_seq=r.stream_seq,
-            type=r.type,
-            payload=orjson.loads(r.payload),
-            recorded_at=r.recorded_at,
-        )
-        for r in rows
+    loads, make = orjson.loads, Event.from_log  # our own rows: the schema holds the invariants
+    found = [  # positional unpacking (rows are tuples): a read is up to 20,000 rows
+        make(position, stream_id, stream_seq, kind, loads(payload), recorded_at)
+        for position, stream_id, stream_seq, kind, payload, recorded_at, _ in rows
     ]
-    cursor = LogCursor(tx_id=rows[-1].tx, position=rows[-1].position) if rows else after
+    cursor = LogCursor(tx_id=rows[-1][6], position=rows[-1][0]) if rows else after
     return found, cursor
 
 
@@ -165,17 +173,20 @@ class PostgresEventLog:
         retries: attempts of an own-transaction append on an order conflict.
     """
 
-    def __init__(self, engine: AsyncEngine, *, retries: int = 5) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, retries: int = 5, max_events: int = MAX_APPEND_EVENTS
+    ) -> None:
         self.engine = engine
         self.retries = retries
+        self.max_events = max_events
 
     async def append(
-        self, batch: Sequence[NewEvent], *, conn: AsyncConnection | None = None
+        self, events: Sequence[NewEvent], *, conn: AsyncConnection | None = None
     ) -> list[int]:
         """Validate then append a batch atomically.
 
         Args:
-            batch: the events, in order.
+            events: the events, in order (at most ``max_events``).
             conn: a connection inside the caller's transaction (outbox pattern), or ``None`` to
                 run (and commit) a transaction of the log's own.
 
@@ -183,11 +194,13 @@ class PostgresEventLog:
             The position of each event; a replayed idempotency key gives the original position.
 
         Raises:
+            AppendLimitError: more than ``max_events`` events; nothing was written.
             EventValidationError: an event is invalid; nothing was written.
             ConcurrencyError: an ``expected_seq`` does not match; nothing was written.
             StreamOrderConflict: (caller's transaction only) retry in a new transaction.
         """
-        checked = [validate_new_event(e, index=i) for i, e in enumerate(batch)]
+        check_append_size(len(events), self.max_events)
+        checked = [validate_new_event(e, index=i) for i, e in enumerate(events)]
         if not checked:
             return []
         if conn is not None:
@@ -208,57 +221,54 @@ class PostgresEventLog:
     async def _append(self, conn: AsyncConnection, checked: list[NewEvent]) -> list[int]:
         streams = sorted({e.stream_id for e in checked})
         keys = sorted({e.idempotency_key for e in checked if e.idempotency_key is not None})
-        await conn.execute(_LOCK, {"keys": [f"s:{s}" for s in streams] + [f"k:{k}" for k in keys]})
+        buckets = lock_buckets(streams, keys)
+        my_xid = (await conn.execute(_LOCK, {"space": _LOCK_SPACE, "buckets": buckets})).one()[1]
         known: dict[str, int] = {}
-        if keys:
-            known = {row[0]: row[1] for row in await conn.execute(_KNOWN_KEYS, {"keys": keys})}
-        my_xid = (await conn.execute(_MY_XID)).scalar_one()
-        last: dict[str, tuple[int, int]] = {
-            row[0]: (row[1], row[2]) for row in await conn.execute(_LAST_SEQ, {"streams": streams})
-        }
-        seqs = {stream: seq for stream, (seq, _) in last.items()}
-        for stream, (seq, tx) in last.items():
-            if tx > my_xid:
-                raise StreamOrderConflict(stream, seq)
-        rows: list[dict[str, Any]] = []
-        slots: list[tuple[str, int] | str] = []  # (stream, seq) to insert, or a known key
-        batch_keys: set[str] = set()
-        for event in checked:
-            key = event.idempotency_key
-            if key is not None and (key in known or key in batch_keys):
-                slots.append(key)
+        seqs: dict[str, int] = {}
+        for kind, name, number, tx in await conn.execute(
+            _STATE, {"streams": streams, "keys": keys}
+        ):
+            if kind == "k":
+                known[name] = number
                 continue
-            current = seqs.get(event.stream_id, 0)
-            if event.expected_seq is not None and event.expected_seq != current:
-                raise ConcurrencyError(event.stream_id, event.expected_seq, current)
-            seqs[event.stream_id] = current + 1
-            if key is not None:
-                batch_keys.add(key)
-            rows.append(
+            if tx > my_xid:
+                raise StreamOrderConflict(name, number)
+            seqs[name] = number
+        plan = plan_append(checked, seqs, known)
+        placed: list[int] = []
+        if plan.rows:
+            rows = [
                 {
-                    "stream_id": event.stream_id,
-                    "stream_seq": current + 1,
-                    "type": event.type,
-                    "payload": event.payload,
-                    "idempotency_key": key,
+                    "stream_id": row.event.stream_id,
+                    "stream_seq": row.stream_seq,
+                    "type": row.event.type,
+                    "payload": row.event.payload,
+                    "idempotency_key": row.event.idempotency_key,
                 }
-            )
-            slots.append((event.stream_id, current + 1))
-        placed: dict[tuple[str, int], int] = {}
-        by_key: dict[str, int] = {}
-        if rows:
+                for row in plan.rows
+            ]
             # One statement, one parameter: the batch as a JSON array, in batch order.
             found = await conn.execute(_INSERT, {"rows": orjson.dumps(rows).decode()})
-            for row in found:
-                placed[row.stream_id, row.stream_seq] = row.position
-                if row.idempotency_key is not None:
-                    by_key[row.idempotency_key] = row.position
-        if rows:
-            await conn.execute(_NOTIFY)
-        return [
-            known.get(slot, by_key.get(slot, 0)) if isinstance(slot, str) else placed[slot]
-            for slot in slots
-        ]
+            at = {(row[0], row[1]): row[2] for row in found}
+            placed = [at[row.event.stream_id, row.stream_seq] for row in plan.rows]
+        return plan.positions(placed, known)
+
+    async def lock_for(self, conn: AsyncConnection, events: Iterable[NewEvent]) -> None:
+        """Take, up front, the append locks of every stream and key of ``events``.
+
+        For a caller appending several batches in one transaction (an all-or-nothing import):
+        locking the union first, in sorted order, keeps concurrent appenders deadlock-free
+        (each later :meth:`append` re-takes locks it already holds, at no cost).
+        """
+        streams: set[str] = set()
+        keys: set[str] = set()
+        for event in events:  # not validated yet: str() keeps a bad one for append to name
+            streams.add(str(event.stream_id))
+            if event.idempotency_key is not None:
+                keys.add(str(event.idempotency_key))
+        await conn.execute(
+            _LOCK, {"space": _LOCK_SPACE, "buckets": lock_buckets(sorted(streams), sorted(keys))}
+        )
 
     async def read(self, after: LogCursor, limit: int) -> tuple[list[Event], LogCursor]:
         """:func:`read_committed` on a connection of the log's own."""
@@ -266,13 +276,25 @@ class PostgresEventLog:
             return await read_committed(conn, after, limit)
 
     async def batches(self, *, batch_size: int) -> AsyncIterator[Sequence[Event]]:
-        """Every final event in log order, ``batch_size`` at a time (the EventSource port)."""
+        """Every final event in log order, ``batch_size`` at a time (the EventSource port).
+
+        The next page is read (on a second connection) while the caller works on this one, so
+        a rebuild's fold and Postgres' read overlap.
+        """
         cursor = LogCursor()
-        while True:
-            found, cursor = await self.read(cursor, batch_size)
-            if not found:
-                return
-            yield found
+        pending = asyncio.ensure_future(self.read(cursor, batch_size))
+        try:
+            while True:
+                found, cursor = await pending
+                if not found:
+                    return
+                pending = asyncio.ensure_future(self.read(cursor, batch_size))
+                yield found
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
 
     async def stream(self, stream_id: str) -> list[Event]:
         """Every committed event of one stream, in ``stream_seq`` order."""
@@ -327,6 +349,17 @@ class BoundedLog:
             if not found:
                 return
             yield found
+
+
+def lock_buckets(streams: Iterable[str], keys: Iterable[str] = ()) -> list[int]:
+    """The sorted, distinct advisory lock buckets guarding some streams and idempotency keys.
+
+    Stable across processes and versions (CRC-32, not Python's salted ``hash``): every
+    appender must map a name to the same bucket.
+    """
+    found = {zlib.crc32(b"s:" + s.encode()) % LOCK_BUCKETS for s in streams}
+    found.update(zlib.crc32(b"k:" + k.encode()) % LOCK_BUCKETS for k in keys)
+    return sorted(found)
 
 
 def _is_unique_violation(exc: IntegrityError) -> bool:

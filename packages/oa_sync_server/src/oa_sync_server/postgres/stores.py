@@ -40,7 +40,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from oa_sync_server.postgres.tables import checkpoints, documents
 
 __all__ = [
-    "CHANGES_CHANNEL",
     "WATERMARK_LOCK",
     "PostgresCheckpointStore",
     "PostgresDocumentSink",
@@ -50,10 +49,10 @@ __all__ = [
     "load_states",
     "lock_watermarks",
     "put_checkpoints",
+    "write_batch",
     "write_updates",
 ]
 
-CHANGES_CHANNEL: Final = "oa_sync_changes"
 """NOTIFY channel carrying the new highest watermark after a commit (a hint, no data)."""
 
 WATERMARK_LOCK: Final = 0x6F615F73796E63  # "oa_sync"
@@ -77,6 +76,29 @@ _WRITE_DOCUMENTS = sa.text(
     "version = EXCLUDED.version, watermark = EXCLUDED.watermark, "
     "content_hash = EXCLUDED.content_hash, body = EXCLUDED.body, "
     "updated_at = EXCLUDED.updated_at) "
+    "INSERT INTO oa_sync.changes (watermark, doc_key, projection, version, content_hash) "
+    "SELECT watermark, doc_key, projection, version, content_hash FROM r"
+)
+_WRITE_WITH_CHECKPOINTS = sa.text(
+    # The projector's batch: documents, their checkpoints and change rows from one parameter.
+    "WITH r AS (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x("
+    "doc_key text, projection text, version bigint, watermark bigint, content_hash text, "
+    "body jsonb, last_position bigint, projector_version integer)), "
+    "d AS (INSERT INTO oa_sync.documents "
+    "(doc_key, projection, version, watermark, content_hash, body, updated_at) "
+    "SELECT doc_key, projection, version, watermark, content_hash, body, clock_timestamp() "
+    "FROM r "
+    "ON CONFLICT (doc_key) DO UPDATE SET projection = EXCLUDED.projection, "
+    "version = EXCLUDED.version, watermark = EXCLUDED.watermark, "
+    "content_hash = EXCLUDED.content_hash, body = EXCLUDED.body, "
+    "updated_at = EXCLUDED.updated_at), "
+    "c AS (INSERT INTO oa_sync.projection_checkpoints "
+    "(projection, doc_key, last_position, projector_version, content_hash, version, updated_at) "
+    "SELECT projection, doc_key, last_position, projector_version, content_hash, version, "
+    "clock_timestamp() FROM r "
+    "ON CONFLICT (projection, doc_key) DO UPDATE SET last_position = EXCLUDED.last_position, "
+    "projector_version = EXCLUDED.projector_version, content_hash = EXCLUDED.content_hash, "
+    "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at) "
     "INSERT INTO oa_sync.changes (watermark, doc_key, projection, version, content_hash) "
     "SELECT watermark, doc_key, projection, version, content_hash FROM r"
 )
@@ -337,3 +359,50 @@ class PostgresDocumentSink:
             query = query.where(documents.c.projection == projection)
         async with _transaction(self.source) as conn:
             return [_document(r) for r in await conn.execute(query)]
+
+
+async def write_batch(
+    conn: AsyncConnection,
+    updates: Sequence[DocumentUpdate],
+    checkpoints: Sequence[Checkpoint],
+    *,
+    locked_at: int,
+) -> Written:
+    """The projector's write: documents, their checkpoints and change rows in one statement.
+
+    Like :func:`write_updates` with ``only_newer=False`` followed by :func:`put_checkpoints`,
+    in one round trip and one parameter (each row carries its document and its checkpoint).
+
+    Args:
+        conn: a connection in a transaction holding the watermark lock.
+        updates: one per document (as :meth:`oa_sync_core.ProjectionEngine.apply` returns).
+        checkpoints: the matching checkpoint of each update, in the same order.
+        locked_at: the last watermark :func:`lock_watermarks` returned.
+
+    Raises:
+        ValueError: the checkpoints do not match the updates one to one.
+    """
+    if [c.id for c in checkpoints] != [u.id for u in updates] or len(
+        {u.doc_key for u in updates}
+    ) != len(updates):
+        raise ValueError("write_batch needs one update and its checkpoint per document")
+    if not updates:
+        return Written([], locked_at)
+    watermarks = range(locked_at + 1, locked_at + 1 + len(updates))
+    payload = orjson.dumps(
+        [
+            {
+                "doc_key": u.doc_key,
+                "projection": u.projection,
+                "version": u.version,
+                "watermark": w,
+                "content_hash": u.content_hash,
+                "body": orjson.Fragment(u.canonical),
+                "last_position": c.last_position,
+                "projector_version": c.projector_version,
+            }
+            for u, c, w in zip(updates, checkpoints, watermarks, strict=True)
+        ]
+    )
+    await conn.execute(_WRITE_WITH_CHECKPOINTS, {"rows": payload.decode()})
+    return Written(list(zip(updates, watermarks, strict=True)), watermarks[-1])

@@ -46,8 +46,8 @@ import structlog
 from aiohttp import web
 from oa_sync_core.codec import loads_strict, read_message
 from oa_sync_core.contracts import v1
-from oa_sync_core.errors import CodecError, EventValidationError
-from oa_sync_core.events import Event, NewEvent, validate_new_event
+from oa_sync_core.errors import AppendLimitError, CodecError, EventValidationError
+from oa_sync_core.events import Event, NewEvent, check_append_size
 from oa_sync_core.projectors import DEFAULT_PROJECTORS
 from oa_sync_core.protocol.codes import ErrorCode, LimitKind
 from oa_sync_core.protocol.resume import Position, decide_resume
@@ -369,10 +369,15 @@ async def append_events(request: web.Request) -> web.Response:
             raise _event_error(exc) from None
         raise
     items = message.get("events", [])
+    try:
+        check_append_size(len(items), state.event_log.max_events)  # 413 naming the limit
+    except AppendLimitError:
+        state.metrics.limit_breaches.labels(kind=LimitKind.APPEND_EVENTS.value).inc()
+        raise
     if not items:
         raise EventValidationError("events must hold at least one event", field="events")
     batch = []
-    for index, item in enumerate(items):
+    for item in items:
         seq = item.get("expectedSeq")
         event = NewEvent(
             stream_id=item.get("streamId", ""),
@@ -381,14 +386,14 @@ async def append_events(request: web.Request) -> web.Response:
             expected_seq=None if seq is None else int(seq),
             idempotency_key=item.get("idempotencyKey") or None,
         )
-        batch.append(validate_new_event(event, index=index))
+        batch.append(event)
     wait = request.query.get("wait")
     if wait not in (None, "visible"):
         raise bad_query("wait", "wait must be 'visible' when given")
     timeout_ms = _int_param(
         request, "timeoutMs", DEFAULT_VISIBLE_TIMEOUT_MS, 1, MAX_VISIBLE_TIMEOUT_MS
     )
-    positions = await state.event_log.append(batch)
+    positions = await state.event_log.append(batch)  # validates each event once, names its index
     answer: dict[str, Any] = {"positions": [str(p) for p in positions]}
     if wait == "visible":
         try:

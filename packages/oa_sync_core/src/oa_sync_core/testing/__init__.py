@@ -10,6 +10,9 @@ Runtime authors can use these in their own tests, as Khala's tests do:
   :class:`~oa_sync_core.events.Event` values and fold them, without a log or an event loop.
 * :func:`event_sequences` and friends — hypothesis strategies for valid event sequences over run
   and worker streams, with occasional unknown event types and optional ``occurredAt``.
+* :class:`EventLogContract`, :class:`CheckpointStoreContract`, :class:`SinkContract` — the
+  contract suites of the ports (:mod:`oa_sync_core.testing.contracts`), to run against your own
+  adapter.
 
 What this is not: a pytest plugin. Nothing here imports pytest, and hypothesis (not a runtime
 dependency of the core) is imported only inside the strategy functions.
@@ -28,6 +31,12 @@ from oa_sync_core.engine import DocumentState, ProjectionEngine
 from oa_sync_core.events import EVENT_PAYLOADS, ID_FIELDS, Event, NewEvent, validate_new_event
 from oa_sync_core.projectors import DEFAULT_PROJECTORS
 from oa_sync_core.sinks import DocumentUpdate
+from oa_sync_core.testing.contracts import (
+    CheckpointStoreContract,
+    EventLogContract,
+    ReadableSink,
+    SinkContract,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from hypothesis.strategies import SearchStrategy
@@ -37,7 +46,11 @@ __all__ = [
     "RUN_EVENT_TYPES",
     "UNKNOWN_EVENT_TYPES",
     "WORKER_EVENT_TYPES",
+    "CheckpointStoreContract",
+    "EventLogContract",
     "FixedClock",
+    "ReadableSink",
+    "SinkContract",
     "event_sequences",
     "fold_events",
     "ids",

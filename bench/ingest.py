@@ -1,0 +1,281 @@
+"""Ingest: append latency (library and HTTP) beside a commit, and HTTP ingest of 100,000 events.
+
+1. Same-run baselines on the same Postgres: the latency of one single-row ``INSERT`` committed
+   (psycopg, autocommit), and batched ``INSERT … ON CONFLICT`` rows/s (as ``projection.py``).
+2. Library append latency: ``PostgresEventLog.append`` of 1 and of 5 events, one after the
+   other on an idle database, p50/p95, with where the milliseconds go (validation, each SQL
+   statement, and the rest: BEGIN, COMMIT, pool and Python), timed with SQLAlchemy's cursor
+   events around every statement.
+3. HTTP append latency: ``POST /v1/events`` of 1 and of 5 events to ``oa-sync serve`` (its
+   projector running), one client, one request at a time, p50/p95.
+4. HTTP ingest: one client posts 100,000 events over 10,000 runs in batches of 500; the figure
+   is events/s from the first request until the server's projector has folded the last event.
+
+Targets (issue 13): a 5-event ``POST`` p50 at most 15 same-run commits; HTTP ingest at least
+0.5 times the same-run upsert rows/s. Run alone: ``python bench/ingest.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    Result,
+    admin_url,
+    bar_plot,
+    drop_database,
+    git_revision,
+    load_average,
+    machine,
+    quick,
+    upsert_baseline,
+)
+from _load import migrated_database
+from _server import ServerProcess, token
+
+DB_NAME = "oa_sync_bench_ingest"
+TIMESTAMP = "2026-11-25T12:00:00Z"
+
+
+def _ms(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * share))]
+
+
+def commit_latency(url: str, rounds: int) -> list[float]:
+    """Seconds of each single-row INSERT committed on its own (autocommit), after a warm-up."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_commit (id bigserial primary key, body jsonb)")
+        timings = []
+        for i in range(rounds + 20):
+            t0 = time.perf_counter()
+            conn.execute("INSERT INTO bench_commit (body) VALUES (%s)", ('{"runId": "r"}',))
+            if i >= 20:
+                timings.append(time.perf_counter() - t0)
+        conn.execute("DROP TABLE bench_commit")
+    return timings
+
+
+def _events(run: int, count: int, start: int = 0) -> list[dict[str, Any]]:
+    """``count`` proto3 JSON events of run ``r<run>``: created, then steps."""
+    out = []
+    for index in range(start, start + count):
+        payload: dict[str, Any] = {"runId": f"r{run}", "occurredAt": TIMESTAMP}
+        if index == 0:
+            kind = "run.created"
+            payload["agentId"] = f"agent-{run % 50}"
+        else:
+            kind = "run.step"
+            payload.update(stepIndex=index, description=f"step {index}", progressPercent=index)
+        out.append({"streamId": f"run:r{run}", "type": kind, "payload": payload})
+    return out
+
+
+async def library_latency(url: str, rounds: int) -> dict[str, Any]:
+    """Append 1 and 5 events ``rounds`` times each; latency and a per-phase breakdown."""
+    import sqlalchemy as sa  # noqa: PLC0415
+    from oa_sync_core import NewEvent, validate_new_event  # noqa: PLC0415
+    from oa_sync_server.postgres import create_engine  # noqa: PLC0415
+    from oa_sync_server.postgres.event_log import PostgresEventLog  # noqa: PLC0415
+
+    engine = create_engine(url, pool_size=2)
+    phases: dict[str, float] = defaultdict(float)
+    started: list[float] = []
+
+    def before(*_: Any) -> None:
+        started.append(time.perf_counter())
+
+    def after(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        text = statement.lstrip()
+        name = (
+            "lock + xid + notify"
+            if "pg_advisory_xact_lock" in text
+            else "stream seqs + known keys"
+            if text.startswith("SELECT 's'")
+            else "insert"
+            if text.startswith("INSERT")
+            else "other SQL"
+        )
+        phases[name] += time.perf_counter() - started.pop()
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", before)
+    sa.event.listen(engine.sync_engine, "after_cursor_execute", after)
+    log = PostgresEventLog(engine)
+    out: dict[str, Any] = {}
+    try:
+        await log.append([NewEvent(**_new(e)) for e in _events(999_999, 1)])  # warm up
+        for size in (1, 5):
+            phases.clear()
+            timings, validation = [], 0.0
+            for run in range(rounds):
+                batch = [NewEvent(**_new(e)) for e in _events(size * 100_000 + run, size)]
+                t0 = time.perf_counter()
+                for i, event in enumerate(batch):
+                    validate_new_event(event, index=i)
+                validation += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                await log.append(batch)
+                timings.append(time.perf_counter() - t0)
+            total = sum(timings)
+            breakdown = {"validation": validation, **phases}
+            breakdown["BEGIN, COMMIT, pool, Python"] = total - sum(breakdown.values())
+            out[size] = {
+                "p50_ms": _ms(timings, 0.5),
+                "p95_ms": _ms(timings, 0.95),
+                "breakdown_ms": {k: 1000 * v / rounds for k, v in breakdown.items()},
+            }
+    finally:
+        await engine.dispose()
+    return out
+
+
+def _new(event: dict[str, Any]) -> dict[str, Any]:
+    return {"stream_id": event["streamId"], "type": event["type"], "payload": event["payload"]}
+
+
+async def http_latency(base: str, rounds: int) -> dict[int, dict[str, float]]:
+    """``POST /v1/events`` of 1 and 5 events, one at a time; p50/p95 ms."""
+    import aiohttp  # noqa: PLC0415
+
+    headers = {"Authorization": f"Bearer {token()}"}
+    out: dict[int, dict[str, float]] = {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for size in (1, 5):
+            timings = []
+            for run in range(rounds + 10):
+                body = {"events": _events(size * 1_000_000 + run, size)}
+                t0 = time.perf_counter()
+                async with session.post(base + "/v1/events", json=body) as answer:
+                    await answer.read()
+                    assert answer.status == 200, answer.status
+                if run >= 10:
+                    timings.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.02)  # idle server: let the projector finish the last one
+            out[size] = {"p50_ms": _ms(timings, 0.5), "p95_ms": _ms(timings, 0.95)}
+    return out
+
+
+async def http_ingest(base: str, url: str, total: int, runs: int, batch: int) -> dict[str, float]:
+    """Post ``total`` events over ``runs`` runs in batches; seconds until all are projected."""
+    import aiohttp  # noqa: PLC0415
+
+    per_run = total // runs
+    events = [e for step in range(per_run) for run in range(runs) for e in _events(run, 1, step)]
+    with psycopg.connect(url, autocommit=True) as conn:
+        before = conn.execute("SELECT coalesce(sum(version), 0) FROM oa_sync.documents").fetchone()
+    folded_before = int(before[0]) if before else 0
+    headers = {"Authorization": f"Bearer {token()}"}
+    posted_at = 0.0
+    async with aiohttp.ClientSession(headers=headers) as session:
+        start = time.perf_counter()
+        for offset in range(0, len(events), batch):
+            body = {"events": events[offset : offset + batch]}
+            async with session.post(base + "/v1/events", json=body) as answer:
+                await answer.read()
+                assert answer.status == 200, answer.status
+        posted_at = time.perf_counter() - start
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:  # a benchmark's wait, not a test's: poll the read model every 20 ms
+            row = conn.execute("SELECT coalesce(sum(version), 0) FROM oa_sync.documents").fetchone()
+            if row and int(row[0]) - folded_before >= total:
+                break
+            if time.perf_counter() - start > 600:
+                raise RuntimeError("projection did not catch up within 600 s")
+            await asyncio.sleep(0.02)
+    return {"seconds": time.perf_counter() - start, "posted_seconds": posted_at}
+
+
+def main() -> int:
+    """Run the baselines, the latencies and the ingest; write bench/results/ingest.json."""
+    rounds = 40 if quick() else 300
+    total, runs = (5_000, 500) if quick() else (100_000, 10_000)
+    admin = admin_url()
+    facts = machine(admin)
+    load_before = load_average()
+    url = migrated_database(admin, DB_NAME)
+    try:
+        commit = commit_latency(url, rounds)
+        upsert_rate = upsert_baseline(url, total, runs)
+        library = asyncio.run(library_latency(url, rounds))
+        load_server = load_average()
+        with ServerProcess(url) as server:
+            http = asyncio.run(http_latency(server.url, rounds))
+            ingest = asyncio.run(http_ingest(server.url, url, total, runs, 500))
+    finally:
+        drop_database(admin, DB_NAME)
+    commit_p50 = _ms(commit, 0.5)
+    ingest_rate = total / ingest["seconds"]
+    figures: dict[str, float] = {
+        "commit_p50_ms": commit_p50,
+        "commit_p95_ms": _ms(commit, 0.95),
+        "http_ingest_events_per_s": ingest_rate,
+        "http_ingest_posting_events_per_s": total / ingest["posted_seconds"],
+    }
+    for size in (1, 5):
+        figures[f"library_append_{size}_p50_ms"] = library[size]["p50_ms"]
+        figures[f"library_append_{size}_p95_ms"] = library[size]["p95_ms"]
+        figures[f"http_append_{size}_p50_ms"] = http[size]["p50_ms"]
+        figures[f"http_append_{size}_p95_ms"] = http[size]["p95_ms"]
+        for phase, ms in library[size]["breakdown_ms"].items():
+            figures[f"library_append_{size}_mean_ms.{phase}"] = ms
+    result = Result(
+        name="ingest",
+        parameters={
+            "rounds": rounds,
+            "http_ingest_events": total,
+            "http_ingest_runs": runs,
+            "http_ingest_batch": 500,
+            "server": "oa-sync serve (projector in the same process), one client",
+            "git": git_revision(),
+            "load_average_before": load_before,
+            "load_average_at_server_start": load_server,
+            "load_average_after": load_average(),
+        },
+        figures=figures,
+        baseline={
+            "upsert_rows_per_s": upsert_rate,
+            "ratio_http_append_5_p50_vs_commit": http[5]["p50_ms"] / commit_p50,
+            "ratio_library_append_5_p50_vs_commit": library[5]["p50_ms"] / commit_p50,
+            "ratio_http_ingest_vs_upsert": ingest_rate / upsert_rate,
+        },
+    )
+    result.target(
+        "POST /v1/events of 5, p50 / same-run commit p50",
+        http[5]["p50_ms"] / commit_p50,
+        at_most=15.0,
+        unit="x",
+    )
+    result.target(
+        "HTTP ingest (projected) / same-run batched upsert",
+        ingest_rate / upsert_rate,
+        at_least=0.5,
+        unit="x",
+    )
+    plot = bar_plot(
+        "ingest",
+        ["commit", "lib 1", "lib 5", "HTTP 1", "HTTP 5"],
+        [
+            commit_p50,
+            library[1]["p50_ms"],
+            library[5]["p50_ms"],
+            http[1]["p50_ms"],
+            http[5]["p50_ms"],
+        ],
+        "p50 ms",
+        "append latency (one at a time)",
+    )
+    result.write(facts, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
