@@ -148,24 +148,20 @@ def _print_demo(settings: Settings, url: str) -> None:
     if secret is None:
         print("demo: no HS256 secret configured; mint tokens with your issuer", flush=True)
         return
-    token = mint_token(
-        secret,
-        subject="demo",
-        topics=["*"],
-        scopes=["sync:read", "sync:append"],
-        ttl_s=DEMO_TOKEN_TTL_S,
-        issuer=settings.jwt.issuer,
-        audience=settings.jwt.audience,
-    )
-    inspector_token = mint_token(
-        secret,
-        subject="demo-inspector",
-        topics=["*"],
-        scopes=["sync:read", "sync:admin"],
-        ttl_s=DEMO_TOKEN_TTL_S,
-        issuer=settings.jwt.issuer,
-        audience=settings.jwt.audience,
-    )
+
+    def mint(subject: str, scopes: list[str]) -> str:
+        return mint_token(
+            secret,
+            subject=subject,
+            topics=["*"],
+            scopes=scopes,
+            ttl_s=DEMO_TOKEN_TTL_S,
+            issuer=settings.jwt.issuer,
+            audience=settings.jwt.audience,
+        )
+
+    token = mint("demo", ["sync:read", "sync:append"])
+    inspector_token = mint("demo-inspector", ["sync:read", "sync:admin"])
     topic = "runtime/run_summary:*"
     print(
         "\n".join(
