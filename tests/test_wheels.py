@@ -168,7 +168,8 @@ async def test_migrate_and_serve_from_the_wheel(
     server_python: Path, outside: Path, empty_database: str
 ) -> None:
     """``oa-sync migrate`` then ``oa-sync serve`` from the installed wheel, outside the checkout,
-    on a fresh database: the schema is created and an appended event becomes a document."""
+    on a fresh database: the schema is created, an appended event becomes a document, and the
+    inspector page and its bundle are served from the wheel."""
     migrate = _run(
         [str(server_python.parent / "oa-sync"), "migrate"],
         outside,
@@ -188,6 +189,9 @@ async def test_migrate_and_serve_from_the_wheel(
                             assert (await resp.json())["version"] == "1"
                             break
                     await asyncio.sleep(0.05)  # polling the read model, bounded
+            for path in ("/", "/inspector/inspector.js"):  # the inspector ships in the wheel
+                async with http.get(path) as resp:
+                    assert resp.status == 200, path
 
 
 async def test_client_only_install_follows_a_live_document(

@@ -357,8 +357,8 @@ async def test_readyz_is_503_while_the_projector_lags(database_url: str) -> None
 
 
 async def test_append_over_the_event_limit_is_413_naming_it(database_url: str) -> None:
-    """A POST with more events than OA_SYNC_MAX_APPEND_EVENTS answers 413 naming the limit and
-    appends nothing; a batch at the limit is accepted."""
+    """A POST with more events than OA_SYNC_MAX_APPEND_EVENTS answers 413 naming the limit,
+    appends nothing and counts the breach; a batch at the limit is accepted."""
     async with make_live_server(database_url, limits=Limits(max_append_events=2)) as server:
         token = server.token()
         events = [run_event("run.created", f"r{i}") for i in range(3)]
@@ -372,6 +372,9 @@ async def test_append_over_the_event_limit_is_413_naming_it(database_url: str) -
             )
             assert status == 200
             assert len(body["positions"]) == 2
+            async with s.get("/metrics") as resp:
+                text = await resp.text()
+    assert 'oa_sync_limit_breaches_total{kind="append_events"} 1.0' in text
 
 
 async def test_append_refuses_any_body_but_json_with_415(live_server: LiveServer) -> None:

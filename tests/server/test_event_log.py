@@ -10,13 +10,12 @@ import sqlalchemy as sa
 from oa_sync_core import ConcurrencyError, EventValidationError, NewEvent
 from oa_sync_core.testing import new_event
 from oa_sync_server.postgres.event_log import (
-    EVENTS_CHANNEL,
     LogCursor,
     PostgresEventLog,
     StreamOrderConflict,
     read_committed,
 )
-from oa_sync_server.postgres.tables import events
+from oa_sync_server.postgres.tables import EVENTS_CHANNEL, events
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.server.pg_projection import wait_for_horizon

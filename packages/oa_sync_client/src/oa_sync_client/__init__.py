@@ -11,6 +11,8 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from oa_sync_client.client import (
+    AppendError,
+    AppendResult,
     BackoffPolicy,
     CachedDocument,
     ClientClosedError,
@@ -33,6 +35,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "AppendError",
+    "AppendResult",
     "BackoffPolicy",
     "CachedDocument",
     "ClientClosedError",

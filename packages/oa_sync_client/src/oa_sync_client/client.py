@@ -16,22 +16,32 @@ what changed (or ``reset`` + a snapshot when it cannot); reconnects back off exp
 with full jitter and stop on refusals (4400, 4403, 4413); the token is refreshed before it
 expires and sent in-band, one refresh at a time whoever asks.
 
-What this is not: a cache of anything the subscriptions do not cover, or a writer (appending
-events is ``POST /v1/events``).
+Writes: :meth:`SyncClient.append` posts events to ``POST /v1/events`` (each with an
+idempotency key, generated when absent, so a retry cannot append twice); with
+``visible=True`` it resolves only once this client's subscriptions have reached the watermark
+at which the write became visible, so the next read of ``Subscription.documents`` shows it::
+
+    await client.append(
+        [{"streamId": "run:r1", "type": "run.started", "payload": {"runId": "r1"}}], visible=True
+    )
+
+What this is not: a cache of anything the subscriptions do not cover.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import itertools
 import logging
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import aiohttp
 from oa_sync_core.protocol.client_session import (
@@ -55,9 +65,11 @@ from oa_sync_core.protocol.wire import (
     encode_client,
 )
 
-from oa_sync_client.errors import ClientClosedError, SubscriptionRefusedError
+from oa_sync_client.errors import AppendError, ClientClosedError, SubscriptionRefusedError
 
 __all__ = [
+    "AppendError",
+    "AppendResult",
     "BackoffPolicy",
     "CachedDocument",
     "ClientClosedError",
@@ -84,6 +96,22 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 _CONNECT_TIMEOUT_S: Final = 10.0
 _DEFAULT_PING_S: Final = 15.0
 _log = logging.getLogger(__name__)  # stdlib logging: the SDK runs inside other applications
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What an append returned.
+
+    Attributes:
+        positions: the log position of each event, in order.
+        visible_watermark: with ``visible``: the watermark at which the batch's documents
+            became visible (0: the batch changed none).
+        epoch: with ``visible``: the epoch of that watermark.
+    """
+
+    positions: tuple[int, ...]
+    visible_watermark: int | None = None
+    epoch: str | None = None
 
 
 class SubscriptionClosed(Exception):  # noqa: N818 - a sentinel value, not an error to handle
@@ -200,10 +228,12 @@ class SyncClient:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._send_lock = asyncio.Lock()
         self._refreshing: asyncio.Future[None] | None = None
+        self._token: str | None = None
         self._runner: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
         self._state_changed = asyncio.Condition()
+        self._progress = asyncio.Condition()
         self._listeners: list[Callable[[ConnectionState], None]] = []
         self._last_state = self.session.state
         self._nonces = itertools.count(1)
@@ -328,7 +358,101 @@ class SyncClient:
             result = provider()
             token = await result if inspect.isawaitable(result) else result
         frames = self.session.set_token(token, now=time.time())
+        self._token = token
         await self._send(frames)
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        events: Sequence[Mapping[str, Any]],
+        *,
+        visible: bool = False,
+        timeout_s: float = 5.0,
+    ) -> AppendResult:
+        """Append events atomically through ``POST /v1/events`` (scope ``sync:append``).
+
+        Args:
+            events: proto3 JSON ``AppendEvent`` objects (``streamId``, ``type``, ``payload``,
+                optional ``idempotencyKey`` — generated when absent — and ``expectedSeq``).
+            visible: resolve only once this client's subscriptions have reached the write
+                (read-your-writes): the server waits for the projector, then this client
+                for the watermark it answered.
+            timeout_s: with ``visible``, the bound on both waits.
+
+        Raises:
+            AppendError: the server refused the append (status and code), or ``not_visible``
+                when the write did not become visible within ``timeout_s`` (it *was* appended).
+        """
+        if self._http is None:
+            raise ClientClosedError("start the client (async with) before appending")
+        body = {
+            "events": [
+                dict(e) | {"idempotencyKey": e.get("idempotencyKey") or uuid.uuid4().hex}
+                for e in events
+            ]
+        }
+        params = {"wait": "visible", "timeoutMs": str(max(int(timeout_s * 1000), 1))}
+        token = await self._bearer()
+        deadline = time.monotonic() + timeout_s
+        async with self._http.post(
+            _http_url(self.url) + "/v1/events",
+            json=body,
+            params=params if visible else None,
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            try:
+                answer = await response.json(content_type=None)
+            except ValueError:
+                raise AppendError(response.status, "http_error", "the answer is not JSON") from None
+        if response.status != 200:
+            error = answer.get("error", {}) if isinstance(answer, dict) else {}
+            raise AppendError(
+                response.status,
+                str(error.get("code", "http_error")),
+                str(error.get("message", "")),
+                [int(p) for p in error.get("positions", [])],
+            )
+        positions = tuple(int(p) for p in answer["positions"])
+        if not visible:
+            return AppendResult(positions)
+        watermark, epoch = int(answer["visibleWatermark"]), str(answer["epoch"])
+        if watermark > 0 and self._subs:
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                    async with self._progress:
+                        await self._progress.wait_for(lambda: self._reached(watermark, epoch))
+            except TimeoutError:
+                raise AppendError(
+                    504,
+                    "not_visible",
+                    f"appended, but this client did not reach watermark {watermark}"
+                    f" within {timeout_s} s",
+                    positions,
+                ) from None
+        return AppendResult(positions, watermark, epoch)
+
+    def _reached(self, watermark: int, epoch: str) -> bool:
+        """Every subscription is synced on this connection and has seen ``watermark``."""
+        if self.session.state is not ConnectionState.LIVE:
+            return False
+        for sid, sub in self._subs.items():
+            if sub._ended:  # refused by the server: it will never reach anything
+                continue
+            position = self.session.position(sid)
+            if position is None or position.epoch != epoch:
+                return False
+            seen = max(position.watermark, self.session.last_watermark_seen)
+            if seen < watermark:
+                return False
+        return True
+
+    async def _bearer(self) -> str:
+        if self.session.token_expired(time.time()):
+            await self.refresh_token()
+        if self._token is None:
+            raise ClientClosedError("no token")
+        return self._token
 
     # -- the connection loop -----------------------------------------------------------------------
 
@@ -425,6 +549,8 @@ class SyncClient:
                     self._dispatch(events)
                     await self._send(replies)
                     await self._notify_state()
+                    async with self._progress:
+                        self._progress.notify_all()
                 elif msg.type in (
                     aiohttp.WSMsgType.CLOSE,
                     aiohttp.WSMsgType.CLOSING,
@@ -505,6 +631,12 @@ class SyncClient:
 def _ignore_result(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         _log.info("oa-sync send failed: %s", type(task.exception()).__name__)
+
+
+def _http_url(ws_url: str) -> str:
+    """The HTTP base of a ``ws(s)://…/v1/sync`` URL."""
+    base = ws_url.removesuffix("/v1/sync")
+    return "http" + base[2:] if base.startswith("ws") else base
 
 
 def _ws_url(url: str) -> str:

@@ -2,6 +2,7 @@
 
     OaSyncError                       (oa_sync_core)
     └── ClientError
+        ├── AppendError               ``POST /v1/events`` refused an append, or not visible in time
         ├── ClientClosedError         the client is closed (by the application, or it gave up)
         └── SubscriptionRefusedError  the server refused a subscription (``error`` frame)
 
@@ -11,13 +12,31 @@ and wire decoding failures its :class:`~oa_sync_core.errors.WireError`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from oa_sync_core.errors import OaSyncError
 
-__all__ = ["ClientClosedError", "ClientError", "SubscriptionRefusedError"]
+__all__ = ["AppendError", "ClientClosedError", "ClientError", "SubscriptionRefusedError"]
 
 
 class ClientError(OaSyncError):
     """Root of the client's errors."""
+
+
+class AppendError(ClientError):
+    """``POST /v1/events`` refused an append, or it was not visible in time (``not_visible``).
+
+    Attributes:
+        status: the HTTP status (504 for ``not_visible``).
+        code: the error code of the answer.
+        positions: set when the events *were* appended: do not append them again.
+    """
+
+    def __init__(self, status: int, code: str, message: str, positions: Sequence[int] = ()):
+        self.status = status
+        self.code = code
+        self.positions = tuple(positions)
+        super().__init__(f"{status} {code}: {message}")
 
 
 class ClientClosedError(ClientError):

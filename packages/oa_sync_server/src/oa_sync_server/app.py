@@ -40,7 +40,7 @@ from oa_sync_server.postgres.replica import ReadRouter
 from oa_sync_server.sinks import start_sink
 from oa_sync_server.state import STATE, ServerState
 from oa_sync_server.transports import http as http_api
-from oa_sync_server.transports import sse
+from oa_sync_server.transports import inspector, sse
 from oa_sync_server.transports.ws import close_all, sync_handler
 from oa_sync_server.worker import ProjectorWorker
 
@@ -203,4 +203,5 @@ def create_app(
     http_api.add_routes(app)
     sse.add_routes(app)
     openapi.add_routes(app)
+    inspector.add_routes(app)
     return app

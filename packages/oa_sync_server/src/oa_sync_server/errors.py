@@ -13,6 +13,7 @@ class the distribution raises is defined here::
         ├── LimitExceededError            a configured limit was breached; ``kind`` names it
         ├── UnsupportedMediaTypeError     a request body of a media type the route does not take
         ├── StaleCursorError              a polling position cannot continue (410 ``reset``)
+        ├── NotVisibleError               appended, but not projected within ``timeoutMs`` (504)
         ├── DatabaseUnavailableError      unreachable, credentials refused, no such database
         ├── MigrationsMissingError        the package's migration scripts are missing
         ├── EmbeddedUnavailableError      no database URL and no ``[embedded]`` extra
@@ -302,6 +303,22 @@ class StaleCursorError(ServerError):
         self.reason = reason
         self.epoch = epoch
         super().__init__(f"{reason}: restart from after=0 with epoch {epoch}")
+
+
+class NotVisibleError(ServerError):
+    """An append committed but was not projected within its ``timeoutMs`` (504 ``not_visible``).
+
+    Attributes:
+        positions: the log positions of the appended events (they *are* in the log).
+    """
+
+    def __init__(self, positions: list[int], timeout_ms: int):
+        self.positions = positions
+        super().__init__(
+            f"appended, but not visible within {timeout_ms} ms (the projector is behind or not"
+            " running); the events are in the log: do not append them again without their"
+            " idempotency keys"
+        )
 
 
 class DatabaseUnavailableError(ServerError):

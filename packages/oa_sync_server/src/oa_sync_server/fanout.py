@@ -62,14 +62,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.follower import LogFollower
 from oa_sync_server.postgres.read_model import DocRow, changed_after, read_meta
-from oa_sync_server.postgres.stores import CHANGES_CHANNEL
-from oa_sync_server.postgres.tables import sync_meta
+from oa_sync_server.postgres.tables import CHANGES_CHANNEL, sync_meta
 
 if TYPE_CHECKING:
     from oa_sync_server.bus.changes import BusChange
     from oa_sync_server.bus.nats import NatsBus
 
-__all__ = ["CHANGES_CHANNEL", "Feed", "Hub", "LiveDoc", "Receiver", "Tap"]
+__all__ = ["Feed", "Hub", "LiveDoc", "Receiver", "Tap"]
 
 
 _log = structlog.get_logger(__name__)

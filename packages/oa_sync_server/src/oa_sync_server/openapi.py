@@ -53,6 +53,11 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "index": {"type": "integer", "description": "the offending event's index"},
             "field": {"type": "string", "description": "the offending field or parameter"},
             "epoch": {"type": "string", "description": "the current epoch (code `reset`)"},
+            "positions": {
+                "type": "array",
+                "items": _INT64,
+                "description": "code `not_visible`: the events were appended at these positions",
+            },
         },
     },
     "ErrorResponse": {
@@ -87,7 +92,55 @@ _SCHEMAS: Final[dict[str, Any]] = {
     "AppendResponse": {
         "type": "object",
         "required": ["positions"],
-        "properties": {"positions": {"type": "array", "items": _INT64}},
+        "properties": {
+            "positions": {"type": "array", "items": _INT64},
+            "visibleWatermark": {
+                **_INT64,
+                "description": "with wait=visible: the watermark of the batch's documents",
+            },
+            "epoch": {"type": "string", "description": "with wait=visible: its epoch"},
+        },
+    },
+    "AdminStatus": {
+        "type": "object",
+        "required": ["projector", "connections", "subscriptions", "sink"],
+        "properties": {
+            "projector": {
+                "type": "object",
+                "required": ["inProcess", "lagEvents", "lagSeconds", "watermark", "epoch"],
+                "properties": {
+                    "inProcess": {"type": "boolean"},
+                    "lagEvents": {"type": "integer", "minimum": 0},
+                    "lagSeconds": {"type": "number", "minimum": 0},
+                    "watermark": _INT64,
+                    "epoch": {"type": "string"},
+                },
+            },
+            "connections": {
+                "type": "object",
+                "properties": {"ws": {"type": "integer"}, "sse": {"type": "integer"}},
+            },
+            "subscriptions": {"type": "integer"},
+            "sink": {
+                "type": "object",
+                "required": ["kind", "lanes", "parity"],
+                "properties": {
+                    "kind": {"type": "string"},
+                    "lanes": {"type": "array", "items": {"type": "string"}},
+                    "parity": {"type": ["object", "null"]},
+                },
+            },
+        },
+    },
+    "DriftReport": {
+        "type": "object",
+        "required": ["ok", "documentsChecked", "eventsFolded", "items"],
+        "properties": {
+            "ok": {"type": "boolean"},
+            "documentsChecked": {"type": "integer"},
+            "eventsFolded": {"type": "integer"},
+            "items": {"type": "array", "items": {"type": "object"}},
+        },
     },
     "Document": {
         "type": "object",
@@ -169,6 +222,22 @@ _PATHS: Final[dict[str, Any]] = {
             "operationId": "appendEvents",
             "summary": "Append events atomically, in order",
             "security": [{"bearer": []}],
+            "parameters": [
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "description": "`visible`: answer once the batch is projected, with"
+                    " `visibleWatermark` and `epoch` (read-your-writes)",
+                    "schema": {"type": "string", "enum": ["visible"]},
+                },
+                {
+                    "name": "timeoutMs",
+                    "in": "query",
+                    "description": "with wait=visible: how long to wait, 1 to 60000 (default"
+                    " 5000); past it the answer is 504 `not_visible`",
+                    "schema": {"type": "string"},
+                },
+            ],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": _ref("AppendRequest")}},
@@ -182,6 +251,7 @@ _PATHS: Final[dict[str, Any]] = {
                 "413": _error("body larger than OA_SYNC_MAX_BODY_BYTES"),
                 "415": _error("a Content-Type other than application/json"),
                 "503": _UNAVAILABLE_RESPONSE,
+                "504": _error("wait=visible: appended, but not projected within timeoutMs"),
             },
         }
     },
@@ -279,6 +349,66 @@ _PATHS: Final[dict[str, Any]] = {
                 "101": {"description": "switched to the WebSocket protocol"},
                 "400": {"description": "not a valid WebSocket upgrade request"},
                 "403": {"description": "Origin not in OA_SYNC_ALLOWED_ORIGINS"},
+            },
+        }
+    },
+    "/": {
+        "get": {
+            "operationId": "inspector",
+            "summary": "The inspector page (token in the URL fragment, never sent here)",
+            "responses": {
+                "200": {
+                    "description": "the page",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
+    "/inspector/{name}": {
+        "get": {
+            "operationId": "inspectorAsset",
+            "summary": "The inspector page's script and style sheet",
+            "parameters": [
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "minLength": 1},
+                }
+            ],
+            "responses": {
+                "200": {
+                    "description": "the asset",
+                    "content": {
+                        "text/javascript": {"schema": {"type": "string"}},
+                        "text/css": {"schema": {"type": "string"}},
+                    },
+                },
+                "404": _error("no such asset"),
+            },
+        }
+    },
+    "/v1/admin/status": {
+        "get": {
+            "operationId": "adminStatus",
+            "summary": "Projector lag, connections, subscriptions, sink lanes and parity",
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": _json_response("the server's figures", "AdminStatus"),
+                "401": _error(_UNAUTHENTICATED),
+                "403": _error("the token lacks sync:admin"),
+            },
+        }
+    },
+    "/v1/admin/drift": {
+        "post": {
+            "operationId": "adminDrift",
+            "summary": "Compare the read model with a fold of the log, now",
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": _json_response("the drift report (oa-sync drift --json)", "DriftReport"),
+                "401": _error(_UNAUTHENTICATED),
+                "403": _error("the token lacks sync:admin"),
             },
         }
     },

@@ -78,6 +78,7 @@ from oa_sync_core import (
     ProjectionEngine,
     Projector,
 )
+from oa_sync_core.protocol.backoff import Backoff, BackoffPolicy
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -89,6 +90,7 @@ from oa_sync_server.postgres.event_log import LogCursor, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow
 from oa_sync_server.postgres.stores import Written, load_states, lock_watermarks, write_batch
+from oa_sync_server.postgres.tables import EVENTS_CHANNEL, NOTIFY_CHANGES
 
 __all__ = [
     "STALL_WARN_EVERY_S",
@@ -146,7 +148,6 @@ _HORIZON = sa.text("SELECT CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS 
 _PASSED = sa.text(
     "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= CAST(CAST(:target AS text) AS xid8)"
 )
-_NOTIFY = sa.text("SELECT pg_notify('oa_sync_changes', :watermark)")
 _EPOCH = sa.text("SELECT value FROM oa_sync.sync_meta WHERE key = 'epoch'")
 # Committed events after the lease cursor; after an empty batch, these wait behind the horizon.
 _PENDING = sa.text(
@@ -156,6 +157,8 @@ _PENDING = sa.text(
 )
 
 DEFAULT_LEASE_TTL_S: Final = 10.0
+_RETRY_BACKOFF: Final = BackoffPolicy(base_s=0.1, cap_s=5.0)
+"""How a failed batch is retried (full jitter, forever; reset by a batch that commits)."""
 DEFAULT_STALL_WARN_AFTER_S: Final = 5.0
 STALL_WARN_EVERY_S: Final = 30.0
 """While a stall lasts, ``projection_stalled`` is repeated this often (or at once for a new
@@ -223,7 +226,7 @@ class ProjectorWorker:
         self.watermark = 0
         self.applied = 0
         self._follower = LogFollower(
-            libpq_url(engine), "oa_sync_events", poll_interval_s=poll_interval_s, name="projector"
+            libpq_url(engine), EVENTS_CHANNEL, poll_interval_s=poll_interval_s, name="projector"
         )
         self.cache_size = cache_size
         self.retention_s = retention_s
@@ -433,7 +436,7 @@ class ProjectorWorker:
                 },
             )
             if written.updates:
-                await conn.execute(_NOTIFY, {"watermark": str(written.last_watermark)})
+                await conn.execute(NOTIFY_CHANGES, {"watermark": str(written.last_watermark)})
             log_epoch = (
                 str((await conn.execute(_EPOCH)).scalar_one())
                 if self.bus is not None and written.updates
@@ -525,7 +528,7 @@ class ProjectorWorker:
         Stands by while another worker holds the lease; releases it on the way out.
         """
         self._follower.start()
-        backoff = 0.1
+        retry = Backoff(_RETRY_BACKOFF)
         renew_every = self.lease_ttl_s / 3
         try:
             while not stop.is_set():
@@ -535,7 +538,7 @@ class ProjectorWorker:
                         await self._wait(stop, min(renew_every, self.poll_interval_s))
                         continue
                     if await self.run_once():
-                        backoff = 0.1
+                        retry.reset()
                         continue
                     await self._maybe_prune()
                     await self._check_stall()
@@ -544,8 +547,7 @@ class ProjectorWorker:
                     continue
                 except (DBAPIError, OSError) as exc:
                     log.warning("projector_batch_failed", name=self.name, error=type(exc).__name__)
-                    await self._wait(stop, backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    await self._wait(stop, retry.next_delay() or _RETRY_BACKOFF.cap_s)
         finally:
             await self._follower.stop()
             with contextlib.suppress(DBAPIError, OSError):

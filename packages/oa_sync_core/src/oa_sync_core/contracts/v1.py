@@ -678,6 +678,16 @@ class AppendResponse(betterproto.Message):
     positions: List[int] = betterproto.int64_field(1)
     """The log position of each event, in request order."""
 
+    visible_watermark: int = betterproto.int64_field(2)
+    """
+    Only with `?wait=visible`: the change-log watermark at which the batch's documents
+     became visible (0 when the batch changed no document). A client whose subscriptions have
+     reached this watermark of `epoch` reads the write from its cache.
+    """
+
+    epoch: str = betterproto.string_field(3)
+    """Only with `?wait=visible`: the epoch `visible_watermark` belongs to."""
+
 
 @dataclass(eq=False, repr=False)
 class Document(betterproto.Message):

@@ -72,6 +72,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_SUBSCRIPTION = "invalid_subscription"
     UNKNOWN_SUBSCRIPTION = "unknown_subscription"
     RESET = "reset"
+    NOT_VISIBLE = "not_visible"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     UNAVAILABLE = "unavailable"
     """The database is unreachable for now; retry after ``Retry-After`` (503)."""
@@ -101,3 +102,4 @@ class LimitKind(enum.StrEnum):
     IDLE = "idle"
     SEND_QUEUE = "send_queue"
     BODY_SIZE = "body_size"
+    APPEND_EVENTS = "append_events"

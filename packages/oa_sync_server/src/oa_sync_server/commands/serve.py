@@ -18,7 +18,9 @@ died (its standard input closed) stops too. Per-process figures
 ``--demo`` also runs a synthetic runtime (:mod:`oa_sync_server.demo`), generates a throw-away
 HS256 secret when no JWT key is configured (never printed), prints a token plus a
 ready-to-paste command to watch updates, and allows the server's own origin
-(:func:`own_origins`), so a page it serves (the inspector) may connect from a browser.
+(:func:`own_origins`), so a page it serves (the inspector) may connect from a browser, and
+prints the inspector's URL (``GET /``) with a ``sync:admin`` token in its fragment (for the
+server panel): one click and the demo runs move in the browser.
 
 The start-up lines say which browser origins may connect and, when none may, how to allow a
 development origin: a refused page only sees WebSocket close 1006 and CORS errors.
@@ -146,20 +148,27 @@ def _print_demo(settings: Settings, url: str) -> None:
     if secret is None:
         print("demo: no HS256 secret configured; mint tokens with your issuer", flush=True)
         return
-    token = mint_token(
-        secret,
-        subject="demo",
-        topics=["*"],
-        scopes=["sync:read", "sync:append"],
-        ttl_s=DEMO_TOKEN_TTL_S,
-        issuer=settings.jwt.issuer,
-        audience=settings.jwt.audience,
-    )
+
+    def mint(subject: str, scopes: list[str]) -> str:
+        return mint_token(
+            secret,
+            subject=subject,
+            topics=["*"],
+            scopes=scopes,
+            ttl_s=DEMO_TOKEN_TTL_S,
+            issuer=settings.jwt.issuer,
+            audience=settings.jwt.audience,
+        )
+
+    token = mint("demo", ["sync:read", "sync:append"])
+    inspector_token = mint("demo-inspector", ["sync:read", "sync:admin"])
     topic = "runtime/run_summary:*"
     print(
         "\n".join(
             [
                 "demo: a synthetic runtime is appending run and worker events.",
+                "watch it in a browser (the inspector; the token stays in the URL fragment):",
+                f"  {url}/#token={inspector_token}&topic=*",
                 f"demo token (12 h, read + append): {token}",
                 "watch live updates:",
                 f"  {self_command()} tail '{topic}' --url {url} --token {token}",

@@ -52,6 +52,7 @@ from oa_sync_server.postgres.stores import (
     put_checkpoints,
     write_updates,
 )
+from oa_sync_server.postgres.tables import NOTIFY_CHANGES
 
 __all__ = ["ReprojectionOutcome", "check_drift", "prune_changes", "reproject"]
 
@@ -79,7 +80,6 @@ _RETAINED = sa.text(
     "UPDATE oa_sync.sync_meta SET value = CAST(CAST(:bound AS bigint) AS text) "
     "WHERE key = 'retained_from' AND CAST(value AS bigint) < :bound"
 )
-_NOTIFY = sa.text("SELECT pg_notify('oa_sync_changes', :watermark)")
 
 
 async def _cursor(conn: AsyncConnection, worker: str, *, lock: bool) -> LogCursor | None:
@@ -201,7 +201,7 @@ async def reproject(
                     await conn.execute(_NEW_EPOCH)
                 written = await write_updates(conn, updates, only_newer=False, locked_at=last)
                 await put_checkpoints(conn, (checkpoint for _, checkpoint in plan.rewrites))
-                await conn.execute(_NOTIFY, {"watermark": str(written.last_watermark)})
+                await conn.execute(NOTIFY_CHANGES, {"watermark": str(written.last_watermark)})
                 watermark = written.last_watermark
         except BaseException:
             await tx.rollback()

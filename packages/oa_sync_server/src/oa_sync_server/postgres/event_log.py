@@ -52,10 +52,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.errors import StreamOrderConflict
-from oa_sync_server.postgres.tables import events
+from oa_sync_server.postgres.tables import EVENTS_CHANNEL, events
 
 __all__ = [
-    "EVENTS_CHANNEL",
     "LOCK_BUCKETS",
     "BoundedLog",
     "LogCursor",
@@ -65,7 +64,6 @@ __all__ = [
     "read_committed",
 ]
 
-EVENTS_CHANNEL: Final = "oa_sync_events"
 """NOTIFY channel hinting that events were appended (carries no data)."""
 
 LOCK_BUCKETS: Final = 256
@@ -77,8 +75,8 @@ _LOCK = sa.text(
     "SELECT (SELECT count(pg_advisory_xact_lock(:space, b)) "
     "FROM unnest(CAST(:buckets AS int[])) AS b), "
     "CAST(CAST(pg_current_xact_id() AS text) AS bigint), "
-    "pg_notify('oa_sync_events', '')"
-)
+    "pg_notify(:channel, '')"
+).bindparams(channel=EVENTS_CHANNEL)
 _STATE = sa.text(
     # One backward index probe per stream (not a scan of the stream's whole history), and the
     # idempotency keys recorded before: rows of ('s', stream, seq, tx) and ('k', key, pos, 0).

@@ -31,11 +31,13 @@ import structlog
 from oa_sync_core.protocol.backoff import Backoff, BackoffPolicy
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from oa_sync_server.postgres.tables import CHANGES_CHANNEL, EVENTS_CHANNEL
+
 __all__ = ["FOLLOWER_BACKOFF", "LogFollower", "libpq_url"]
 
 _LISTEN: Final[dict[str, LiteralString]] = {
-    "oa_sync_events": "LISTEN oa_sync_events",
-    "oa_sync_changes": "LISTEN oa_sync_changes",
+    EVENTS_CHANNEL: "LISTEN oa_sync_events",
+    CHANGES_CHANNEL: "LISTEN oa_sync_changes",
 }
 """The channels there are, and their statements (written out: no SQL is composed)."""
 

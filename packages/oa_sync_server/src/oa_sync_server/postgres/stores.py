@@ -40,7 +40,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from oa_sync_server.postgres.tables import checkpoints, documents
 
 __all__ = [
-    "CHANGES_CHANNEL",
     "WATERMARK_LOCK",
     "PostgresCheckpointStore",
     "PostgresDocumentSink",
@@ -54,7 +53,6 @@ __all__ = [
     "write_updates",
 ]
 
-CHANGES_CHANNEL: Final = "oa_sync_changes"
 """NOTIFY channel carrying the new highest watermark after a commit (a hint, no data)."""
 
 WATERMARK_LOCK: Final = 0x6F615F73796E63  # "oa_sync"
@@ -277,21 +275,21 @@ async def write_updates(
         return Written([], last)
     rows = list(latest.values())
     watermarks = range(last + 1, last + 1 + len(rows))
-    payload = orjson.dumps(
-        [
-            {
-                "doc_key": u.doc_key,
-                "projection": u.projection,
-                "version": u.version,
-                "watermark": w,
-                "content_hash": u.content_hash,
-                "body": orjson.Fragment(u.canonical),
-            }
-            for u, w in zip(rows, watermarks, strict=True)
-        ]
-    )
+    payload = orjson.dumps([_document_row(u, w) for u, w in zip(rows, watermarks, strict=True)])
     await conn.execute(_WRITE_DOCUMENTS, {"rows": payload.decode()})
     return Written(list(zip(rows, watermarks, strict=True)), watermarks[-1])
+
+
+def _document_row(update: DocumentUpdate, watermark: int) -> dict[str, Any]:
+    """One document row of the set-based writes' JSON payload (the body spliced, not re-encoded)."""
+    return {
+        "doc_key": update.doc_key,
+        "projection": update.projection,
+        "version": update.version,
+        "watermark": watermark,
+        "content_hash": update.content_hash,
+        "body": orjson.Fragment(update.canonical),
+    }
 
 
 @asynccontextmanager
@@ -393,16 +391,8 @@ async def write_batch(
     watermarks = range(locked_at + 1, locked_at + 1 + len(updates))
     payload = orjson.dumps(
         [
-            {
-                "doc_key": u.doc_key,
-                "projection": u.projection,
-                "version": u.version,
-                "watermark": w,
-                "content_hash": u.content_hash,
-                "body": orjson.Fragment(u.canonical),
-                "last_position": c.last_position,
-                "projector_version": c.projector_version,
-            }
+            _document_row(u, w)
+            | {"last_position": c.last_position, "projector_version": c.projector_version}
             for u, c, w in zip(updates, checkpoints, watermarks, strict=True)
         ]
     )

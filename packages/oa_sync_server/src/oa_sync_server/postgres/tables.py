@@ -13,6 +13,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import UserDefinedType
 
 __all__ = [
+    "CHANGES_CHANNEL",
+    "EVENTS_CHANNEL",
+    "NOTIFY_CHANGES",
     "SCHEMA",
     "Xid8",
     "changes",
@@ -25,6 +28,15 @@ __all__ = [
 ]
 
 SCHEMA: Final = "oa_sync"
+
+CHANGES_CHANNEL: Final = "oa_sync_changes"
+"""NOTIFY channel of the projector's commits (payload: the new watermark; only a hint)."""
+EVENTS_CHANNEL: Final = "oa_sync_events"
+"""NOTIFY channel of appends (empty payload; delivered at commit, so only a hint)."""
+NOTIFY_CHANGES: Final = sa.text("SELECT pg_notify(:channel, :watermark)").bindparams(
+    channel=CHANGES_CHANNEL
+)
+"""The projector's commit-time hint; execute with ``{"watermark": str(w)}``."""
 
 
 class Xid8(UserDefinedType[int]):

@@ -46,8 +46,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
-from oa_sync_server.postgres.stores import CHANGES_CHANNEL
-from oa_sync_server.postgres.tables import documents, sync_meta
+from oa_sync_server.postgres.tables import CHANGES_CHANNEL, documents, sync_meta
 from oa_sync_server.sinks.http import (
     Delivered,
     DeliveryRequest,

@@ -3,6 +3,10 @@
 Routes (added by :func:`add_routes`):
 
 * ``POST /v1/events`` — ``AppendRequest`` → ``AppendResponse``; scope ``sync:append``.
+  With ``?wait=visible[&timeoutMs=N]`` the answer waits until the projector has applied the
+  batch and adds ``visibleWatermark`` (the watermark of the batch's documents, 0 when it
+  changed none) and ``epoch`` (read-your-writes); past the timeout it is a 504
+  ``not_visible`` whose ``positions`` say the events *were* appended.
 * ``GET /v1/docs/{doc_key}`` — one ``Document`` (the whole rest of the path is the key);
   scope ``sync:read`` and a grant covering the key.
 * ``GET /v1/changes?topic=…&after=W&limit=N[&epoch=E]`` — a ``ChangesPage``: documents
@@ -29,6 +33,7 @@ What this is not: SSE (:mod:`oa_sync_server.transports.sse`) or the WebSocket
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import math
 import re
 import time
@@ -41,8 +46,9 @@ import structlog
 from aiohttp import web
 from oa_sync_core.codec import loads_strict, read_message
 from oa_sync_core.contracts import v1
-from oa_sync_core.errors import CodecError, EventValidationError
-from oa_sync_core.events import NewEvent, check_append_size
+from oa_sync_core.errors import AppendLimitError, CodecError, EventValidationError
+from oa_sync_core.events import Event, NewEvent, check_append_size
+from oa_sync_core.projectors import DEFAULT_PROJECTORS
 from oa_sync_core.protocol.codes import ErrorCode, LimitKind
 from oa_sync_core.protocol.resume import Position, decide_resume
 from oa_sync_core.topics import Topic, parse_topic
@@ -54,6 +60,7 @@ from oa_sync_server.errors import (
     AuthFailure,
     ForbiddenError,
     LimitExceededError,
+    NotVisibleError,
     StaleCursorError,
     UnsupportedMediaTypeError,
     classify,
@@ -67,8 +74,10 @@ __all__ = [
     "BODY_MEDIA_TYPES",
     "CORS_EXPOSED_HEADERS",
     "DEFAULT_CHANGES_LIMIT",
+    "DEFAULT_VISIBLE_TIMEOUT_MS",
     "LAG_COUNT_CAP",
     "MAX_CHANGES_LIMIT",
+    "MAX_VISIBLE_TIMEOUT_MS",
     "READY_MAX_LAG_S",
     "READY_STALL_S",
     "StaleCursorError",
@@ -95,6 +104,9 @@ BODY_MEDIA_TYPES: Final = ("application/json",)
 """The ``Content-Type`` a request body may have (parameters such as ``charset`` aside)."""
 CORS_EXPOSED_HEADERS: Final = "WWW-Authenticate, Retry-After"
 """Response headers a browser page may read (``Access-Control-Expose-Headers``)."""
+DEFAULT_VISIBLE_TIMEOUT_MS: Final = 5_000
+"""How long ``POST /v1/events?wait=visible`` waits for the projector when no ``timeoutMs``."""
+MAX_VISIBLE_TIMEOUT_MS: Final = 60_000
 _EVENT_PATH = re.compile(r"events\[(\d+)\]\.?(.*)")
 _BEARER = re.compile(r"Bearer +(\S+)", re.IGNORECASE)
 
@@ -115,6 +127,18 @@ _LAG = sa.text(
 )
 
 
+# Whether the projector's cursor has passed every event at :positions (all of one batch, or,
+# for a replayed idempotency key, the original events, which may span transactions).
+_PROJECTED = sa.text(
+    "SELECT COALESCE(bool_and((e.tx_id, e.position) <= (l.cursor_tx_id, l.cursor_position)), "
+    "false) FROM oa_sync.events e JOIN oa_sync.projector_leases l ON l.name = :name "
+    "WHERE e.position = ANY(:positions)"
+)
+_VISIBLE_AT = sa.text(
+    "SELECT COALESCE(max(watermark), 0) FROM oa_sync.documents WHERE doc_key = ANY(:keys)"
+)
+
+
 def _state(request: web.Request) -> ServerState:
     return request.app[STATE]
 
@@ -128,6 +152,14 @@ def _error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     if isinstance(exc, StaleCursorError):
         body = {"code": ErrorCode.RESET, "message": str(exc), "epoch": exc.epoch}
         return 410, {"error": body}
+    if isinstance(exc, NotVisibleError):
+        positions = [str(p) for p in exc.positions]
+        late: dict[str, Any] = {
+            "code": ErrorCode.NOT_VISIBLE,
+            "message": str(exc),
+            "positions": positions,
+        }
+        return 504, {"error": late}
     if isinstance(exc, web.HTTPException):
         return exc.status, {"error": {"code": exc.reason.lower().replace(" ", "_"), "message": ""}}
     if mapping.status >= 500 or mapping.retry_after_s is not None:
@@ -337,7 +369,11 @@ async def append_events(request: web.Request) -> web.Response:
             raise _event_error(exc) from None
         raise
     items = message.get("events", [])
-    check_append_size(len(items), state.event_log.max_events)  # 413 naming the limit
+    try:
+        check_append_size(len(items), state.event_log.max_events)  # 413 naming the limit
+    except AppendLimitError:
+        state.metrics.limit_breaches.labels(kind=LimitKind.APPEND_EVENTS.value).inc()
+        raise
     if not items:
         raise EventValidationError("events must hold at least one event", field="events")
     batch = []
@@ -351,8 +387,65 @@ async def append_events(request: web.Request) -> web.Response:
             idempotency_key=item.get("idempotencyKey") or None,
         )
         batch.append(event)
+    wait = request.query.get("wait")
+    if wait not in (None, "visible"):
+        raise bad_query("wait", "wait must be 'visible' when given")
+    timeout_ms = _int_param(
+        request, "timeoutMs", DEFAULT_VISIBLE_TIMEOUT_MS, 1, MAX_VISIBLE_TIMEOUT_MS
+    )
     positions = await state.event_log.append(batch)  # validates each event once, names its index
-    return _json({"positions": [str(p) for p in positions]})
+    answer: dict[str, Any] = {"positions": [str(p) for p in positions]}
+    if wait == "visible":
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                watermark, epoch = await _visible(state, batch, positions)
+        except TimeoutError:
+            raise NotVisibleError(positions, timeout_ms) from None
+        answer |= {"visibleWatermark": str(watermark), "epoch": epoch}
+    return _json(answer)
+
+
+def _doc_keys(state: ServerState, batch: list[NewEvent], positions: list[int]) -> list[str]:
+    """The documents the server's projectors route the batch's events to."""
+    worker = state.projector
+    projectors = (
+        list(worker.projection.projectors.values()) if worker is not None else DEFAULT_PROJECTORS
+    )
+    now = dt.datetime.now(dt.UTC)
+    keys: set[str] = set()
+    for new, position in zip(batch, positions, strict=True):
+        event = Event(
+            position=position,
+            stream_id=new.stream_id,
+            stream_seq=1,
+            type=new.type,
+            payload=new.payload,
+            recorded_at=now,
+        )
+        keys.update(k for p in projectors if (k := p.doc_key(event)) is not None)
+    return sorted(keys)
+
+
+async def _visible(
+    state: ServerState, batch: list[NewEvent], positions: list[int]
+) -> tuple[int, str]:
+    """Wait until the projector has applied the batch; its documents' watermark and the epoch.
+
+    Waits on the hub (woken by the projector's NOTIFY), never on a timer: the hub's watermark
+    is read before each check, so an advance between the check and the wait is not missed.
+    """
+    keys = _doc_keys(state, batch, positions)
+    while True:
+        seen = state.hub.watermark
+        async with state.engine.connect() as conn:
+            if not keys:
+                return 0, (await read_model.read_meta(conn)).epoch
+            lease = state.projector.name if state.projector is not None else "default"
+            done = await conn.execute(_PROJECTED, {"name": lease, "positions": positions})
+            if done.scalar_one():
+                watermark = (await conn.execute(_VISIBLE_AT, {"keys": keys})).scalar_one()
+                return int(watermark), (await read_model.read_meta(conn)).epoch
+        await state.hub.wait_for(seen + 1, within_s=MAX_VISIBLE_TIMEOUT_MS / 1000)
 
 
 async def get_document(request: web.Request) -> web.Response:
