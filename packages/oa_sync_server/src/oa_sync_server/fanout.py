@@ -61,7 +61,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.follower import LogFollower
-from oa_sync_server.postgres.read_model import DocRow, changed_after, read_meta
+from oa_sync_server.postgres.read_model import DocRow, changed_after, log_position, read_meta
 from oa_sync_server.postgres.tables import CHANGES_CHANNEL, sync_meta
 
 if TYPE_CHECKING:
@@ -72,11 +72,6 @@ __all__ = ["Feed", "Hub", "LiveDoc", "Receiver", "Tap"]
 
 
 _log = structlog.get_logger(__name__)
-
-_AUDIT = sa.text(
-    "SELECT (SELECT value FROM oa_sync.sync_meta WHERE key = 'epoch') AS epoch, "
-    "(SELECT coalesce(max(watermark), 0) FROM oa_sync.documents) AS top"
-)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -480,11 +475,11 @@ class Hub:
             return False
         self._audit_due = now + self._poll_interval_s
         async with self._engine.connect() as conn:
-            row = (await conn.execute(_AUDIT)).one()
+            epoch, top = await log_position(conn)
         if self._metrics is not None:
             self._metrics.hub_reads.labels("audit").inc()
-        behind = row.epoch != self.epoch or self.watermark < self._audit_seen
-        self._audit_seen = int(row.top)
+        behind = epoch != self.epoch or self.watermark < self._audit_seen
+        self._audit_seen = top
         return behind
 
     async def _read_pass(self) -> None:

@@ -88,7 +88,7 @@ from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
 from oa_sync_server.postgres.event_log import LogCursor, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
-from oa_sync_server.postgres.read_model import DocRow
+from oa_sync_server.postgres.read_model import DocRow, log_epoch
 from oa_sync_server.postgres.stores import Written, load_states, lock_watermarks, write_batch
 from oa_sync_server.postgres.tables import EVENTS_CHANNEL, NOTIFY_CHANGES
 
@@ -148,7 +148,6 @@ _HORIZON = sa.text("SELECT CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS 
 _PASSED = sa.text(
     "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= CAST(CAST(:target AS text) AS xid8)"
 )
-_EPOCH = sa.text("SELECT value FROM oa_sync.sync_meta WHERE key = 'epoch'")
 # Committed events after the lease cursor; after an empty batch, these wait behind the horizon.
 _PENDING = sa.text(
     "SELECT EXISTS (SELECT 1 FROM oa_sync.events e, oa_sync.projector_leases l "
@@ -437,15 +436,11 @@ class ProjectorWorker:
             )
             if written.updates:
                 await conn.execute(NOTIFY_CHANGES, {"watermark": str(written.last_watermark)})
-            log_epoch = (
-                str((await conn.execute(_EPOCH)).scalar_one())
-                if self.bus is not None and written.updates
-                else ""
-            )
+            epoch_now = await log_epoch(conn) if self.bus is not None and written.updates else ""
             await self._pause("written", conn)
         await self._pause("committed", None)
         if self.bus is not None and written.updates:
-            await self._publish(written, log_epoch)
+            await self._publish(written, epoch_now)
         self._renew_due = time.monotonic() + self.lease_ttl_s / 3  # _ADVANCE renewed it
         self._remember(result.updates, result.checkpoints, written.last_watermark)
         if written.updates:

@@ -36,7 +36,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 import nats
-import sqlalchemy as sa
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -46,7 +45,7 @@ from oa_sync_core.protocol.backoff import Backoff, BackoffPolicy
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.bus.changes import BusChange, decode_change, encode_change
-from oa_sync_server.postgres.read_model import DocRow, changed_after
+from oa_sync_server.postgres.read_model import DocRow, changed_after, log_position
 
 __all__ = [
     "REPUBLISH_LIMIT",
@@ -67,8 +66,6 @@ DUPLICATE_WINDOW_S: Final = 120.0
 """How long JetStream remembers a message id to drop a republished copy."""
 BUS_BACKOFF: Final = BackoffPolicy(base_s=0.1, cap_s=5.0)
 """First-connection retry schedule (nats-py reconnects by itself once connected)."""
-
-_EPOCH = sa.text("SELECT value FROM oa_sync.sync_meta WHERE key = 'epoch'")
 
 _log = structlog.get_logger(__name__)
 
@@ -261,16 +258,9 @@ class NatsBus:
         """
         last = await self.last_published()
         async with engine.connect() as conn:
-            epoch = str((await conn.execute(_EPOCH)).scalar_one())
             if last is None:
                 return 0  # a new stream: hubs start from Postgres anyway
-            top = int(
-                (
-                    await conn.execute(
-                        sa.text("SELECT coalesce(max(watermark), 0) FROM oa_sync.documents")
-                    )
-                ).scalar_one()
-            )
+            epoch, top = await log_position(conn)
             # Another epoch, or a stream ahead of the log (a restored database, a stream that
             # served another one): the stream's position means nothing here, send the latest.
             after = last[1] if last[0] == epoch and last[1] <= top else 0

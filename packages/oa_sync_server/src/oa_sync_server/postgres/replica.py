@@ -16,18 +16,15 @@ the tests, by the test itself); nothing here writes to it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
 
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from oa_sync_server.postgres.read_model import log_position
+
 __all__ = ["ReadRouter"]
 
-_POSITION: Final = sa.text(
-    "SELECT (SELECT value FROM oa_sync.sync_meta WHERE key = 'epoch') AS epoch, "
-    "(SELECT coalesce(max(watermark), 0) FROM oa_sync.documents) AS top"
-)
 
 _log = structlog.get_logger(__name__)
 
@@ -60,8 +57,8 @@ class ReadRouter:
         if self.replica is not None:
             try:
                 async with self.replica.connect() as conn:
-                    row = (await conn.execute(_POSITION)).one()
-                if row.epoch == epoch and int(row.top) >= watermark:
+                    at_epoch, top = await log_position(conn)
+                if at_epoch == epoch and top >= watermark:
                     chosen = self.replica
             except (sa.exc.SQLAlchemyError, OSError) as exc:
                 _log.warning("replica_unavailable", error=type(exc).__name__)
