@@ -43,20 +43,27 @@ async def test_serve_demo_on_embedded_postgres(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OA_SYNC_")}
     env |= {"OA_SYNC_DATA_DIR": str(tmp_path / "data"), "OA_SYNC_LOG_FORMAT": "json"}
     # The console script, as `nox -s serve` runs it (its directory is not on a user's PATH).
-    proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "oa-sync"),
-        "serve",
-        "--demo",
-        "--port",
-        "0",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    errors = tmp_path / "stderr.log"
+    with errors.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "oa-sync"),
+            "serve",
+            "--demo",
+            "--port",
+            "0",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
     assert proc.stdout is not None
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
-            url = (await _read_until(proc.stdout, re.compile(r"serving on (http://\S+)")))[1]
+            try:
+                found = await _read_until(proc.stdout, re.compile(r"serving on (http://\S+)"))
+            except AssertionError:
+                # Say why it never served (the process's own last lines), not only that it did not.
+                raise AssertionError(errors.read_text()[-3000:]) from None
+            url = found[1]
             token = (await _read_until(proc.stdout, re.compile(r"demo token .*: (\S+)$")))[1]
             tail = (await _read_until(proc.stdout, re.compile(r"^\s+(\S+ tail .*)$")))[1]
             assert f"--url {url}" in tail

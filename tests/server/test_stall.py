@@ -14,7 +14,6 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import psycopg
@@ -175,8 +174,12 @@ async def test_a_holder_the_role_cannot_see_is_reported_as_such(
     age or state: the stall warning still names the pid, says the age is hidden, and hints at
     granting that role."""
     role = "oa_stall_role_" + secrets.token_hex(4)
-    parts = urlsplit(database_url)
-    as_role = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+    # Same server and database as another user (TCP or, with pgserver, a Unix socket).
+    as_role = (
+        sa.engine.make_url(database_url)
+        .set(username=role, password=None)
+        .render_as_string(hide_password=False)
+    )
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
         await admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
         for grant in (
