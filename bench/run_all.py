@@ -27,7 +27,16 @@ sys.path.insert(0, str(HERE))
 
 from _common import RESULTS  # noqa: E402
 
-BENCHMARKS = ("wire_codec", "projection", "rebuild", "ingest", "fanout", "connections", "resume")
+BENCHMARKS = (
+    "wire_codec",
+    "projection",
+    "rebuild",
+    "ingest",
+    "fanout",
+    "connections",
+    "resume",
+    "instances",
+)
 NEEDS_POSTGRES = frozenset(BENCHMARKS) - {"wire_codec"}
 
 

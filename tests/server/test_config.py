@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from oa_sync_server.config import LogFormat, Settings, SinkKind, redact_dsn
+from oa_sync_server.config import FanoutKind, LogFormat, Settings, SinkKind, redact_dsn
 from oa_sync_server.errors import ConfigError
 
 SECRET = "s" * 32
@@ -49,8 +49,15 @@ def test_values_are_parsed_and_typed() -> None:
             "OA_SYNC_LOG_FORMAT": "json",
             "OA_SYNC_MAX_MESSAGE_BYTES": "4096",
             "OA_SYNC_POLL_INTERVAL_S": "0.25",
+            "OA_SYNC_FANOUT": "nats",
+            "OA_SYNC_NATS_URL": "nats://127.0.0.1:4222",
+            "OA_SYNC_READ_REPLICA_URL": "postgresql://app:pw@replica:5432/khala",
         }
     )
+    assert settings.fanout is FanoutKind.NATS
+    assert settings.nats_url == "nats://127.0.0.1:4222"
+    assert settings.read_replica_url == "postgresql://app:pw@replica:5432/khala"
+    assert "pw" not in repr(settings)
     assert settings.port == 9000
     assert settings.data_dir == Path("/var/lib/khala")
     assert settings.sink is SinkKind.TEE
@@ -81,6 +88,10 @@ def test_values_are_parsed_and_typed() -> None:
         ({"OA_SYNC_MESSAGES_PER_SECOND": "nan"}, "OA_SYNC_MESSAGES_PER_SECOND"),
         ({"OA_SYNC_IDLE_TIMEOUT_S": "inf"}, "OA_SYNC_IDLE_TIMEOUT_S"),
         ({"OA_SYNC_SINK": "http"}, "OA_SYNC_HTTP_SINK_URL"),
+        ({"OA_SYNC_FANOUT": "redis"}, "OA_SYNC_FANOUT"),
+        ({"OA_SYNC_FANOUT": "nats"}, "OA_SYNC_NATS_URL"),
+        ({"OA_SYNC_FANOUT": "nats", "OA_SYNC_NATS_URL": "http://n:4222"}, "OA_SYNC_NATS_URL"),
+        ({"OA_SYNC_READ_REPLICA_URL": "mysql://u:p@h/db"}, "OA_SYNC_READ_REPLICA_URL"),
         (
             {"OA_SYNC_SINK": "http", "OA_SYNC_HTTP_SINK_URL": "https://x.example"},
             "OA_SYNC_HTTP_SINK_SECRET",

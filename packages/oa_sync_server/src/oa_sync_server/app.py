@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -29,12 +30,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server import openapi
 from oa_sync_server.auth import TokenVerifier
-from oa_sync_server.config import Settings
+from oa_sync_server.config import FanoutKind, Settings
 from oa_sync_server.errors import ConfigError
 from oa_sync_server.fanout import Hub
 from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.engine import create_engine
 from oa_sync_server.postgres.event_log import PostgresEventLog
+from oa_sync_server.postgres.replica import ReadRouter
 from oa_sync_server.sinks import start_sink
 from oa_sync_server.state import STATE, ServerState
 from oa_sync_server.transports import http as http_api
@@ -42,11 +44,33 @@ from oa_sync_server.transports import inspector, sse
 from oa_sync_server.transports.ws import close_all, sync_handler
 from oa_sync_server.worker import ProjectorWorker
 
+if TYPE_CHECKING:
+    from oa_sync_server.bus.nats import NatsBus
+
 __all__ = ["STATE", "ServerState", "create_app"]
 
 _WORKER_STOP_TIMEOUT_S = 10.0
 
 _log = structlog.get_logger(__name__)
+
+
+def _nats_bus(settings: Settings, metrics: Metrics) -> NatsBus:
+    try:
+        from oa_sync_server.bus.nats import NatsBus  # noqa: PLC0415 - the optional extra
+    except ImportError as exc:
+        raise ConfigError(
+            "OA_SYNC_FANOUT", "'nats' needs the nats extra: pip install 'oa-sync-server[nats]'"
+        ) from exc
+    assert settings.nats_url is not None  # Settings.from_env requires it with fanout=nats
+
+    def published(count: int, republish: bool) -> None:
+        metrics.bus_published.labels("republish" if republish else "commit").inc(count)
+
+    return NatsBus(settings.nats_url, on_published=published)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def create_app(
@@ -82,19 +106,30 @@ def create_app(
         engine = create_engine(settings.database_url)
     metrics = Metrics()
     verifier = TokenVerifier(settings.jwt, metrics=metrics)
-    hub = Hub(engine, poll_interval_s=settings.poll_interval_s, metrics=metrics)
+    bus = None
+    if settings.fanout is FanoutKind.NATS:
+        bus = _nats_bus(settings, metrics)
+    hub = Hub(engine, poll_interval_s=settings.poll_interval_s, metrics=metrics, bus=bus)
+    replica = (
+        None if settings.read_replica_url is None else create_engine(settings.read_replica_url)
+    )
+    reads = ReadRouter(
+        engine, replica, on_choice=lambda target: metrics.catch_up_reads.labels(target).inc()
+    )
     state = ServerState(
         settings=settings,
         engine=engine,
         verifier=verifier,
         metrics=metrics,
         hub=hub,
+        reads=reads,
         event_log=PostgresEventLog(engine, max_events=settings.limits.max_append_events),
         projector=(
             ProjectorWorker(
                 engine,
                 poll_interval_s=settings.poll_interval_s,
                 retention_s=settings.changes_retention_s,
+                bus=bus,
             )
             if run_projector
             else None
@@ -109,13 +144,22 @@ def create_app(
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
         yield
         await verifier.close()
+        if replica is not None:
+            await replica.dispose()
         if owned:
             await state.engine.dispose()
 
     async def hub_context(app: web.Application) -> AsyncIterator[None]:
         await hub.start()
+        if bus is not None:
+            bus.start()
+            if state.projector is not None:
+                worker = state.projector
+                bus.on_reconnect(lambda: worker._republish() if worker.epoch else _nothing())
         yield
         await hub.stop()
+        if bus is not None:
+            await bus.stop()
 
     async def projector_context(app: web.Application) -> AsyncIterator[None]:
         worker = state.projector

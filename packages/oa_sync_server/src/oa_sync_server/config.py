@@ -29,6 +29,7 @@ from oa_sync_server.errors import ConfigError
 __all__ = [
     "ENV_PREFIX",
     "MIN_HS256_SECRET_BYTES",
+    "FanoutKind",
     "HttpSinkSettings",
     "JwtSettings",
     "Limits",
@@ -79,6 +80,13 @@ class SinkKind(enum.StrEnum):
     HTTP = "http"
     NOOP = "noop"
     TEE = "tee"
+
+
+class FanoutKind(enum.StrEnum):
+    """How committed changes reach every instance's hub (``OA_SYNC_FANOUT``)."""
+
+    POSTGRES = "postgres"
+    NATS = "nats"
 
 
 class LogFormat(enum.StrEnum):
@@ -194,6 +202,10 @@ class Settings:
         limits: connection limits.
         poll_interval_s: fan-out poll of ``changes`` when no NOTIFY hint arrives.
         changes_retention_s: how long change rows are kept for resume.
+        fanout: ``postgres`` (each instance reads every change) or ``nats`` (the projector
+            publishes each change to NATS JetStream, instances consume it).
+        nats_url: the NATS server (required when ``fanout`` is ``nats``).
+        read_replica_url: a Postgres replica for snapshot and resume reads (``None``: none).
     """
 
     database_url: str | None = None
@@ -209,12 +221,16 @@ class Settings:
     limits: Limits = dataclasses.field(default_factory=Limits)
     poll_interval_s: float = 1.0
     changes_retention_s: float = 7 * 24 * 3600.0
+    fanout: FanoutKind = FanoutKind.POSTGRES
+    nats_url: str | None = None
+    read_replica_url: str | None = None
 
     def __repr__(self) -> str:
         parts = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            text = redact_dsn(value) if field.name == "database_url" and value else value
+            redacted = field.name in ("database_url", "read_replica_url", "nats_url")
+            text = redact_dsn(value) if redacted and value else value
             parts.append(f"{field.name}={text!r}")
         return f"Settings({', '.join(parts)})"
 
@@ -251,6 +267,10 @@ class Settings:
                     ENV_PREFIX + "HTTP_SINK_SECRET",
                     f"required when OA_SYNC_SINK is {sink.value!r}",
                 )
+        fanout = env.get("FANOUT", _choice(FanoutKind), FanoutKind.POSTGRES)
+        nats_url = env.get("NATS_URL", _url("nats", "tls"), None)
+        if fanout is FanoutKind.NATS and nats_url is None:
+            raise ConfigError(ENV_PREFIX + "NATS_URL", "required when OA_SYNC_FANOUT is 'nats'")
         jwt = JwtSettings(
             hs256_secret=env.get("JWT_HS256_SECRET", _secret(MIN_HS256_SECRET_BYTES), None),
             public_key=env.get("JWT_PUBLIC_KEY_FILE", _public_key, None),
@@ -301,6 +321,9 @@ class Settings:
             changes_retention_s=env.get(
                 "CHANGES_RETENTION_S", _number(60, 10 * 365 * 86400), 7 * 24 * 3600.0
             ),
+            fanout=fanout,
+            nats_url=nats_url,
+            read_replica_url=env.get("READ_REPLICA_URL", _database_url, None),
         )
 
     def require_jwt_key(self, *, dev: bool = False) -> Settings:

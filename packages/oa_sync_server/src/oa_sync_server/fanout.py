@@ -25,6 +25,16 @@ Each :class:`Feed` has a bounded queue. A feed whose queue is full is *overflowe
 receiving and its iteration ends, and its owner closes the connection (4429) — one slow
 consumer never holds back the hub or the other feeds.
 
+Source. With a fan-out bus (``OA_SYNC_FANOUT=nats``, :mod:`oa_sync_server.bus`) the changes
+arrive as messages instead, each with its watermark: the reader delivers a message only when
+it carries the next watermark of the hub's epoch. A gap (a message ahead of the next one), a
+message of another epoch, or a bus that is not connected makes the pass read Postgres exactly
+as without a bus, from the hub's watermark; messages at or below the watermark are dropped.
+So a client sees the same changes in the same order whichever way they came. While the bus is
+up, the only Postgres read per instance is an *audit* once per poll interval (the epoch and
+the last watermark, one row): when the hub is still below the watermark the previous audit
+saw, something committed was not published (e.g. a reprojection) and the pass reads it.
+
 Epoch. Each pass also reads the log epoch. When it changes (a rebuild restarted watermarks),
 the hub jumps to the new log's watermark and ends every feed with ``feed.epoch_changed`` set:
 their sessions must reset their clients.
@@ -37,9 +47,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import psycopg
 import sqlalchemy as sa
@@ -50,8 +61,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.follower import LogFollower
-from oa_sync_server.postgres.read_model import DocRow, changed_after, read_meta
+from oa_sync_server.postgres.read_model import DocRow, changed_after, log_position, read_meta
 from oa_sync_server.postgres.tables import CHANGES_CHANNEL, sync_meta
+
+if TYPE_CHECKING:
+    from oa_sync_server.bus.changes import BusChange
+    from oa_sync_server.bus.nats import NatsBus
 
 __all__ = ["Feed", "Hub", "LiveDoc", "Receiver", "Tap"]
 
@@ -230,6 +245,8 @@ class Hub:
         page_size: rows per read.
         metrics: where to count listener reconnects, if anywhere.
         listen_url: libpq URL of the LISTEN connection (default: the engine's URL).
+        bus: the fan-out bus to take changes from while it is connected (``None``: Postgres
+            only). The hub subscribes; the caller starts and stops the bus.
 
     Use :meth:`start` and :meth:`stop` (the app does so in a cleanup context).
     """
@@ -242,8 +259,15 @@ class Hub:
         page_size: int = 1000,
         metrics: Metrics | None = None,
         listen_url: str | None = None,
+        bus: NatsBus | None = None,
     ) -> None:
         self._engine = engine
+        self._bus = bus
+        self._from_bus: dict[int, BusChange] = {}
+        self._bus_lost = False
+        self._audit_due = 0.0
+        self._audit_seen = 0
+        self._poll_interval_s = poll_interval_s
         self.page_size = page_size
         """Changes read per query: a feed may receive this many at once."""
         self._metrics = metrics
@@ -283,6 +307,8 @@ class Hub:
         Live delivery begins after the watermark current at start: older changes are the
         business of snapshots and catch-up reads.
         """
+        if self._bus is not None:
+            self._bus.subscribe(self._on_bus)  # before the read: nothing falls in between
         async with self._engine.connect() as conn:
             meta = await read_meta(conn)
         self.watermark = meta.watermark
@@ -409,7 +435,61 @@ class Hub:
             except Exception as exc:  # noqa: BLE001 - a bug must not end live delivery
                 _log.error("fanout_read_crashed", error=type(exc).__name__, exc_info=exc)
 
+    def _on_bus(self, change: BusChange) -> None:
+        if change.watermark > self.watermark:
+            if len(self._from_bus) >= 8 * self.page_size:
+                self._from_bus.clear()  # far behind: the next pass reads Postgres
+                self._bus_lost = True
+            self._from_bus[change.watermark] = change
+            self._follower.wake()
+
+    def _take_from_bus(self) -> bool:
+        """Deliver the bus's messages that continue the watermark; False when Postgres must
+        be read (a gap, another epoch)."""
+        held = self._from_bus
+        if self._bus_lost:
+            self._bus_lost = False
+            return False
+        delivered = 0
+        while (change := held.pop(self.watermark + 1, None)) is not None:
+            if change.epoch != self.epoch:
+                held.clear()
+                return False
+            live = LiveDoc.of_row(change.row, change.committed_at)
+            for feed in self._targets(change.row.doc_key):
+                feed._offer(live)
+            self.watermark = change.watermark
+            delivered += 1
+        if delivered:
+            if self._metrics is not None:
+                self._metrics.hub_changes.labels("bus").inc(delivered)
+            self._signal()
+        for watermark in [w for w in held if w <= self.watermark]:
+            del held[watermark]
+        return not held
+
+    async def _audit(self) -> bool:
+        """True when Postgres holds a change the bus did not bring (see the module docstring)."""
+        now = time.monotonic()
+        if now < self._audit_due:
+            return False
+        self._audit_due = now + self._poll_interval_s
+        async with self._engine.connect() as conn:
+            epoch, top = await log_position(conn)
+        if self._metrics is not None:
+            self._metrics.hub_reads.labels("audit").inc()
+        behind = epoch != self.epoch or self.watermark < self._audit_seen
+        self._audit_seen = top
+        return behind
+
     async def _read_pass(self) -> None:
+        if (
+            self._bus is not None
+            and self._bus.connected
+            and self._take_from_bus()
+            and not await self._audit()
+        ):
+            return
         async with self._engine.connect() as conn:
             epoch = (
                 await conn.execute(sa.select(sync_meta.c.value).where(sync_meta.c.key == "epoch"))
@@ -426,6 +506,10 @@ class Hub:
                 return
             while True:
                 rows = await changed_after(conn, self.watermark, self.page_size)
+                if self._metrics is not None:
+                    self._metrics.hub_reads.labels("page").inc()
+                    if rows:
+                        self._metrics.hub_changes.labels("postgres").inc(len(rows))
                 for row, committed_at in rows:
                     live = LiveDoc.of_row(row, committed_at)
                     for feed in self._targets(row.doc_key):

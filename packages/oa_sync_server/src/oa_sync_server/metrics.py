@@ -53,6 +53,13 @@ class Metrics:
         auth_failures: refused tokens, by ``reason`` (:class:`~oa_sync_server.errors.AuthFailure`).
         listener_reconnects: times the fan-out's LISTEN connection was re-established.
         http_requests: HTTP API requests, by ``route`` and ``status``.
+        hub_reads: queries the fan-out hub ran on Postgres, by ``kind`` (``page``: a read of
+            changed documents; ``audit``: the bus mode's periodic check of the last watermark).
+        hub_changes: changes the hub delivered to its feeds, by ``source`` (``postgres`` or
+            ``bus``).
+        bus_published: changes this process published to the fan-out bus, by ``kind``
+            (``commit`` or ``republish``).
+        catch_up_reads: snapshot and resume reads, by ``target`` (``replica`` or ``primary``).
     """
 
     def __init__(self, *, namespace: str = "oa_sync") -> None:
@@ -122,6 +129,36 @@ class Metrics:
             "http_requests",
             "HTTP API requests.",
             ["route", "status"],
+            namespace=namespace,
+            registry=reg,
+        )
+
+        self.hub_reads = Counter(
+            "hub_reads",
+            "Queries the fan-out hub ran on Postgres.",
+            ["kind"],
+            namespace=namespace,
+            registry=reg,
+        )
+        self.hub_changes = Counter(
+            "hub_changes",
+            "Changes the fan-out hub delivered, by source.",
+            ["source"],
+            namespace=namespace,
+            registry=reg,
+        )
+        self.bus_published = Counter(
+            "bus_published",
+            "Changes published to the fan-out bus.",
+            ["kind"],
+            namespace=namespace,
+            registry=reg,
+        )
+
+        self.catch_up_reads = Counter(
+            "catch_up_reads",
+            "Snapshot and resume reads, by the database read.",
+            ["target"],
             namespace=namespace,
             registry=reg,
         )

@@ -23,6 +23,7 @@ from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.event_log import PostgresEventLog
 
 if TYPE_CHECKING:
+    from oa_sync_server.postgres.replica import ReadRouter
     from oa_sync_server.worker import ProjectorWorker
 
 __all__ = ["STATE", "ServerState"]
@@ -42,6 +43,7 @@ class ServerState:
         projector: the in-process projector worker, when this app runs one.
         stopping: set when the app begins shutting down.
         streams: the fan-out feeds of open SSE responses (closed on shutdown).
+        reads: where snapshot and resume reads go (the replica when it has caught up).
     """
 
     settings: Settings
@@ -53,6 +55,13 @@ class ServerState:
     projector: ProjectorWorker | None = None
     stopping: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     streams: set[Feed] = dataclasses.field(default_factory=set)
+    reads: ReadRouter | None = None
+
+    async def catch_up_engine(self) -> AsyncEngine:
+        """The engine of a snapshot or resume read starting now (see :class:`ReadRouter`)."""
+        if self.reads is None:
+            return self.engine
+        return await self.reads.engine_for(self.hub.watermark, self.hub.epoch)
 
 
 STATE = web.AppKey("oa_sync_state", ServerState)

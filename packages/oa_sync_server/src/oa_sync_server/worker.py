@@ -20,6 +20,11 @@ Each batch is one transaction in two phases:
    ``pg_notify('oa_sync_changes', <new watermark>)`` — all committed together (rule 2), the
    NOTIFY delivered only on commit (rule 5).
 
+After the commit, a worker given a fan-out bus publishes the batch's changes to it
+(:meth:`ProjectorWorker._publish`; a failure is logged, never retried here: the hubs read
+Postgres for what the bus misses, and the next lease holder republishes, see
+:mod:`oa_sync_server.bus.nats`).
+
 A crash anywhere before the commit leaves nothing; after a restart the batch is read again.
 Events at or below a document's checkpoint are skipped by the engine, so nothing is applied
 twice even if a cursor were ever behind the checkpoints.
@@ -60,7 +65,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import sqlalchemy as sa
 import structlog
@@ -77,12 +82,14 @@ from oa_sync_core.protocol.backoff import Backoff, BackoffPolicy
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from oa_sync_server.bus.changes import BusChange
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
 from oa_sync_server.postgres.event_log import LogCursor, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
-from oa_sync_server.postgres.stores import load_states, lock_watermarks, write_batch
+from oa_sync_server.postgres.read_model import DocRow, log_epoch
+from oa_sync_server.postgres.stores import Written, load_states, lock_watermarks, write_batch
 from oa_sync_server.postgres.tables import EVENTS_CHANNEL, NOTIFY_CHANGES
 
 __all__ = [
@@ -94,6 +101,9 @@ __all__ = [
     "default_holder",
     "libpq_url",
 ]
+
+if TYPE_CHECKING:
+    from oa_sync_server.bus.nats import NatsBus
 
 log = structlog.get_logger(__name__)
 
@@ -174,6 +184,8 @@ class ProjectorWorker:
         cache_size: documents whose state is kept in memory between batches (0: none).
         retention_s: while idle, :meth:`run` deletes change rows older than this (at most
             every ``retention_s / 10`` seconds, capped at an hour); ``None`` keeps them all.
+        bus: the fan-out bus to publish committed changes to (``None``: none); a fresh lease
+            holder republishes what the bus missed.
         stall_warn_after_s: committed events waiting this long behind the read horizon make
             :meth:`run` log ``projection_stalled`` naming the blocking backend.
 
@@ -195,6 +207,7 @@ class ProjectorWorker:
         poll_interval_s: float = 1.0,
         cache_size: int = 100_000,
         retention_s: float | None = None,
+        bus: NatsBus | None = None,
         stall_warn_after_s: float = DEFAULT_STALL_WARN_AFTER_S,
     ) -> None:
         if batch_size < 1:
@@ -216,6 +229,7 @@ class ProjectorWorker:
         )
         self.cache_size = cache_size
         self.retention_s = retention_s
+        self.bus = bus
         self._next_prune = 0.0
         self._checked_epoch = 0  # the lease epoch whose stale projections were rebuilt
         self._renew_due = 0.0  # monotonic time at which an idle worker renews its lease
@@ -247,9 +261,12 @@ class ProjectorWorker:
         if epoch is None:
             self.epoch = 0
             return False
-        if epoch != self.epoch:
+        fresh = epoch != self.epoch
+        if fresh:
             log.info("projector_lease_acquired", name=self.name, holder=self.holder, epoch=epoch)
         self.epoch = int(epoch)
+        if fresh and self.bus is not None:
+            await self._republish()
         self._renew_due = time.monotonic() + self.lease_ttl_s / 3
         await self._ensure_current()
         return True
@@ -317,6 +334,38 @@ class ProjectorWorker:
             "ttl": self.lease_ttl_s,
         }
 
+    async def _republish(self) -> None:
+        """Publish what the bus missed (a predecessor died between commit and publish)."""
+        assert self.bus is not None
+        try:
+            await self.bus.republish(self.engine)
+        except (ConnectionError, TimeoutError, OSError, DBAPIError) as exc:
+            log.warning("bus_republish_failed", name=self.name, error=type(exc).__name__)
+
+    async def _publish(self, written: Written, epoch: str) -> None:
+        """Publish a committed batch's changes to the bus (failures only logged)."""
+        assert self.bus is not None
+        at = time.time()
+        changes = [
+            BusChange(
+                epoch=epoch,
+                row=DocRow(
+                    doc_key=u.doc_key,
+                    projection=u.projection,
+                    version=u.version,
+                    watermark=w,
+                    content_hash=u.content_hash,
+                    body=u.canonical,
+                ),
+                committed_at=at,
+            )
+            for u, w in written.updates
+        ]
+        try:
+            await self.bus.publish(changes)
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            log.warning("bus_publish_failed", name=self.name, error=type(exc).__name__)
+
     def _lost(self) -> NoReturn:
         epoch, self.epoch = self.epoch, 0
         self._cache.clear()
@@ -326,8 +375,9 @@ class ProjectorWorker:
 
     # -- batches -----------------------------------------------------------------------------
 
-    async def _pause(self, stage: str, conn: AsyncConnection) -> None:
-        """A seam for fault tests: called at ``read``, ``locked`` and ``written``."""
+    async def _pause(self, stage: str, conn: AsyncConnection | None) -> None:
+        """A seam for fault tests: called at ``read``, ``locked`` and ``written`` (in the
+        transaction) and ``committed`` (after the commit, before publishing; no connection)."""
 
     async def run_once(self) -> int:
         """Project one batch in one transaction.
@@ -386,7 +436,11 @@ class ProjectorWorker:
             )
             if written.updates:
                 await conn.execute(NOTIFY_CHANGES, {"watermark": str(written.last_watermark)})
+            epoch_now = await log_epoch(conn) if self.bus is not None and written.updates else ""
             await self._pause("written", conn)
+        await self._pause("committed", None)
+        if self.bus is not None and written.updates:
+            await self._publish(written, epoch_now)
         self._renew_due = time.monotonic() + self.lease_ttl_s / 3  # _ADVANCE renewed it
         self._remember(result.updates, result.checkpoints, written.last_watermark)
         if written.updates:

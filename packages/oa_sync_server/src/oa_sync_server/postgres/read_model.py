@@ -41,6 +41,8 @@ __all__ = [
     "documents_after",
     "documents_matching",
     "effective_topics",
+    "log_epoch",
+    "log_position",
     "read_meta",
 ]
 
@@ -159,6 +161,27 @@ async def read_meta(conn: AsyncConnection) -> SyncMeta:
     return SyncMeta(
         epoch=str(row.epoch), watermark=int(row.watermark), retained_from=int(row.retained_from)
     )
+
+
+_EPOCH: Final = sa.select(sync_meta.c.value).where(sync_meta.c.key == "epoch")
+_POSITION: Final = sa.select(
+    _EPOCH.scalar_subquery().label("epoch"),
+    sa.select(sa.func.coalesce(sa.func.max(documents.c.watermark), 0))
+    .scalar_subquery()
+    .label("top"),
+)
+
+
+async def log_epoch(conn: AsyncConnection) -> str:
+    """The log epoch (one primary-key lookup)."""
+    return str((await conn.execute(_EPOCH)).scalar_one())
+
+
+async def log_position(conn: AsyncConnection) -> tuple[str, int]:
+    """The log epoch and the highest watermark in ``documents``, in one cheap statement (the
+    fan-out bus's audit, the replica check, a republish)."""
+    row = (await conn.execute(_POSITION)).one()
+    return str(row.epoch), int(row.top)
 
 
 def _narrow(topic: Topic, pattern: Topic) -> Topic | None:

@@ -469,7 +469,8 @@ async def get_changes(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", DEFAULT_CHANGES_LIMIT, 1, MAX_CHANGES_LIMIT)
     epoch = request.query.get("epoch") or None
     position = Position(watermark=after, epoch=epoch)
-    async with _state(request).engine.connect() as conn:
+    engine = await _state(request).catch_up_engine()
+    async with engine.connect() as conn:
         meta = await read_model.read_meta(conn)
         _, reset = decide_resume(position, meta)
         if reset is not None:

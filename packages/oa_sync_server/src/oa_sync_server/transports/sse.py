@@ -133,7 +133,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER_BYTES)
     try:
         # Read before the headers go out: a database outage is then a 503 with Retry-After.
-        async with state.engine.connect() as conn:
+        engine = await state.catch_up_engine()
+        async with engine.connect() as conn:
             meta = await read_model.read_meta(conn)
         await response.prepare(request)
         after, reset = decide_resume(None if last is None else Position(watermark=last), meta)
@@ -142,7 +143,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         high = meta.watermark
         while True:
             # One pooled connection per page, returned before writing to a possibly slow client.
-            async with state.engine.connect() as conn:
+            async with engine.connect() as conn:
                 rows = await read_model.documents_matching(
                     conn, topics, principal.grant, after=after, limit=CATCH_UP_PAGE
                 )

@@ -821,7 +821,7 @@ class _Connection:
     async def _catch_up(self, action: CatchUp) -> None:
         serial = action.serial
         try:
-            engine = self.state.engine
+            engine = await self.state.catch_up_engine()
             async with engine.connect() as conn:
                 meta = await read_model.read_meta(conn)
                 plan = self.session.begin_catch_up(serial, meta, self.loop.time())
