@@ -269,3 +269,48 @@ async def test_an_idle_running_worker_keeps_its_lease(engine: AsyncEngine) -> No
         await asyncio.wait_for(runner, 30)
     assert worker.epoch == 0  # released on stop
     assert await standby.acquire()
+
+
+async def test_an_append_held_back_by_the_horizon_is_projected_once_it_clears(
+    engine: AsyncEngine, database_url: str
+) -> None:
+    """An append committed while another transaction holds the read horizon is projected soon
+    after that transaction ends, without a further hint and without waiting the poll interval
+    (the long poll here would otherwise decide the delay)."""
+
+    class Counting(ProjectorWorker):
+        reads = 0
+
+        async def _pause(self, stage: str, conn: object) -> None:
+            if stage == "read":
+                self.reads += 1
+
+    worker = Counting(engine, poll_interval_s=30)  # no poll can rescue a missed moment
+    stop = asyncio.Event()
+    runner = asyncio.create_task(worker.run(stop))
+    log = PostgresEventLog(engine)
+    await log.append([new_event("run.created", "r0")])
+
+    async def projected(n: int) -> bool:
+        return worker.watermark == n
+
+    await wait_until(lambda: projected(1), within=20, what="watermark 1")
+    holder = await psycopg.AsyncConnection.connect(
+        database_url.replace("postgresql+psycopg://", "postgresql://")
+    )
+    try:
+        await holder.execute("SELECT pg_current_xact_id()")  # an open transaction with an xid
+        reads = worker.reads
+        await log.append([new_event("run.created", "r1")])  # its hint arrives while held
+
+        async def looked() -> bool:
+            return worker.reads > reads
+
+        await wait_until(looked, within=20, what="a batch after the append's hint")
+        assert worker.watermark == 1  # the horizon held it back
+        await holder.rollback()  # the horizon clears; no append, no hint follows
+        await wait_until(lambda: projected(2), within=3, what="watermark 2 after the horizon")
+    finally:
+        await holder.close()
+        stop.set()
+        await asyncio.wait_for(runner, 20)

@@ -158,6 +158,8 @@ _PENDING = sa.text(
 DEFAULT_LEASE_TTL_S: Final = 10.0
 _RETRY_BACKOFF: Final = BackoffPolicy(base_s=0.1, cap_s=5.0)
 """How a failed batch is retried (full jitter, forever; reset by a batch that commits)."""
+_HELD_BACKOFF: Final = BackoffPolicy(base_s=0.01, cap_s=1.0)
+"""How often an idle worker looks again while committed events wait behind the horizon."""
 DEFAULT_STALL_WARN_AFTER_S: Final = 5.0
 STALL_WARN_EVERY_S: Final = 30.0
 """While a stall lasts, ``projection_stalled`` is repeated this often (or at once for a new
@@ -524,6 +526,7 @@ class ProjectorWorker:
         """
         self._follower.start()
         retry = Backoff(_RETRY_BACKOFF)
+        held = Backoff(_HELD_BACKOFF)
         renew_every = self.lease_ttl_s / 3
         try:
             while not stop.is_set():
@@ -536,8 +539,15 @@ class ProjectorWorker:
                         retry.reset()
                         continue
                     await self._maybe_prune()
-                    await self._check_stall()
-                    await self._wait(stop, min(renew_every, self.poll_interval_s))
+                    idle_s = min(renew_every, self.poll_interval_s)
+                    if await self._check_stall():
+                        # Committed events wait behind the horizon: its clearing sends no hint,
+                        # so look again soon (10 ms, doubling, with jitter) rather than at the
+                        # next append or poll.
+                        idle_s = min(idle_s, held.next_delay() or idle_s)
+                    else:
+                        held.reset()
+                    await self._wait(stop, idle_s)
                 except LeaseError:
                     continue
                 except (DBAPIError, OSError) as exc:
@@ -565,29 +575,32 @@ class ProjectorWorker:
                 silent_s=round(lease.heartbeat_age_s, 1),
             )
 
-    async def _check_stall(self) -> None:
-        """After an empty batch: warn when committed events wait behind the read horizon."""
-        now = time.monotonic()
-        if now < self._stall_check_due:
-            return
-        self._stall_check_due = now + _STALL_CHECK_EVERY_S
+    async def _check_stall(self) -> bool:
+        """After an empty batch: whether committed events wait behind the read horizon.
+
+        When they have waited ``stall_warn_after_s``, the backend holding the horizon is looked
+        up (at most once a second) and named in a warning.
+        """
         async with self.engine.connect() as conn:
             pending = bool((await conn.execute(_PENDING, {"name": self.name})).scalar_one())
-            holder = await read_horizon_holder(conn) if pending else None
+        now = time.monotonic()
         if not pending:
             if self._stall_warned is not None:
                 log.info("projection_resumed", name=self.name)
             self._blocked_since = self._stall_warned = None
-            return
+            return False
         if self._blocked_since is None:
             self._blocked_since = now
-        if now - self._blocked_since < self.stall_warn_after_s:
-            return
+        if now - self._blocked_since < self.stall_warn_after_s or now < self._stall_check_due:
+            return True
+        self._stall_check_due = now + _STALL_CHECK_EVERY_S
+        async with self.engine.connect() as conn:
+            holder = await read_horizon_holder(conn)
         pid = holder.pid if holder is not None else None
         if self._stall_warned is not None:
             warned_pid, next_at = self._stall_warned
             if warned_pid == pid and now < next_at:
-                return
+                return True
         self._stall_warned = (pid, now + STALL_WARN_EVERY_S)
         fields = holder.log_fields() if holder is not None else {"blocking_pid": None}
         if holder is None:
@@ -603,6 +616,7 @@ class ProjectorWorker:
             hint=hint,
             **fields,
         )
+        return True
 
     async def _maybe_prune(self) -> None:
         if self.retention_s is None or time.monotonic() < self._next_prune:
