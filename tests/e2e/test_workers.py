@@ -32,15 +32,11 @@ async def _serving_url(stdout: asyncio.StreamReader) -> str:
             return found[1]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-async def test_two_workers_share_the_port_and_the_live_stream(database_url: str) -> None:
-    """Two worker processes both hold some of 40 sockets, each socket gets an update appended
-    through the port, one worker holds the projector lease, and SIGTERM stops everything."""
-    secret = "w" * 48
+async def _serve_two_workers(database_url: str, secret: str) -> asyncio.subprocess.Process:
+    """``oa-sync serve --workers 2`` on port 0, with only this database and secret set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OA_SYNC_")}
     env |= {"OA_SYNC_DATABASE_URL": database_url, "OA_SYNC_JWT_HS256_SECRET": secret}
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "oa_sync_server.cli",
@@ -53,6 +49,15 @@ async def test_two_workers_share_the_port_and_the_live_stream(database_url: str)
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_two_workers_share_the_port_and_the_live_stream(database_url: str) -> None:
+    """Two worker processes both hold some of 40 sockets, each socket gets an update appended
+    through the port, one worker holds the projector lease, and SIGTERM stops everything."""
+    secret = "w" * 48
+    proc = await _serve_two_workers(database_url, secret)
     assert proc.stdout is not None
     token = mint_token(secret, subject="w", topics=["*"], scopes=["sync:read", "sync:append"])
     headers = {"Authorization": f"Bearer {token}"}
@@ -130,21 +135,7 @@ async def test_two_workers_share_the_port_and_the_live_stream(database_url: str)
 async def test_workers_stop_when_their_supervisor_is_killed(database_url: str) -> None:
     """Killing the supervisor (SIGKILL, no chance to clean up) stops its workers too: they
     see their standard input close and shut down instead of lingering as orphans."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OA_SYNC_")}
-    env |= {"OA_SYNC_DATABASE_URL": database_url, "OA_SYNC_JWT_HS256_SECRET": "k" * 48}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "oa_sync_server.cli",
-        "serve",
-        "--port",
-        "0",
-        "--workers",
-        "2",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await _serve_two_workers(database_url, "k" * 48)
     assert proc.stdout is not None
     try:
         async with asyncio.timeout(WAIT_S):
