@@ -21,6 +21,7 @@ from oa_sync_server.config import JwtSettings, Secret, Settings
 from oa_sync_server.errors import ConfigError
 
 from tests.live import make_live_server
+from tests.serve_process import serve_process
 
 START_TIMEOUT_S = 60.0
 
@@ -142,37 +143,21 @@ def test_serve_without_a_jwt_key_refuses_with_one_line(
 async def test_two_server_processes_on_one_database(database_url: str) -> None:
     """An ``oa-sync serve`` process and an in-process server share one database: an SSE client
     on each receives every update appended through either."""
-    secret = "s" * 48
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OA_SYNC_")}
-    env |= {"OA_SYNC_DATABASE_URL": database_url, "OA_SYNC_JWT_HS256_SECRET": secret}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "oa_sync_server.cli",
-        "serve",
-        "--port",
-        "0",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert proc.stdout is not None
-    try:
-        async with make_live_server(database_url, secret=secret) as local:
+    async with serve_process(database_url, allow_own_origin=False) as other:
+        async with make_live_server(database_url, secret=other.secret) as local:
             token = local.token()
             headers = {"Authorization": f"Bearer {token}"}
             async with asyncio.timeout(START_TIMEOUT_S), aiohttp.ClientSession() as http:
-                other = (await _read_until(proc.stdout, re.compile(r"serving on (http://\S+)")))[1]
                 streams = [
                     await http.get(f"{base}/v1/stream", params={"topic": "*"}, headers=headers)
-                    for base in (local.url, other)
+                    for base in (local.url, other.url)
                 ]
                 for resp in streams:
                     assert resp.status == 200
                     async for line in resp.content:
                         if line.startswith(b"event: synced"):
                             break
-                for i, base in enumerate((local.url, other, local.url)):
+                for i, base in enumerate((local.url, other.url, local.url)):
                     body = {
                         "events": [
                             {
@@ -193,13 +178,7 @@ async def test_two_server_processes_on_one_database(database_url: str) -> None:
                                 break
                     assert seen == {f"runtime/run_summary:p{i}" for i in range(3)}
                     resp.close()
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(20):
-            assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        assert await other.stop() == 0
 
 
 async def test_create_app_owns_an_engine_from_the_url(database_url: str) -> None:
@@ -227,30 +206,6 @@ async def test_create_app_owns_an_engine_from_the_url(database_url: str) -> None
         create_app(Settings(database_url=database_url))
 
 
-async def _serve(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "oa_sync_server.cli",
-        "serve",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(20):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
 @pytest.mark.slow
 async def test_serve_says_how_to_allow_a_browser_and_demo_allows_its_own_origin(
     database_url: str,
@@ -258,42 +213,30 @@ async def test_serve_says_how_to_allow_a_browser_and_demo_allows_its_own_origin(
     """Without allowed origins the start-up output names OA_SYNC_ALLOWED_ORIGINS and a dev
     origin to put in it; with --demo a page from the server's own origin gets its WebSocket
     upgraded and CORS headers, while another origin still gets 403."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OA_SYNC_")}
-    env |= {"OA_SYNC_DATABASE_URL": database_url, "OA_SYNC_JWT_HS256_SECRET": "e" * 40}
-    proc = await _serve(["--port", "0"], env)
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(START_TIMEOUT_S):
-            await _read_until(proc.stdout, re.compile(r"serving on http://\S+"))
-            hint = (await _read_until(proc.stdout, re.compile(r"^browsers: .*")))[0]
-    finally:
-        await _stop(proc)
+    async with serve_process(database_url, allow_own_origin=False) as server:
+        hint = (await server.wait_for_line(re.compile(r"^browsers: .*"), START_TIMEOUT_S))[0]
     assert "OA_SYNC_ALLOWED_ORIGINS=http://localhost:5173" in hint
 
-    proc = await _serve(["--demo", "--port", "0"], env)
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(START_TIMEOUT_S):
-            url = (await _read_until(proc.stdout, re.compile(r"serving on (http://\S+)")))[1]
-            line = (await _read_until(proc.stdout, re.compile(r"^browsers: .*")))[0]
-            token = (await _read_until(proc.stdout, re.compile(r"demo token .*: (\S+)$")))[1]
-            port = url.rsplit(":", 1)[1]
-            assert url in line
-            assert f"http://localhost:{port}" in line
-            async with aiohttp.ClientSession(url) as http:
-                for origin in (url, f"http://localhost:{port}"):
-                    async with http.ws_connect(
-                        "/v1/sync", protocols=["oa-sync.v1.json"], headers={"Origin": origin}
-                    ) as ws:
-                        await ws.send_str(orjson.dumps({"authenticate": {"token": token}}).decode())
-                    async with http.get(
-                        "/v1/changes",
-                        params={"topic": "*"},
-                        headers={"Origin": origin, "Authorization": f"Bearer {token}"},
-                    ) as resp:
-                        assert resp.headers["Access-Control-Allow-Origin"] == origin
-                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                    await http.ws_connect("/v1/sync", headers={"Origin": "http://evil.example"})
-                assert refused.value.status == 403
-    finally:
-        await _stop(proc)
+    async with serve_process(database_url, demo=True, allow_own_origin=False) as server:
+        url = server.url
+        line = (await server.wait_for_line(re.compile(r"^browsers: .*"), START_TIMEOUT_S))[0]
+        found = await server.wait_for_line(re.compile(r"demo token .*: (\S+)$"), START_TIMEOUT_S)
+        token = found[1]
+        port = server.port
+        assert url in line
+        assert f"http://localhost:{port}" in line
+        async with aiohttp.ClientSession(url) as http:
+            for origin in (url, f"http://localhost:{port}"):
+                async with http.ws_connect(
+                    "/v1/sync", protocols=["oa-sync.v1.json"], headers={"Origin": origin}
+                ) as ws:
+                    await ws.send_str(orjson.dumps({"authenticate": {"token": token}}).decode())
+                async with http.get(
+                    "/v1/changes",
+                    params={"topic": "*"},
+                    headers={"Origin": origin, "Authorization": f"Bearer {token}"},
+                ) as resp:
+                    assert resp.headers["Access-Control-Allow-Origin"] == origin
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect("/v1/sync", headers={"Origin": "http://evil.example"})
+            assert refused.value.status == 403

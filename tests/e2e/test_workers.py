@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
-import sys
 
 import aiohttp
 import psutil
@@ -18,37 +15,12 @@ import sqlalchemy as sa
 from oa_sync_server.auth import mint_token
 from oa_sync_server.postgres import create_engine
 
+from tests.serve_process import ServeProcess, serve_process
+
+TWO_WORKERS = ("--workers", "2")
 SOCKETS = 40
 WAIT_S = 60.0
 RUN = "runtime/run_summary:"
-
-
-async def _serving_url(stdout: asyncio.StreamReader) -> str:
-    while True:
-        line = (await stdout.readline()).decode()
-        if not line:
-            raise AssertionError("serve exited before serving")
-        if found := re.search(r"serving on (http://\S+)", line):
-            return found[1]
-
-
-async def _serve_two_workers(database_url: str, secret: str) -> asyncio.subprocess.Process:
-    """``oa-sync serve --workers 2`` on port 0, with only this database and secret set."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OA_SYNC_")}
-    env |= {"OA_SYNC_DATABASE_URL": database_url, "OA_SYNC_JWT_HS256_SECRET": secret}
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "oa_sync_server.cli",
-        "serve",
-        "--port",
-        "0",
-        "--workers",
-        "2",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
 
 
 @pytest.mark.slow
@@ -56,16 +28,14 @@ async def _serve_two_workers(database_url: str, secret: str) -> asyncio.subproce
 async def test_two_workers_share_the_port_and_the_live_stream(database_url: str) -> None:
     """Two worker processes both hold some of 40 sockets, each socket gets an update appended
     through the port, one worker holds the projector lease, and SIGTERM stops everything."""
-    secret = "w" * 48
-    proc = await _serve_two_workers(database_url, secret)
-    assert proc.stdout is not None
+    server = ServeProcess(database_url, args=TWO_WORKERS, allow_own_origin=False)
+    secret = server.secret
     token = mint_token(secret, subject="w", topics=["*"], scopes=["sync:read", "sync:append"])
     headers = {"Authorization": f"Bearer {token}"}
     try:
-        async with asyncio.timeout(WAIT_S):
-            url = await _serving_url(proc.stdout)
-        port = int(url.rsplit(":", 1)[1])
-        children = psutil.Process(proc.pid).children()
+        url = await server.start()
+        port = server.port
+        children = psutil.Process(server.pid).children()
         assert len(children) == 2
         async with aiohttp.ClientSession() as http:
             sockets = []
@@ -121,32 +91,19 @@ async def test_two_workers_share_the_port_and_the_live_stream(database_url: str)
             await engine.dispose()
         assert len(holders) == 1  # one lease, held by one of the workers
         assert int(holders[0].split(":")[1]) in {child.pid for child in children}
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            assert await proc.wait() == 0
+        assert await server.stop() == 0
         assert not any(child.is_running() and child.status() != "zombie" for child in children)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await server.stop(signal.SIGKILL)
 
 
 @pytest.mark.slow
 async def test_workers_stop_when_their_supervisor_is_killed(database_url: str) -> None:
     """Killing the supervisor (SIGKILL, no chance to clean up) stops its workers too: they
     see their standard input close and shut down instead of lingering as orphans."""
-    proc = await _serve_two_workers(database_url, "k" * 48)
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(WAIT_S):
-            await _serving_url(proc.stdout)
-        children = psutil.Process(proc.pid).children()
+    async with serve_process(database_url, args=TWO_WORKERS, allow_own_origin=False) as server:
+        children = psutil.Process(server.pid).children()
         assert len(children) == 2
-        proc.kill()
-        await proc.wait()
+        await server.stop(signal.SIGKILL)
         _, alive = await asyncio.to_thread(psutil.wait_procs, children, timeout=30)
         assert alive == []
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()

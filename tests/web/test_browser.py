@@ -13,7 +13,7 @@ from aiohttp import web
 from oa_sync_server.auth import mint_token
 
 from tests.web.browser import ARTIFACTS, Browser, build_js, npm_ready
-from tests.web.serve_process import ServeProcess, free_port, serve_process
+from tests.serve_process import ServeProcess, free_port, serve_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

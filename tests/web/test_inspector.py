@@ -14,7 +14,7 @@ from oa_sync_server.transports.inspector import ASSETS
 
 from tests.live import LiveServer, make_live_server
 from tests.web.browser import JS_PACKAGE, npm_ready
-from tests.web.serve_process import free_port, serve_process
+from tests.serve_process import free_port, serve_process
 
 STATIC = JS_PACKAGE.parents[1] / "packages/oa_sync_server/src/oa_sync_server/static"
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.web.browser import ARTIFACTS, JS_PACKAGE, npm_ready
-from tests.web.serve_process import serve_process
+from tests.serve_process import serve_process
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from oa_sync_server.auth import mint_token
 
 from tests.web.browser import JS_PACKAGE, npm_ready
-from tests.web.serve_process import serve_process
+from tests.serve_process import serve_process
 
 FOLLOW = """\
 import WebSocket from "ws";

@@ -1,4 +1,4 @@
-"""A real ``oa-sync serve`` in a child process, for the TypeScript and browser tests.
+"""A real ``oa-sync serve`` in a child process, for the end-to-end, TypeScript and browser tests.
 
 :class:`ServeProcess` runs ``python -m oa_sync_server.cli serve`` on a database of the caller's
 (``tests.pg``'s ``database_url`` fixture: a local Postgres, or the embedded one for a newcomer),
@@ -45,8 +45,10 @@ class ServeProcess:
         demo: bool = False,
         secret: str | None = None,
         allow_own_origin: bool = True,
+        args: Sequence[str] = (),
     ) -> None:
         self.database_url = database_url
+        self.args = tuple(args)
         self.origins = tuple(origins)
         self.allow_own_origin = allow_own_origin
         self.demo = demo
@@ -81,6 +83,7 @@ class ServeProcess:
         args = [sys.executable, "-m", "oa_sync_server.cli", "serve", "--port", str(self.port)]
         if self.demo:
             args.append("--demo")
+        args += self.args
         self._proc = await asyncio.create_subprocess_exec(
             *args,
             env=self.env(),
@@ -124,21 +127,34 @@ class ServeProcess:
                 self._printed.clear()
                 await self._printed.wait()
 
-    async def stop(self) -> None:
-        """SIGTERM and wait for the graceful shutdown."""
+    @property
+    def pid(self) -> int:
+        """The process id of the running ``oa-sync serve`` (the supervisor with ``--workers``)."""
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int | None:
+        """Send ``sig`` (SIGTERM: the graceful shutdown), wait, and return the exit code.
+
+        A process that outlives 30 s after SIGTERM is killed. ``None`` when it was not running.
+        """
         proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(30):
+        code = None
+        if proc is not None:
+            if proc.returncode is None:
+                proc.send_signal(sig)
+                try:
+                    async with asyncio.timeout(30):
+                        await proc.wait()
+                except TimeoutError:
+                    proc.kill()
                     await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+            code = proc.returncode
         if self._reader is not None:
             with contextlib.suppress(Exception):
                 await self._reader
             self._reader = None
+        return code
 
     async def restart(self) -> str:
         """Stop and start again on the same port and database."""
@@ -160,10 +176,17 @@ async def serve_process(
     origins: Sequence[str] = (),
     demo: bool = False,
     allow_own_origin: bool = True,
+    secret: str | None = None,
+    args: Sequence[str] = (),
 ) -> AsyncIterator[ServeProcess]:
     """A started :class:`ServeProcess`, stopped when the block exits."""
     server = ServeProcess(
-        database_url, origins=origins, demo=demo, allow_own_origin=allow_own_origin
+        database_url,
+        origins=origins,
+        demo=demo,
+        allow_own_origin=allow_own_origin,
+        secret=secret,
+        args=args,
     )
     try:
         await server.start()
