@@ -32,6 +32,7 @@ BENCHMARKS = (
     "projection",
     "rebuild",
     "ingest",
+    "visible",
     "fanout",
     "connections",
     "resume",
