@@ -124,6 +124,7 @@ async def test_split_brain_old_leader_commit_is_rejected(engine: AsyncEngine) ->
     when the old one resumes its commit is refused, and nothing is applied twice."""
     log = PostgresEventLog(engine)
     await _append_runs(log, 0, 3)
+    await wait_for_horizon(engine)  # another session's transaction would hide events from both
     old = HookedWorker(engine, holder="old")
     new = ProjectorWorker(engine, holder="new")
     paused = asyncio.Event()
@@ -148,6 +149,7 @@ async def test_split_brain_old_leader_commit_is_rejected(engine: AsyncEngine) ->
         await batch
     assert await read_model(engine) == settled
     await _append_runs(log, 3, 1)
+    await wait_for_horizon(engine)
     with pytest.raises(LeaseBusyError):
         await old.run_once()  # it no longer holds any lease: it must re-acquire, and cannot
     assert await new.catch_up() == 3
