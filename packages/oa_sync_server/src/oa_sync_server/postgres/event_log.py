@@ -47,7 +47,8 @@ from typing import Final
 import orjson
 import sqlalchemy as sa
 from oa_sync_core import Event, NewEvent, validate_new_event
-from oa_sync_core.events import MAX_APPEND_EVENTS, check_append_size, plan_append
+from oa_sync_core.errors import ConcurrencyError
+from oa_sync_core.events import MAX_APPEND_EVENTS, check_append_size
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -77,25 +78,10 @@ _LOCK = sa.text(
     "CAST(CAST(pg_current_xact_id() AS text) AS bigint), "
     "pg_notify(:channel, '')"
 ).bindparams(channel=EVENTS_CHANNEL)
-_STATE = sa.text(
-    # One backward index probe per stream (not a scan of the stream's whole history), and the
-    # idempotency keys recorded before: rows of ('s', stream, seq, tx) and ('k', key, pos, 0).
-    "SELECT 's', s.stream_id, e.stream_seq, CAST(CAST(e.tx_id AS text) AS bigint) "
-    "FROM unnest(CAST(:streams AS text[])) AS s(stream_id) CROSS JOIN LATERAL ("
-    "SELECT stream_seq, tx_id FROM oa_sync.events WHERE stream_id = s.stream_id "
-    "ORDER BY stream_seq DESC LIMIT 1) AS e "
-    "UNION ALL "
-    "SELECT 'k', idempotency_key, position, 0 FROM oa_sync.events "
-    "WHERE idempotency_key = ANY(CAST(:keys AS text[]))"
-)
-_INSERT = sa.text(
-    "INSERT INTO oa_sync.events (stream_id, stream_seq, type, payload, idempotency_key) "
-    "SELECT stream_id, stream_seq, type, payload, idempotency_key "
-    "FROM ROWS FROM (jsonb_to_recordset(CAST(:rows AS jsonb)) AS ("
-    "stream_id text, stream_seq bigint, type text, payload jsonb, idempotency_key text)) "
-    "WITH ORDINALITY AS x(stream_id, stream_seq, type, payload, idempotency_key, n) "
-    "ORDER BY n "
-    "RETURNING stream_id, stream_seq, position"
+_APPEND = sa.text(
+    # The whole append in one call (migration 0004): bucket locks, NOTIFY, plan, insert.
+    "SELECT status, positions, CAST(detail AS text) "
+    "FROM oa_sync.append_events(:space, CAST(:buckets AS int[]), CAST(:rows AS jsonb))"
 )
 _READ = sa.text(
     "SELECT position, stream_id, stream_seq, type, CAST(payload AS text) AS payload, recorded_at, "
@@ -209,8 +195,10 @@ class PostgresEventLog:
         while True:
             attempt += 1
             try:
-                async with self.engine.begin() as own:
-                    return await self._append(own, checked)
+                # One statement is its own transaction: no BEGIN and COMMIT round trips.
+                async with self.engine.connect() as own:
+                    auto = await own.execution_options(isolation_level="AUTOCOMMIT")
+                    return await self._append(auto, checked)
             except StreamOrderConflict:
                 if attempt >= self.retries:
                     raise
@@ -219,39 +207,30 @@ class PostgresEventLog:
                     raise
 
     async def _append(self, conn: AsyncConnection, checked: list[NewEvent]) -> list[int]:
-        streams = sorted({e.stream_id for e in checked})
-        keys = sorted({e.idempotency_key for e in checked if e.idempotency_key is not None})
-        buckets = lock_buckets(streams, keys)
-        my_xid = (await conn.execute(_LOCK, {"space": _LOCK_SPACE, "buckets": buckets})).one()[1]
-        known: dict[str, int] = {}
-        seqs: dict[str, int] = {}
-        for kind, name, number, tx in await conn.execute(
-            _STATE, {"streams": streams, "keys": keys}
-        ):
-            if kind == "k":
-                known[name] = number
-                continue
-            if tx > my_xid:
-                raise StreamOrderConflict(name, number)
-            seqs[name] = number
-        plan = plan_append(checked, seqs, known)
-        placed: list[int] = []
-        if plan.rows:
-            rows = [
-                {
-                    "stream_id": row.event.stream_id,
-                    "stream_seq": row.stream_seq,
-                    "type": row.event.type,
-                    "payload": row.event.payload,
-                    "idempotency_key": row.event.idempotency_key,
-                }
-                for row in plan.rows
-            ]
-            # One statement, one parameter: the batch as a JSON array, in batch order.
-            found = await conn.execute(_INSERT, {"rows": orjson.dumps(rows).decode()})
-            at = {(row[0], row[1]): row[2] for row in found}
-            placed = [at[row.event.stream_id, row.stream_seq] for row in plan.rows]
-        return plan.positions(placed, known)
+        streams = {e.stream_id for e in checked}
+        keys = {e.idempotency_key for e in checked if e.idempotency_key is not None}
+        rows = [
+            {
+                "stream_id": e.stream_id,
+                "type": e.type,
+                "payload": e.payload,
+                "expected_seq": e.expected_seq,
+                "idempotency_key": e.idempotency_key,
+            }
+            for e in checked
+        ]
+        params = {
+            "space": _LOCK_SPACE,
+            "buckets": lock_buckets(streams, keys),
+            "rows": orjson.dumps(rows).decode(),
+        }
+        status, positions, detail = (await conn.execute(_APPEND, params)).one()
+        if status == "ok":
+            return list(positions)
+        found = orjson.loads(detail)
+        if status == "order":
+            raise StreamOrderConflict(found["stream"], found["seq"])
+        raise ConcurrencyError(found["stream"], found["expected"], found["actual"])
 
     async def lock_for(self, conn: AsyncConnection, events: Iterable[NewEvent]) -> None:
         """Take, up front, the append locks of every stream and key of ``events``.
