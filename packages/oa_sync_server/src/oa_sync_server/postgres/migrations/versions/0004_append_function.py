@@ -47,13 +47,7 @@ CREATE FUNCTION oa_sync.append_events(
     OUT status text, OUT positions bigint[], OUT detail jsonb
 ) LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
-    a_stream text[];
-    a_seq bigint[];
-    a_type text[];
-    a_payload jsonb[];
-    a_key text[];
-    a_known bigint[];
-    mismatch jsonb;
+    v_mismatch jsonb;
 BEGIN
     PERFORM count(pg_advisory_xact_lock(p_space, b)) FROM unnest(p_buckets) AS b;
     PERFORM pg_notify('oa_sync_events', '');
@@ -75,53 +69,49 @@ BEGIN
     ), marked AS (
         SELECT i.*, k.position AS known_position,
             (k.key IS NOT NULL OR (i.key IS NOT NULL
-                AND row_number() OVER (PARTITION BY i.key ORDER BY i.n) > 1)) AS replay
+                AND row_number() OVER (PARTITION BY i.key COLLATE "C" ORDER BY i.n) > 1)) AS replay
         FROM input AS i LEFT JOIN known AS k ON k.key = i.key
     ), planned AS (
-        SELECT m.*, l.seq AS last_seq, l.tx_id AS last_tx,
-            CASE WHEN NOT m.replay THEN
-                l.seq + row_number() OVER (PARTITION BY m.stream_id, m.replay ORDER BY m.n)
-            END AS stream_seq
+        SELECT m.*, CASE WHEN NOT m.replay THEN l.seq + row_number() OVER (
+                PARTITION BY m.stream_id COLLATE "C", m.replay ORDER BY m.n) END AS stream_seq
         FROM marked AS m JOIN last AS l USING (stream_id)
-    )
-    SELECT
-        (SELECT jsonb_build_object('stream', stream_id, 'seq', seq) FROM last
-         WHERE tx_id > pg_current_xact_id() ORDER BY stream_id LIMIT 1),
-        (SELECT jsonb_build_object(
-                'stream', stream_id, 'expected', expected_seq, 'actual', stream_seq - 1)
-         FROM planned WHERE stream_seq IS NOT NULL AND expected_seq IS NOT NULL
-             AND expected_seq <> stream_seq - 1
-         ORDER BY n LIMIT 1),
-        array_agg(stream_id ORDER BY n), array_agg(stream_seq ORDER BY n),
-        array_agg(type ORDER BY n), array_agg(payload ORDER BY n),
-        array_agg(key ORDER BY n), array_agg(known_position ORDER BY n)
-    INTO detail, mismatch, a_stream, a_seq, a_type, a_payload, a_key, a_known
-    FROM planned;
-    IF detail IS NOT NULL THEN
-        status := 'order';
-        RETURN;
-    END IF;
-    IF mismatch IS NOT NULL THEN
-        status := 'expected';
-        detail := mismatch;
-        RETURN;
-    END IF;
-    WITH plan AS (
-        SELECT * FROM unnest(a_stream, a_seq, a_type, a_payload, a_key, a_known)
-            WITH ORDINALITY AS p(stream_id, stream_seq, type, payload, key, known, n)
+    ), verdict AS (
+        SELECT
+            (SELECT jsonb_build_object('stream', stream_id, 'seq', seq) FROM last
+             WHERE tx_id > pg_current_xact_id() LIMIT 1) AS conflict,
+            (SELECT jsonb_build_object(
+                    'stream', stream_id, 'expected', expected_seq, 'actual', stream_seq - 1)
+             FROM planned WHERE stream_seq IS NOT NULL AND expected_seq IS NOT NULL
+                 AND expected_seq <> stream_seq - 1
+             ORDER BY n LIMIT 1) AS mismatch
     ), ins AS (
         INSERT INTO oa_sync.events (stream_id, stream_seq, type, payload, idempotency_key)
-        SELECT stream_id, stream_seq, type, payload, key FROM plan
-        WHERE stream_seq IS NOT NULL ORDER BY n
+        SELECT stream_id, stream_seq, type, payload, key FROM planned
+        WHERE stream_seq IS NOT NULL
+            AND (SELECT conflict IS NULL AND mismatch IS NULL FROM verdict)
+        ORDER BY n
         RETURNING stream_id, stream_seq, position, idempotency_key
     )
-    SELECT array_agg(coalesce(p.known, w.position, k.position) ORDER BY p.n) INTO positions
-    FROM plan AS p
-    LEFT JOIN ins AS w ON p.stream_seq IS NOT NULL
-        AND w.stream_id = p.stream_id AND w.stream_seq = p.stream_seq
-    LEFT JOIN ins AS k ON p.stream_seq IS NULL AND p.known IS NULL
-        AND k.idempotency_key = p.key;
-    status := 'ok';
+    SELECT v.conflict, v.mismatch, (
+        SELECT array_agg(coalesce(p.known_position, w.position, k.position) ORDER BY p.n)
+        FROM planned AS p
+        LEFT JOIN ins AS w ON p.stream_seq IS NOT NULL
+            AND w.stream_id = p.stream_id AND w.stream_seq = p.stream_seq
+        LEFT JOIN ins AS k ON p.stream_seq IS NULL AND p.known_position IS NULL
+            AND k.idempotency_key = p.key
+    )
+    INTO detail, v_mismatch, positions
+    FROM verdict AS v;
+    IF detail IS NOT NULL THEN
+        status := 'order';
+        positions := NULL;
+    ELSIF v_mismatch IS NOT NULL THEN
+        status := 'expected';
+        detail := v_mismatch;
+        positions := NULL;
+    ELSE
+        status := 'ok';
+    END IF;
 END
 $fn$
 """
