@@ -660,21 +660,24 @@ _FAST_KINDS: Final = frozenset({"string", "bool", *_INT_RANGES})
 def _fast_fields(cls: type[betterproto.Message]) -> dict[str, _FastField] | None:
     """The fields of ``cls`` by lowerCamelCase name, or ``None`` if a field is not simple.
 
-    Simple: singular, in no ``oneof``, and a string, bool, integer, timestamp or nested simple
-    message. Anything else (repeated, ``oneof``, enum, double, bytes, Struct) makes the whole
-    class take :func:`read_message`.
+    Simple: in no ``oneof``, and a string, bool, integer, timestamp, Struct, nested simple
+    message or repeated nested simple message. Anything else (other repeated fields,
+    ``oneof``, enum, double, bytes) makes the whole class take :func:`read_message`.
     """
     meta_by_name = cast(Any, cls)._betterproto.meta_by_field_name
     out: dict[str, _FastField] = {}
     for spec in _schema(cls).values():
-        if spec.repeated or spec.group is not None:
+        if spec.group is not None or (spec.repeated and spec.message_cls is None):
             return None
         keep = bool(meta_by_name[spec.name].optional)
         if spec.message_cls is not None:
             nested = _fast_reader(spec.message_cls)
             if nested is None:
                 return None
-            out[spec.json_name] = (spec.json_name, "message", nested, True)
+            kind = "messages" if spec.repeated else "message"
+            out[spec.json_name] = (spec.json_name, kind, nested, True)
+        elif spec.well_known == "struct":
+            out[spec.json_name] = (spec.json_name, "struct", None, True)
         elif spec.well_known == "timestamp":
             out[spec.json_name] = (spec.json_name, "timestamp", None, True)
         elif spec.well_known is None and spec.proto_type in _FAST_KINDS:
@@ -736,11 +739,27 @@ def _fast_reader(cls: type[betterproto.Message]) -> _FastReader | None:
                     return None
                 if raw or keep:
                     out[name] = raw
-            else:  # a nested message
+            elif kind == "message":
                 nested = extra(raw)
                 if nested is None:
                     return None
                 out[name] = nested
+            elif kind == "messages":
+                if kind_of is not list:
+                    return None
+                items = [extra(item) for item in raw]
+                if None in items:
+                    return None
+                if items:
+                    out[name] = items
+            else:  # a Struct: any JSON object
+                if kind_of is not dict:
+                    return None
+                try:  # half the depth budget: message nesting above it is far shallower
+                    check_json(raw, max_depth=MAX_DEPTH // 2)
+                except CodecError:
+                    return None
+                out[name] = raw
         return out
 
     _FAST[cls] = read
@@ -753,10 +772,11 @@ def read_message_fast(cls: type[betterproto.Message], obj: Any) -> JsonObject | 
     When it returns a value, it is exactly what :func:`read_message` returns for ``obj`` and
     ``obj`` is also plain JSON data (what :func:`check_json` accepts): every key is a
     lowerCamelCase field name of ``cls``, every value has the exact type its field takes
-    (``str``, ``int`` in range, ``bool``, an RFC 3339 timestamp, a nested message of the same
-    kind), and no string holds a lone surrogate. Anything else (snake_case names, ``null``,
-    integers given as text or floats, enums, repeated or ``oneof`` fields, Struct, an error of
-    any kind) returns ``None``: the caller then takes :func:`check_json` and
+    (``str``, ``int`` in range, ``bool``, an RFC 3339 timestamp, a JSON object for a Struct, a
+    nested message of the same kind or a list of them), and no string holds a lone surrogate.
+    Anything else (snake_case names, ``null``, integers given as text or floats, enums, other
+    repeated fields, ``oneof`` members, a Struct nested deeper than half of :data:`MAX_DEPTH`,
+    an error of any kind) returns ``None``: the caller then takes :func:`check_json` and
     :func:`read_message`, which accept or refuse and word the error. A property test holds the
     two paths equal.
 
