@@ -6,9 +6,11 @@ canonical proto3 JSON, so a bad event is refused before anything is written. :cl
 an event the log has recorded, with its global ``position`` and per-stream ``stream_seq``.
 
 :func:`plan_append` is the one append decision (idempotency keys, ``expected_seq``, the next
-``stream_seq`` of each stream) shared by every :class:`EventLog` adapter: an adapter reads what
-it needs (each stream's last seq, the keys already recorded), asks for the plan, and writes its
-rows. :func:`check_append_size` is the one batch-size rule (:data:`MAX_APPEND_EVENTS`).
+``stream_seq`` of each stream) for :class:`EventLog` adapters: an adapter reads what it needs
+(each stream's last seq, the keys already recorded), asks for the plan, and writes its rows.
+The Postgres adapter makes the same decision inside Postgres, in one round trip
+(``oa_sync.append_events``); a test holds the two equal on random batches.
+:func:`check_append_size` is the one batch-size rule (:data:`MAX_APPEND_EVENTS`).
 
 This module knows the event vocabulary (:data:`EVENT_PAYLOADS`) but not how events are stored.
 """

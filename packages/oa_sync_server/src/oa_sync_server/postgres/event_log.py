@@ -2,27 +2,34 @@
 
 Appends. :meth:`PostgresEventLog.append` refuses a batch over ``max_events``
 (:class:`~oa_sync_core.AppendLimitError`), validates every event with
-:func:`oa_sync_core.validate_new_event` before touching the database, then, in one
-transaction and three statements:
+:func:`oa_sync_core.validate_new_event` before touching the database, then makes one call of
+``oa_sync.append_events`` (migration ``0004_append_function``), one round trip, which:
 
 1. takes ``pg_advisory_xact_lock`` on the *lock bucket* of every stream and idempotency key of
    the batch (a CRC-32 of the name modulo :data:`LOCK_BUCKETS`), in sorted order, so
    concurrent appenders cannot deadlock and a key's row or a stream's last row read next is
-   final; reads our transaction id; queues ``pg_notify('oa_sync_events', '')`` (transactional:
-   delivered only on commit). A bucket stands for every name hashed to it, so one append
-   holds at most :data:`LOCK_BUCKETS` locks whatever it touches (one lock per stream
-   exhausted Postgres' lock table, ``max_locks_per_transaction``, on imports of 10,000 runs);
-   two appends to different streams of the same bucket merely run one after the other;
-2. reads the idempotency keys seen before (their original positions are returned, nothing is
-   written for them) and each stream's last ``(stream_seq, tx_id)``: a last row written by a
-   *newer* transaction than ours raises :class:`StreamOrderConflict` (the per-stream order
-   guard: it keeps log order, ``(tx_id, position)``, equal to ``stream_seq`` order within each
-   stream); then :func:`oa_sync_core.plan_append` decides the rows (an ``expected_seq``
-   mismatch raises :class:`~oa_sync_core.ConcurrencyError`);
-3. inserts the rows with one ``INSERT ... SELECT FROM jsonb_to_recordset(:rows) RETURNING``
-   (one bound parameter whatever the batch size; positions follow batch order).
+   final; queues ``pg_notify('oa_sync_events', '')`` (transactional: delivered only on
+   commit). A bucket stands for every name hashed to it, so one append holds at most
+   :data:`LOCK_BUCKETS` locks whatever it touches (one lock per stream exhausted Postgres' lock
+   table, ``max_locks_per_transaction``, on imports of 10,000 runs); two appends to different
+   streams of the same bucket merely run one after the other;
+2. in one statement, with a snapshot taken after the locks: reads each stream's last
+   ``(stream_seq, tx_id)`` and the idempotency keys seen before, and plans the batch exactly as
+   :func:`oa_sync_core.plan_append` does (a test drives both with the same random batches): a
+   last row written by a *newer* transaction than ours is reported and becomes
+   :class:`StreamOrderConflict` (the per-stream order guard: it keeps log order,
+   ``(tx_id, position)``, equal to ``stream_seq`` order within each stream); an
+   ``expected_seq`` mismatch becomes :class:`~oa_sync_core.ConcurrencyError`; either way
+   nothing is written and no SQL error is raised (a caller's transaction stays usable);
+   otherwise it inserts the rows in batch order (positions follow it) and returns every
+   event's position, a replayed key's being the original one.
 
-With ``conn=None`` the log runs its own transaction and retries a few times on
+The batch travels as one ``jsonb`` parameter whatever its size. With ``conn=None`` the call is
+one autocommit statement (its own transaction: no BEGIN and COMMIT round trips); an append it
+refuses (order conflict, ``expected_seq``) then still commits its NOTIFY, a spurious hint that
+listeners already tolerate (DESIGN.md rule 5).
+
+With ``conn=None`` the log retries a few times on
 :class:`StreamOrderConflict` or a unique violation; with a caller's connection (the outbox
 pattern) those errors propagate and the caller retries in a new transaction.
 
