@@ -118,11 +118,12 @@ class _Child:
 
 class ServerProcess(_Child):
     """``oa-sync serve --workers N`` on ``database_url`` with benchmark settings (``env``
-    overrides; ``workers`` server processes on the port, 1 by default)."""
+    overrides; ``workers`` server processes on the port, 1 by default; ``None``: the command's
+    own default, one per core)."""
 
     ready_path = "/readyz"
 
-    def __init__(self, database_url: str, *, workers: int = 1, **env: Any) -> None:
+    def __init__(self, database_url: str, *, workers: int | None = 1, **env: Any) -> None:
         super().__init__()
         self.workers = workers
         self.env = {
@@ -139,7 +140,9 @@ class ServerProcess(_Child):
         }
         cli = shutil.which("oa-sync", path=str(Path(sys.executable).parent))
         if SERVE_COMMAND.exists() and cli is not None:
-            self.command = [cli, "serve", "--workers", str(workers)]
+            self.command = [cli, "serve"]
+            if workers is not None:
+                self.command += ["--workers", str(workers)]
         else:
             self.command = [sys.executable, str(HERE / "_serve.py")]
 

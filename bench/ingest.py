@@ -4,10 +4,12 @@
    (psycopg, autocommit), and batched ``INSERT … ON CONFLICT`` rows/s (as ``projection.py``).
 2. Library append latency: ``PostgresEventLog.append`` of 1 and of 5 events, one after the
    other on an idle database, p50/p95, with where the milliseconds go (validation, each SQL
-   statement, and the rest: BEGIN, COMMIT, pool and Python), timed with SQLAlchemy's cursor
-   events around every statement.
+   statement, and the rest: the pool checkout with its pre-ping, and Python), timed with
+   SQLAlchemy's cursor events around every statement.
 3. HTTP append latency: ``POST /v1/events`` of 1 and of 5 events to ``oa-sync serve`` (its
-   projector running), one client, one request at a time, p50/p95.
+   default ``--workers``, one per core, the projector running in one of them), one client, one
+   request at a time, p50/p95; beside them ``GET /healthz`` (the HTTP round trip) and a
+   ``POST`` of 5 events refused by validation (auth, parsing, validation; no database).
 4. HTTP ingest: one client posts 100,000 events over 10,000 runs in batches of 500; the figure
    is events/s from the first request until the server's projector has folded the last event.
 
@@ -18,6 +20,7 @@ Targets (issue 13): a 5-event ``POST`` p50 at most 15 same-run commits; HTTP ing
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections import defaultdict
@@ -97,12 +100,8 @@ async def library_latency(url: str, rounds: int) -> dict[str, Any]:
     def after(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         text = statement.lstrip()
         name = (
-            "lock + xid + notify"
-            if "pg_advisory_xact_lock" in text
-            else "stream seqs + known keys"
-            if text.startswith("SELECT 's'")
-            else "insert"
-            if text.startswith("INSERT")
+            "append_events (locks, plan, insert, commit)"
+            if "append_events" in text
             else "other SQL"
         )
         phases[name] += time.perf_counter() - started.pop()
@@ -127,7 +126,7 @@ async def library_latency(url: str, rounds: int) -> dict[str, Any]:
                 timings.append(time.perf_counter() - t0)
             total = sum(timings)
             breakdown = {"validation": validation, **phases}
-            breakdown["BEGIN, COMMIT, pool, Python"] = total - sum(breakdown.values())
+            breakdown["pool checkout + pre-ping, Python"] = total - sum(breakdown.values())
             out[size] = {
                 "p50_ms": _ms(timings, 0.5),
                 "p95_ms": _ms(timings, 0.95),
@@ -142,13 +141,36 @@ def _new(event: dict[str, Any]) -> dict[str, Any]:
     return {"stream_id": event["streamId"], "type": event["type"], "payload": event["payload"]}
 
 
-async def http_latency(base: str, rounds: int) -> dict[int, dict[str, float]]:
-    """``POST /v1/events`` of 1 and 5 events, one at a time; p50/p95 ms."""
+async def http_latency(base: str, rounds: int) -> dict[Any, dict[str, float]]:
+    """``POST /v1/events`` of 1 and 5 events, one at a time; p50/p95 ms.
+
+    Beside them, to show where a request's time goes (same client, same connection):
+    ``GET /healthz`` (the HTTP round trip through aiohttp, no auth, no body) and a ``POST`` of
+    5 events whose last is invalid (auth, body read, parsing and validating all 5, the 400
+    answer; no database).
+    """
     import aiohttp  # noqa: PLC0415
 
     headers = {"Authorization": f"Bearer {token()}"}
-    out: dict[int, dict[str, float]] = {}
+    out: dict[Any, dict[str, float]] = {}
     async with aiohttp.ClientSession(headers=headers) as session:
+        floor: dict[str, list[float]] = {"healthz": [], "refused_5": []}
+        bad = _events(3_000_000, 5)
+        bad[-1]["payload"]["stepIndex"] = "not a number"
+        for run in range(rounds + 10):
+            for name, request in (
+                ("healthz", lambda: session.get(base + "/healthz")),
+                ("refused_5", lambda: session.post(base + "/v1/events", json={"events": bad})),
+            ):
+                t0 = time.perf_counter()
+                async with request() as answer:
+                    await answer.read()
+                    assert answer.status in (200, 400), answer.status
+                if run >= 10:
+                    floor[name].append(time.perf_counter() - t0)
+            await asyncio.sleep(0.02)
+        for name, timings in floor.items():
+            out[name] = {"p50_ms": _ms(timings, 0.5), "p95_ms": _ms(timings, 0.95)}
         for size in (1, 5):
             timings = []
             for run in range(rounds + 10):
@@ -207,7 +229,7 @@ def main() -> int:
         upsert_rate = upsert_baseline(url, total, runs)
         library = asyncio.run(library_latency(url, rounds))
         load_server = load_average()
-        with ServerProcess(url) as server:
+        with ServerProcess(url, workers=None) as server:  # the default: one per core
             http = asyncio.run(http_latency(server.url, rounds))
             ingest = asyncio.run(http_ingest(server.url, url, total, runs, 500))
     finally:
@@ -220,6 +242,9 @@ def main() -> int:
         "http_ingest_events_per_s": ingest_rate,
         "http_ingest_posting_events_per_s": total / ingest["posted_seconds"],
     }
+    for name in ("healthz", "refused_5"):
+        figures[f"http_{name}_p50_ms"] = http[name]["p50_ms"]
+        figures[f"http_{name}_p95_ms"] = http[name]["p95_ms"]
     for size in (1, 5):
         figures[f"library_append_{size}_p50_ms"] = library[size]["p50_ms"]
         figures[f"library_append_{size}_p95_ms"] = library[size]["p95_ms"]
@@ -234,7 +259,10 @@ def main() -> int:
             "http_ingest_events": total,
             "http_ingest_runs": runs,
             "http_ingest_batch": 500,
-            "server": "oa-sync serve (projector in the same process), one client",
+            "server": (
+                f"oa-sync serve with its default --workers (one per core: {os.cpu_count()}; "
+                "the projector runs in one of them), one client"
+            ),
             "git": git_revision(),
             "load_average_before": load_before,
             "load_average_at_server_start": load_server,

@@ -22,9 +22,16 @@ import betterproto
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oa_sync_core.codec import canonical_json, loads_strict, read_message
+from oa_sync_core.codec import (
+    canonical_json,
+    check_json,
+    loads_strict,
+    read_message,
+    read_message_fast,
+)
 from oa_sync_core.contracts import v1
 from oa_sync_core.errors import CodecError
+from oa_sync_core.events import EVENT_PAYLOADS
 from oa_sync_core.testing import texts, timestamps
 
 from tests.profiles import examples
@@ -278,3 +285,36 @@ def test_reader_is_never_laxer_than_the_official_runtime(
         return
     with contextlib.suppress(CodecError):
         assert read_message(cls, value) == reference
+
+
+@pytest.mark.parametrize("cls", MESSAGES, ids=lambda cls: cls.__name__)
+@settings(max_examples=examples(25), deadline=None)
+@given(data=st.data())
+def test_fast_reader_agrees_with_the_reference_or_defers(
+    cls: type[betterproto.Message], data: st.DataObject
+) -> None:
+    """read_message_fast returns exactly read_message's answer, or None (then the reference
+    decides); it never accepts what check_json or read_message refuse.
+
+    Values are the message's proto3 JSON in any form, with one field sometimes set to an odd
+    value (null, big or negative integers, floats, integer text, bad timestamps, lists).
+    """
+    value = data.draw(messages(cls))
+    if value and data.draw(st.booleans()):
+        value[data.draw(st.sampled_from(sorted(value)))] = data.draw(_ODD_LEAVES | texts())
+    fast = read_message_fast(cls, value)
+    if fast is None:
+        return
+    check_json(value)  # raises if the fast path accepted non-JSON
+    assert read_message(cls, value) == fast
+    assert read_message(cls, fast) == fast
+
+
+def test_fast_reader_takes_the_event_payloads() -> None:
+    """The fast path handles the event vocabulary's canonical payloads (it is not dead code)."""
+    payload = {"runId": "r1", "occurredAt": "2026-11-25T12:00:00.120Z", "stepIndex": 3}
+    assert read_message_fast(v1.RunStep, payload) == read_message(v1.RunStep, payload)
+    error = {"runId": "r1", "error": {"code": "E", "message": "é"}}
+    assert read_message_fast(v1.RunFailed, error) == read_message(v1.RunFailed, error)
+    taken = [cls for cls in EVENT_PAYLOADS.values() if read_message_fast(cls, {}) == {}]
+    assert len(taken) == len(EVENT_PAYLOADS)

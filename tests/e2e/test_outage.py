@@ -56,11 +56,11 @@ def captured_lines() -> Iterator[io.StringIO]:
 
 
 async def _blocked_appends(admin: psycopg.AsyncConnection[Any], db: str) -> list[int]:
-    """Backends of ``db`` parked on a lock in the append's idempotency-key lookup."""
+    """Backends of ``db`` parked on a lock in the append (its one ``append_events`` call)."""
     cursor = await admin.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
         " AND query LIKE %s AND pid <> pg_backend_pid()",
-        (db, "%idempotency_key = ANY%"),
+        (db, "%oa_sync.append_events(%"),
     )
     return [row[0] for row in await cursor.fetchall()]
 

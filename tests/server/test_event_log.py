@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import psycopg
 import pytest
 import sqlalchemy as sa
 from oa_sync_core import ConcurrencyError, EventValidationError, NewEvent
+from oa_sync_core.memory import MemoryEventLog
 from oa_sync_core.testing import new_event
 from oa_sync_server.postgres.event_log import (
     LogCursor,
@@ -194,3 +196,41 @@ async def test_append_notifies_on_commit(engine: AsyncEngine, database_url: str)
         gen = listener.notifies(timeout=10, stop_after=2)
         got = [(n.channel, n.payload) async for n in gen]
     assert got == [(EVENTS_CHANNEL, "marker"), (EVENTS_CHANNEL, "")]
+
+
+async def test_append_function_plans_batches_as_plan_append_does(engine: AsyncEngine) -> None:
+    """Random batches (idempotency keys repeated within and across batches, right and wrong
+    expected_seqs) give the same answers from Postgres' append_events as from plan_append
+    (the memory log): the same events written at the same stream_seqs, replays answered with
+    the original event, the same ConcurrencyError (stream, expected, actual), nothing written.
+    """
+    rnd = random.Random(13)
+    memory, log = MemoryEventLog(), PostgresEventLog(engine)
+    conflicts = replays = 0
+    for _ in range(150):
+        batch = []
+        for _ in range(rnd.randint(1, 6)):
+            ident = rnd.choice(("a", "b", "c"))
+            seq = rnd.randint(0, 6) if rnd.random() < 0.1 else None
+            key = f"k{rnd.randint(0, 9)}" if rnd.random() < 0.4 else None
+            batch.append(
+                new_event("run.step", ident, expected_seq=seq, idempotency_key=key, stepIndex=1)
+            )
+        outcomes = []
+        for target in (memory, log):
+            try:
+                positions = await target.append(batch)
+            except ConcurrencyError as exc:  # (never the order guard: one writer at a time)
+                outcomes.append((type(exc), exc.stream_id, exc.expected_seq, exc.actual_seq))
+                continue
+            where = {
+                e.position: (e.stream_id, e.stream_seq)
+                for ident in ("a", "b", "c")
+                for e in await target.stream(f"run:{ident}")
+            }
+            outcomes.append([where[p] for p in positions])
+        assert outcomes[0] == outcomes[1]
+        conflicts += isinstance(outcomes[0], tuple)
+        replays += isinstance(outcomes[0], list) and len(set(outcomes[0])) < len(outcomes[0])
+    assert conflicts > 5  # both decisions were exercised
+    assert replays > 5

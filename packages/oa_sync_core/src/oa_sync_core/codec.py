@@ -25,7 +25,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeAlias, cast
 
 import betterproto
@@ -46,6 +46,7 @@ __all__ = [
     "loads_strict",
     "parse_timestamp",
     "read_message",
+    "read_message_fast",
 ]
 
 JsonValue: TypeAlias = Any
@@ -335,6 +336,20 @@ def parse_timestamp(text: str) -> tuple[int, int]:
 
 
 _DAYS: Final = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_CANONICAL_UTC = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(?:\.(?:(?!000)[0-9]{3}|[0-9]{3}(?!000)[0-9]{3}|[0-9]{6}(?!000)[0-9]{3}))?Z"
+)
+"""A timestamp already in canonical form (but for its date's validity): UTC ``Z``, 0, 3, 6 or
+9 fractional digits, the shortest that holds the value."""
+_VALID_DATES: dict[str, bool] = {}
+"""``YYYY-MM-DD`` texts seen by :func:`canonical_timestamp`, and whether each is a real date."""
+
+
+def _valid_date(text: str) -> bool:
+    year, month, day = int(text[0:4]), int(text[5:7]), int(text[8:10])
+    leap = month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    return year >= 1 and 1 <= month <= 12 and 1 <= day <= _DAYS[month] + leap
 
 
 def canonical_timestamp(text: str) -> str:
@@ -342,35 +357,45 @@ def canonical_timestamp(text: str) -> str:
 
     An ASCII ``Z`` timestamp with a valid date and time is already canonical but for its
     fraction and the case of ``T``/``Z``; anything else (offsets, invalid fields, out of
-    range) takes the full path, which also words the error.
+    range) takes the full path, which also words the error. A timestamp already canonical
+    (the usual case) is returned as it is once its date is known valid.
 
     Raises:
         ValueError: as :func:`parse_timestamp`.
     """
+    if _CANONICAL_UTC.fullmatch(text) is not None:
+        date = text[:10]
+        valid = _VALID_DATES.get(date)
+        if valid is None:
+            if len(_VALID_DATES) >= 4096:  # bounded: dates seen recently, not every date ever
+                _VALID_DATES.clear()
+            valid = _VALID_DATES[date] = _valid_date(date)
+        if valid:
+            return text
     match = _TIMESTAMP.fullmatch(text)
-    if match is not None and match.group(8) in ("Z", "z") and text.isascii():
-        year, month, day = int(text[0:4]), int(text[5:7]), int(text[8:10])
-        leap = month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
-        if (
-            year >= 1
-            and 1 <= month <= 12
-            and 1 <= day <= _DAYS[month] + leap
+    if (
+        match is not None
+        and match.group(8) in ("Z", "z")
+        and text.isascii()
+        and (
+            _valid_date(text)
             and int(text[11:13]) <= 23
             and int(text[14:16]) <= 59
             and int(text[17:19]) <= 59
-        ):
-            fraction = match.group(7)
-            head = f"{text[0:10]}T{text[11:19]}"
-            if not fraction:
-                return head + "Z"
-            nanos = int(fraction.ljust(9, "0"))
-            if nanos == 0:
-                return head + "Z"
-            if nanos % 1_000_000 == 0:
-                return f"{head}.{nanos // 1_000_000:03d}Z"
-            if nanos % 1_000 == 0:
-                return f"{head}.{nanos // 1_000:06d}Z"
-            return f"{head}.{nanos:09d}Z"
+        )
+    ):
+        fraction = match.group(7)
+        head = f"{text[0:10]}T{text[11:19]}"
+        if not fraction:
+            return head + "Z"
+        nanos = int(fraction.ljust(9, "0"))
+        if nanos == 0:
+            return head + "Z"
+        if nanos % 1_000_000 == 0:
+            return f"{head}.{nanos // 1_000_000:03d}Z"
+        if nanos % 1_000 == 0:
+            return f"{head}.{nanos // 1_000:06d}Z"
+        return f"{head}.{nanos:09d}Z"
     return format_timestamp(*parse_timestamp(text))
 
 
@@ -618,3 +643,146 @@ def read_message(cls: type[betterproto.Message], obj: Any, *, path: str = "") ->
         if keep:
             out[spec.json_name] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A fast path for read_message, for the shapes events actually have
+# ---------------------------------------------------------------------------------------------
+
+_FastField: TypeAlias = tuple[str, str, Any, bool]
+"""(json name, kind, range or nested reader, keep at default) of one field the fast path reads."""
+_FastReader: TypeAlias = Callable[[Any], "JsonObject | None"]
+
+_FAST: dict[type[betterproto.Message], _FastReader | None] = {}
+_FAST_KINDS: Final = frozenset({"string", "bool", *_INT_RANGES})
+
+
+def _fast_fields(cls: type[betterproto.Message]) -> dict[str, _FastField] | None:
+    """The fields of ``cls`` by lowerCamelCase name, or ``None`` if a field is not simple.
+
+    Simple: in no ``oneof``, and a string, bool, integer, timestamp, Struct, nested simple
+    message or repeated nested simple message. Anything else (other repeated fields,
+    ``oneof``, enum, double, bytes) makes the whole class take :func:`read_message`.
+    """
+    meta_by_name = cast(Any, cls)._betterproto.meta_by_field_name
+    out: dict[str, _FastField] = {}
+    for spec in _schema(cls).values():
+        if spec.group is not None or (spec.repeated and spec.message_cls is None):
+            return None
+        keep = bool(meta_by_name[spec.name].optional)
+        if spec.message_cls is not None:
+            nested = _fast_reader(spec.message_cls)
+            if nested is None:
+                return None
+            kind = "messages" if spec.repeated else "message"
+            out[spec.json_name] = (spec.json_name, kind, nested, True)
+        elif spec.well_known == "struct":
+            out[spec.json_name] = (spec.json_name, "struct", None, True)
+        elif spec.well_known == "timestamp":
+            out[spec.json_name] = (spec.json_name, "timestamp", None, True)
+        elif spec.well_known is None and spec.proto_type in _FAST_KINDS:
+            if spec.proto_type in _INT64_TYPES:
+                kind = "int64"
+            elif spec.proto_type in _INT_RANGES:
+                kind = "int"
+            else:
+                kind = spec.proto_type
+            out[spec.json_name] = (spec.json_name, kind, _INT_RANGES.get(spec.proto_type), keep)
+        else:
+            return None
+    return out
+
+
+def _fast_reader(cls: type[betterproto.Message]) -> _FastReader | None:
+    """The compiled fast reader of ``cls`` (cached), or ``None`` when it has none."""
+    if cls in _FAST:
+        return _FAST[cls]
+    _FAST[cls] = None  # (a recursive message type gets no fast reader)
+    fields = _fast_fields(cls)
+    if fields is None:
+        return None
+
+    def read(obj: Any) -> JsonObject | None:
+        if type(obj) is not dict:
+            return None
+        out: JsonObject = {}
+        for key, raw in obj.items():
+            spec = fields.get(key)
+            if spec is None:
+                return None
+            name, kind, extra, keep = spec
+            kind_of = type(raw)
+            if kind == "string":
+                if kind_of is not str:
+                    return None
+                if not raw.isascii():
+                    try:
+                        raw.encode("utf-8")
+                    except UnicodeEncodeError:
+                        return None
+                if raw or keep:
+                    out[name] = raw
+            elif kind == "timestamp":
+                if kind_of is not str:
+                    return None
+                try:
+                    out[name] = canonical_timestamp(raw)
+                except ValueError:
+                    return None
+            elif kind in {"int", "int64"}:
+                if kind_of is not int or not extra[0] <= raw <= extra[1]:
+                    return None
+                if raw or keep:
+                    out[name] = str(raw) if kind == "int64" else raw
+            elif kind == "bool":
+                if kind_of is not bool:
+                    return None
+                if raw or keep:
+                    out[name] = raw
+            elif kind == "message":
+                nested = extra(raw)
+                if nested is None:
+                    return None
+                out[name] = nested
+            elif kind == "messages":
+                if kind_of is not list:
+                    return None
+                items = [extra(item) for item in raw]
+                if None in items:
+                    return None
+                if items:
+                    out[name] = items
+            else:  # a Struct: any JSON object
+                if kind_of is not dict:
+                    return None
+                try:  # half the depth budget: message nesting above it is far shallower
+                    check_json(raw, max_depth=MAX_DEPTH // 2)
+                except CodecError:
+                    return None
+                out[name] = raw
+        return out
+
+    _FAST[cls] = read
+    return read
+
+
+def read_message_fast(cls: type[betterproto.Message], obj: Any) -> JsonObject | None:
+    """:func:`read_message` for the common case, or ``None`` when it cannot decide.
+
+    When it returns a value, it is exactly what :func:`read_message` returns for ``obj`` and
+    ``obj`` is also plain JSON data (what :func:`check_json` accepts): every key is a
+    lowerCamelCase field name of ``cls``, every value has the exact type its field takes
+    (``str``, ``int`` in range, ``bool``, an RFC 3339 timestamp, a JSON object for a Struct, a
+    nested message of the same kind or a list of them), and no string holds a lone surrogate.
+    Anything else (snake_case names, ``null``, integers given as text or floats, enums, other
+    repeated fields, ``oneof`` members, a Struct nested deeper than half of :data:`MAX_DEPTH`,
+    an error of any kind) returns ``None``: the caller then takes :func:`check_json` and
+    :func:`read_message`, which accept or refuse and word the error. A property test holds the
+    two paths equal.
+
+    Args:
+        cls: the betterproto message class.
+        obj: the parsed JSON value.
+    """
+    reader = _fast_reader(cls)
+    return None if reader is None else reader(obj)

@@ -6,9 +6,11 @@ canonical proto3 JSON, so a bad event is refused before anything is written. :cl
 an event the log has recorded, with its global ``position`` and per-stream ``stream_seq``.
 
 :func:`plan_append` is the one append decision (idempotency keys, ``expected_seq``, the next
-``stream_seq`` of each stream) shared by every :class:`EventLog` adapter: an adapter reads what
-it needs (each stream's last seq, the keys already recorded), asks for the plan, and writes its
-rows. :func:`check_append_size` is the one batch-size rule (:data:`MAX_APPEND_EVENTS`).
+``stream_seq`` of each stream) for :class:`EventLog` adapters: an adapter reads what it needs
+(each stream's last seq, the keys already recorded), asks for the plan, and writes its rows.
+The Postgres adapter makes the same decision inside Postgres, in one round trip
+(``oa_sync.append_events``); a test holds the two equal on random batches.
+:func:`check_append_size` is the one batch-size rule (:data:`MAX_APPEND_EVENTS`).
 
 This module knows the event vocabulary (:data:`EVENT_PAYLOADS`) but not how events are stored.
 """
@@ -24,7 +26,14 @@ from typing import Final, Protocol
 
 import betterproto
 
-from oa_sync_core.codec import JsonObject, JsonValue, canonical_json, check_json, read_message
+from oa_sync_core.codec import (
+    JsonObject,
+    JsonValue,
+    canonical_json,
+    check_json,
+    read_message,
+    read_message_fast,
+)
 from oa_sync_core.contracts import v1
 from oa_sync_core.errors import (
     AppendLimitError,
@@ -211,12 +220,18 @@ def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent
     if not isinstance(fields["payload"], dict):
         raise EventValidationError("payload must be a JSON object", index=index, field="payload")
     message_cls = EVENT_PAYLOADS.get(event.type)
+    # The fast reader proves the payload plain JSON too (see read_message_fast); when it cannot
+    # decide, the reference path accepts or refuses and words the error.
+    fast = None if message_cls is None else read_message_fast(message_cls, event.payload)
     try:
-        check_json(event.payload, path="payload")
-        if message_cls is not None:
-            payload = read_message(message_cls, event.payload, path="payload")
+        if fast is not None:
+            payload = fast
         else:
-            payload = event.payload
+            check_json(event.payload, path="payload")
+            if message_cls is not None:
+                payload = read_message(message_cls, event.payload, path="payload")
+            else:
+                payload = event.payload
         encoded = canonical_json(payload)
     except CodecError as exc:
         raise EventValidationError(str(exc), index=index, field=exc.path or "payload") from None

@@ -2,27 +2,34 @@
 
 Appends. :meth:`PostgresEventLog.append` refuses a batch over ``max_events``
 (:class:`~oa_sync_core.AppendLimitError`), validates every event with
-:func:`oa_sync_core.validate_new_event` before touching the database, then, in one
-transaction and three statements:
+:func:`oa_sync_core.validate_new_event` before touching the database, then makes one call of
+``oa_sync.append_events`` (migration ``0004_append_function``), one round trip, which:
 
 1. takes ``pg_advisory_xact_lock`` on the *lock bucket* of every stream and idempotency key of
    the batch (a CRC-32 of the name modulo :data:`LOCK_BUCKETS`), in sorted order, so
    concurrent appenders cannot deadlock and a key's row or a stream's last row read next is
-   final; reads our transaction id; queues ``pg_notify('oa_sync_events', '')`` (transactional:
-   delivered only on commit). A bucket stands for every name hashed to it, so one append
-   holds at most :data:`LOCK_BUCKETS` locks whatever it touches (one lock per stream
-   exhausted Postgres' lock table, ``max_locks_per_transaction``, on imports of 10,000 runs);
-   two appends to different streams of the same bucket merely run one after the other;
-2. reads the idempotency keys seen before (their original positions are returned, nothing is
-   written for them) and each stream's last ``(stream_seq, tx_id)``: a last row written by a
-   *newer* transaction than ours raises :class:`StreamOrderConflict` (the per-stream order
-   guard: it keeps log order, ``(tx_id, position)``, equal to ``stream_seq`` order within each
-   stream); then :func:`oa_sync_core.plan_append` decides the rows (an ``expected_seq``
-   mismatch raises :class:`~oa_sync_core.ConcurrencyError`);
-3. inserts the rows with one ``INSERT ... SELECT FROM jsonb_to_recordset(:rows) RETURNING``
-   (one bound parameter whatever the batch size; positions follow batch order).
+   final; queues ``pg_notify('oa_sync_events', '')`` (transactional: delivered only on
+   commit). A bucket stands for every name hashed to it, so one append holds at most
+   :data:`LOCK_BUCKETS` locks whatever it touches (one lock per stream exhausted Postgres' lock
+   table, ``max_locks_per_transaction``, on imports of 10,000 runs); two appends to different
+   streams of the same bucket merely run one after the other;
+2. in one statement, with a snapshot taken after the locks: reads each stream's last
+   ``(stream_seq, tx_id)`` and the idempotency keys seen before, and plans the batch exactly as
+   :func:`oa_sync_core.plan_append` does (a test drives both with the same random batches): a
+   last row written by a *newer* transaction than ours is reported and becomes
+   :class:`StreamOrderConflict` (the per-stream order guard: it keeps log order,
+   ``(tx_id, position)``, equal to ``stream_seq`` order within each stream); an
+   ``expected_seq`` mismatch becomes :class:`~oa_sync_core.ConcurrencyError`; either way
+   nothing is written and no SQL error is raised (a caller's transaction stays usable);
+   otherwise it inserts the rows in batch order (positions follow it) and returns every
+   event's position, a replayed key's being the original one.
 
-With ``conn=None`` the log runs its own transaction and retries a few times on
+The batch travels as one ``jsonb`` parameter whatever its size. With ``conn=None`` the call is
+one autocommit statement (its own transaction: no BEGIN and COMMIT round trips); an append it
+refuses (order conflict, ``expected_seq``) then still commits its NOTIFY, a spurious hint that
+listeners already tolerate (DESIGN.md rule 5).
+
+With ``conn=None`` the log retries a few times on
 :class:`StreamOrderConflict` or a unique violation; with a caller's connection (the outbox
 pattern) those errors propagate and the caller retries in a new transaction.
 
@@ -47,7 +54,8 @@ from typing import Final
 import orjson
 import sqlalchemy as sa
 from oa_sync_core import Event, NewEvent, validate_new_event
-from oa_sync_core.events import MAX_APPEND_EVENTS, check_append_size, plan_append
+from oa_sync_core.errors import ConcurrencyError
+from oa_sync_core.events import MAX_APPEND_EVENTS, check_append_size
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -77,25 +85,10 @@ _LOCK = sa.text(
     "CAST(CAST(pg_current_xact_id() AS text) AS bigint), "
     "pg_notify(:channel, '')"
 ).bindparams(channel=EVENTS_CHANNEL)
-_STATE = sa.text(
-    # One backward index probe per stream (not a scan of the stream's whole history), and the
-    # idempotency keys recorded before: rows of ('s', stream, seq, tx) and ('k', key, pos, 0).
-    "SELECT 's', s.stream_id, e.stream_seq, CAST(CAST(e.tx_id AS text) AS bigint) "
-    "FROM unnest(CAST(:streams AS text[])) AS s(stream_id) CROSS JOIN LATERAL ("
-    "SELECT stream_seq, tx_id FROM oa_sync.events WHERE stream_id = s.stream_id "
-    "ORDER BY stream_seq DESC LIMIT 1) AS e "
-    "UNION ALL "
-    "SELECT 'k', idempotency_key, position, 0 FROM oa_sync.events "
-    "WHERE idempotency_key = ANY(CAST(:keys AS text[]))"
-)
-_INSERT = sa.text(
-    "INSERT INTO oa_sync.events (stream_id, stream_seq, type, payload, idempotency_key) "
-    "SELECT stream_id, stream_seq, type, payload, idempotency_key "
-    "FROM ROWS FROM (jsonb_to_recordset(CAST(:rows AS jsonb)) AS ("
-    "stream_id text, stream_seq bigint, type text, payload jsonb, idempotency_key text)) "
-    "WITH ORDINALITY AS x(stream_id, stream_seq, type, payload, idempotency_key, n) "
-    "ORDER BY n "
-    "RETURNING stream_id, stream_seq, position"
+_APPEND = sa.text(
+    # The whole append in one call (migration 0004): bucket locks, NOTIFY, plan, insert.
+    "SELECT status, positions, CAST(detail AS text) "
+    "FROM oa_sync.append_events(:space, CAST(:buckets AS int[]), CAST(:rows AS jsonb))"
 )
 _READ = sa.text(
     "SELECT position, stream_id, stream_seq, type, CAST(payload AS text) AS payload, recorded_at, "
@@ -209,8 +202,10 @@ class PostgresEventLog:
         while True:
             attempt += 1
             try:
-                async with self.engine.begin() as own:
-                    return await self._append(own, checked)
+                # One statement is its own transaction: no BEGIN and COMMIT round trips.
+                async with self.engine.connect() as own:
+                    auto = await own.execution_options(isolation_level="AUTOCOMMIT")
+                    return await self._append(auto, checked)
             except StreamOrderConflict:
                 if attempt >= self.retries:
                     raise
@@ -219,39 +214,30 @@ class PostgresEventLog:
                     raise
 
     async def _append(self, conn: AsyncConnection, checked: list[NewEvent]) -> list[int]:
-        streams = sorted({e.stream_id for e in checked})
-        keys = sorted({e.idempotency_key for e in checked if e.idempotency_key is not None})
-        buckets = lock_buckets(streams, keys)
-        my_xid = (await conn.execute(_LOCK, {"space": _LOCK_SPACE, "buckets": buckets})).one()[1]
-        known: dict[str, int] = {}
-        seqs: dict[str, int] = {}
-        for kind, name, number, tx in await conn.execute(
-            _STATE, {"streams": streams, "keys": keys}
-        ):
-            if kind == "k":
-                known[name] = number
-                continue
-            if tx > my_xid:
-                raise StreamOrderConflict(name, number)
-            seqs[name] = number
-        plan = plan_append(checked, seqs, known)
-        placed: list[int] = []
-        if plan.rows:
-            rows = [
-                {
-                    "stream_id": row.event.stream_id,
-                    "stream_seq": row.stream_seq,
-                    "type": row.event.type,
-                    "payload": row.event.payload,
-                    "idempotency_key": row.event.idempotency_key,
-                }
-                for row in plan.rows
-            ]
-            # One statement, one parameter: the batch as a JSON array, in batch order.
-            found = await conn.execute(_INSERT, {"rows": orjson.dumps(rows).decode()})
-            at = {(row[0], row[1]): row[2] for row in found}
-            placed = [at[row.event.stream_id, row.stream_seq] for row in plan.rows]
-        return plan.positions(placed, known)
+        streams = {e.stream_id for e in checked}
+        keys = {e.idempotency_key for e in checked if e.idempotency_key is not None}
+        rows = [
+            {
+                "stream_id": e.stream_id,
+                "type": e.type,
+                "payload": e.payload,
+                "expected_seq": e.expected_seq,
+                "idempotency_key": e.idempotency_key,
+            }
+            for e in checked
+        ]
+        params = {
+            "space": _LOCK_SPACE,
+            "buckets": lock_buckets(streams, keys),
+            "rows": orjson.dumps(rows).decode(),
+        }
+        status, positions, detail = (await conn.execute(_APPEND, params)).one()
+        if status == "ok":
+            return list(positions)
+        found = orjson.loads(detail)
+        if status == "order":
+            raise StreamOrderConflict(found["stream"], found["seq"])
+        raise ConcurrencyError(found["stream"], found["expected"], found["actual"])
 
     async def lock_for(self, conn: AsyncConnection, events: Iterable[NewEvent]) -> None:
         """Take, up front, the append locks of every stream and key of ``events``.
