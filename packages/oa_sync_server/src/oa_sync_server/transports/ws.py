@@ -241,6 +241,7 @@ class _Registry:
         self.connections: set[_Connection] = set()
         self.per_subject: collections.Counter[str] = collections.Counter()
         self.wheel = TimerWheel(asyncio.get_running_loop(), TIMER_RESOLUTION_S)
+        self.reads = read_model.CatchUpReads()
 
     def acquire(self, subject: str, limit: int) -> bool:
         if self.per_subject[subject] >= limit:
@@ -822,15 +823,19 @@ class _Connection:
         serial = action.serial
         try:
             engine = await self.state.catch_up_engine()
-            async with engine.connect() as conn:
-                meta = await read_model.read_meta(conn)
-                plan = self.session.begin_catch_up(serial, meta, self.loop.time())
-                if plan.cancelled:
-                    return
-                self._perform(plan.actions)
-                rows = await read_model.documents_matching(
-                    conn, action.topics, action.grant, after=plan.after, limit=_CATCH_UP_PAGE
-                )
+            reads = self.registry.reads
+            hub = self.state.hub
+            if action.resume:  # the resume is judged against the log as stored
+                meta = await reads.meta(engine)
+            else:  # the tap is attached: what the hub delivered is covered by what follows
+                meta = read_model.SyncMeta(epoch=hub.epoch, watermark=hub.watermark, retained_from=0)
+            plan = self.session.begin_catch_up(serial, meta, self.loop.time())
+            if plan.cancelled:
+                return
+            self._perform(plan.actions)
+            rows = await reads.documents(
+                engine, action.topics, action.grant, after=plan.after, limit=_CATCH_UP_PAGE
+            )
             while True:
                 if not await self._send_rows(serial, rows):
                     return
