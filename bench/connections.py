@@ -32,7 +32,6 @@ from _common import (
 )
 from _load import copy_events, migrated_database, run_event
 from _server import BareProcess, ServerProcess, token
-
 from oa_sync_server.config import Limits
 
 DB_NAME = "oa_sync_bench_connections"

@@ -169,7 +169,9 @@ def main() -> int:
         unit="s",
     )
     if b_updates != raw_b_rows:
-        result.notes.append(f"CHECK: scenario B received {b_updates} updates, {raw_b_rows} expected")
+        result.notes.append(
+            f"CHECK: scenario B received {b_updates} updates, {raw_b_rows} expected"
+        )
     if a_updates != raw_rows:
         result.notes.append(f"CHECK: scenario A received {a_updates} updates, {raw_rows} expected")
     plot = bar_plot(

@@ -276,6 +276,10 @@ async def _documents_of_patterns(
     return [_row(r) for r in (await conn.execute(query)).all()]
 
 
+def _by_watermark(row: DocRow) -> int:
+    return row.watermark
+
+
 @dataclasses.dataclass(slots=True)
 class _Read:
     patterns: list[Topic]
@@ -396,17 +400,16 @@ class CatchUpReads:
         query = sa.select(*_COLUMNS).where(documents.c.doc_key.in_(keys))
         if lowest is not None:
             query = query.where(documents.c.watermark > lowest)
-        rows = [_row(r) for r in (await conn.execute(query.order_by(documents.c.watermark)))]
+        by_key = {row.doc_key: row for row in map(_row, await conn.execute(query))}
         for r in reads:
-            wanted = {t.prefix for t in r.patterns}
-            after = r.after
             if not r.result.done():
+                found = (by_key.get(t.prefix) for t in r.patterns)
+                after = -1 if r.after is None else r.after
                 r.result.set_result(
-                    [
-                        row
-                        for row in rows
-                        if row.doc_key in wanted and (after is None or row.watermark > after)
-                    ]
+                    sorted(
+                        (row for row in found if row is not None and row.watermark > after),
+                        key=_by_watermark,
+                    )
                 )
 
 
