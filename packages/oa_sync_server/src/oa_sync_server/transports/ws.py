@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import math
 import socket
 import struct
@@ -84,6 +85,7 @@ from oa_sync_core.protocol.server_session import (
 )
 from oa_sync_core.protocol.wire import (
     ErrorFrame,
+    Heartbeat,
     WireFormat,
     decode_client,
     encode_server,
@@ -151,6 +153,13 @@ def session_limits(limits: Limits) -> SessionLimits:
         messages_per_second=limits.messages_per_second,
         message_burst=limits.message_burst,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded_heartbeat(frame: Heartbeat, fmt: WireFormat) -> bytes:
+    """A heartbeat's payload: one encoding per watermark and format, not one per connection."""
+    encoded = encode_server(frame, fmt)
+    return encoded.encode("utf-8") if isinstance(encoded, str) else encoded
 
 
 def frame_header(opcode: int, length: int) -> bytes:
@@ -577,6 +586,9 @@ class _Connection:
                 if isinstance(frame, ErrorFrame) and frame.code in _LIMIT_ERRORS:
                     kind = _LIMIT_ERRORS[frame.code]
                     self.state.metrics.limit_breaches.labels(kind=kind).inc()
+                if type(frame) is Heartbeat:  # every connection of a wheel slot sends the same
+                    self._enqueue(_encoded_heartbeat(frame, self.fmt))
+                    continue
                 encoded = encode_server(frame, self.fmt)
                 self._enqueue(encoded.encode("utf-8") if isinstance(encoded, str) else encoded)
             elif isinstance(action, Close):
