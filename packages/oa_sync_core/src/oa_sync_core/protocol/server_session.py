@@ -308,6 +308,23 @@ class ServerSession(Generic[U]):
         watermark: the newest watermark the session has heard of.
     """
 
+    __slots__ = (
+        "_bucket_at",
+        "_by_serial",
+        "_connected_at",
+        "_last_inbound",
+        "_last_sent",
+        "_serial",
+        "_subs",
+        "_tokens",
+        "credentials",
+        "epoch",
+        "limits",
+        "session_id",
+        "state",
+        "watermark",
+    )
+
     def __init__(self, limits: SessionLimits, now: float, *, session_id: str) -> None:
         self.limits = limits
         self.session_id = session_id

@@ -142,6 +142,7 @@ _LIMIT_ERRORS: Final[dict[str, str]] = {
 _log = structlog.get_logger(__name__)
 
 
+@functools.lru_cache(maxsize=8)
 def session_limits(limits: Limits) -> SessionLimits:
     """The session's share of the server's limits."""
     return SessionLimits(
