@@ -163,7 +163,8 @@ def main() -> int:
     )
     result.target("sockets accepted per second / bare", accept_ratio, at_least=0.5, unit="x")
     result.target(
-        f"idle CPU, {sockets:,} sockets, {heartbeat_s:g} s heartbeat (the default)",
+        f"idle CPU, {sockets:,} sockets, {heartbeat_s:g} s heartbeat"
+        + ("" if quick() else " (the default)"),
         ours["idle_cpu_percent"],
         at_most=5,
         unit="% of a core",
