@@ -7,12 +7,13 @@ socket that authenticates and subscribes with ``resume``:
 
 A. the whole prefix ``runtime/run_summary:*``, from before every missed change (issue 8: 50,000
    changes across 5,000 documents; the server sends each changed document once, coalesced);
-B. the same subscription from ``10,000`` changes back (target: synced in 500 ms);
+B. the same subscription from ``10,000`` changes back (target: synced within 3 x a raw
+   ``SELECT`` of the same rows);
 C. ``simultaneous`` sockets at once, each following 5 runs, from 10,000 changes back (target:
    all synced in 5 s; measured from the first connect to the last ``synced``).
 
 Same-run baseline: the coalesced catch-up read straight from Postgres with psycopg (``SELECT``
-of the changed documents in watermark order), i.e. the database's share of scenario A.
+of the changed documents in watermark order), i.e. the database's share of scenarios A and B.
 
 Run alone: ``python bench/resume.py [--quick]``.
 """
@@ -116,6 +117,7 @@ def main() -> int:
             c = fleet.start()
             c_updates = len(fleet.stop()["records"])
         raw_seconds, raw_rows = raw_catch_up(url, w0)
+        raw_b_seconds, raw_b_rows = raw_catch_up(url, w_end - recent)
     finally:
         drop_database(admin, DB_NAME)
     missed = w_end - w0
@@ -149,10 +151,16 @@ def main() -> int:
             "raw_select_catch_up_ms": 1000 * raw_seconds,
             "raw_select_rows": raw_rows,
             "ratio_a_vs_raw_select": a["sync_seconds"][0] / raw_seconds,
+            "raw_select_b_ms": 1000 * raw_b_seconds,
+            "raw_select_b_rows": raw_b_rows,
+            "ratio_b_vs_raw_select": b["sync_seconds"][0] / raw_b_seconds,
         },
     )
     result.target(
-        f"{recent:,} missed changes -> synced", 1000 * b["sync_seconds"][0], at_most=500, unit="ms"
+        f"{recent:,} missed changes -> synced / raw SELECT of the same rows",
+        b["sync_seconds"][0] / raw_b_seconds,
+        at_most=3,
+        unit="x",
     )
     result.target(
         f"{simultaneous:,} simultaneous resumes -> all synced",
@@ -160,6 +168,10 @@ def main() -> int:
         at_most=5,
         unit="s",
     )
+    if b_updates != raw_b_rows:
+        result.notes.append(
+            f"CHECK: scenario B received {b_updates} updates, {raw_b_rows} expected"
+        )
     if a_updates != raw_rows:
         result.notes.append(f"CHECK: scenario A received {a_updates} updates, {raw_rows} expected")
     plot = bar_plot(

@@ -3,6 +3,7 @@ matching is literal (``_`` is not a wildcard), snapshots and catch-up are in wat
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 
 import pytest
@@ -82,3 +83,44 @@ async def test_prefixes_are_literal_and_results_ordered(engine: AsyncEngine) -> 
         assert await read_model.document(conn, "nope") is None
         with pytest.raises(ValueError, match="limit"):
             await read_model.documents_after(conn, 0, 0)
+
+
+async def test_catch_up_reads_of_one_turn_equal_each_read_alone(engine: AsyncEngine) -> None:
+    """Reads made in the same event-loop turn (shared connection, one ``IN`` statement for the
+    exact-key ones, one meta read) each return exactly what :func:`documents_matching` returns
+    alone: exact keys and prefixes, snapshots and catch-ups from different watermarks, a grant
+    narrowing, a key that does not exist, more keys than the limit (paged on its own)."""
+    await _put(engine, *((f"p/a:{i}", 2 * i + 1) for i in range(10)))
+    await _put(engine, *((f"q/b:{i}", 2 * i + 2) for i in range(10)))
+    everything = Grant.parse(["*"])
+    cases: list[tuple[list[str], Grant, int | None, int]] = [
+        (["p/a:1", "q/b:3", "p/a:7"], everything, None, 10),
+        (["p/a:1", "q/b:3", "p/a:7"], everything, 5, 10),
+        (["q/b:3"], everything, 8, 10),
+        (["p/a:2", "p/a:missing"], everything, None, 10),
+        (["p/a:1", "p/a:2", "p/a:3"], everything, None, 2),
+        (["p/a:1", "q/b:1"], Grant.parse(["q/*"]), None, 10),
+        (["p/*"], everything, None, 10),
+        (["p/*", "q/b:9"], everything, 9, 4),
+        (["*"], Grant.parse(["q/b:2", "p/a:4"]), 0, 10),
+        (["r/*"], everything, None, 10),
+    ]
+    reads = read_model.CatchUpReads()
+    meta, *batched = await asyncio.gather(
+        reads.meta(engine),
+        *(
+            reads.documents(
+                engine, [parse_topic(t) for t in topics], grant, after=after, limit=limit
+            )
+            for topics, grant, after, limit in cases
+        ),
+    )
+    async with engine.connect() as conn:
+        assert meta == await read_model.read_meta(conn)
+        for (topics, grant, after, limit), rows in zip(cases, batched, strict=True):
+            alone = await read_model.documents_matching(
+                conn, [parse_topic(t) for t in topics], grant, after=after, limit=limit
+            )
+            assert rows == alone, (topics, after, limit)
+    with pytest.raises(ValueError, match="limit"):
+        await reads.documents(engine, [parse_topic("*")], everything, after=None, limit=0)

@@ -227,12 +227,18 @@ class CatchUp:
         serial: identifies this subscription among reuses of the same id; pass it back.
         topics: what it covers.
         grant: the grant at subscribe time; documents outside it must not be read.
+        resume: the subscription resumes from a client's position, so
+            :meth:`ServerSession.begin_catch_up` decides from the log's metadata as read from
+            the database (epoch, retention horizon, newest watermark). Without it only the epoch
+            and the watermark ``synced`` announces matter: any position whose every change the
+            documents read afterwards cover (e.g. what the live feed has delivered) will do.
     """
 
     subscription_id: str
     serial: int
     topics: tuple[Topic, ...]
     grant: Grant
+    resume: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -301,6 +307,23 @@ class ServerSession(Generic[U]):
         epoch: the epoch announced in ``welcome`` (``""`` before).
         watermark: the newest watermark the session has heard of.
     """
+
+    __slots__ = (
+        "_bucket_at",
+        "_by_serial",
+        "_connected_at",
+        "_last_inbound",
+        "_last_sent",
+        "_serial",
+        "_subs",
+        "_tokens",
+        "credentials",
+        "epoch",
+        "limits",
+        "session_id",
+        "state",
+        "watermark",
+    )
 
     def __init__(self, limits: SessionLimits, now: float, *, session_id: str) -> None:
         self.limits = limits
@@ -684,7 +707,7 @@ class ServerSession(Generic[U]):
         sub: _Subscription[U] = _Subscription(sid, self._serial, tuple(topics), grant, frame.resume)
         self._subs[sid] = sub
         self._by_serial[sub.serial] = sub
-        return [CatchUp(sid, sub.serial, sub.topics, grant)]
+        return [CatchUp(sid, sub.serial, sub.topics, grant, resume=frame.resume is not None)]
 
     def _unsubscribe(self, frame: Unsubscribe) -> list[Action[U]]:
         sub = self._subs.pop(frame.subscription_id, None)

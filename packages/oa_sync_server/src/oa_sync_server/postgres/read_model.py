@@ -21,6 +21,7 @@ What this is not: the write side (the projector worker and ``db.stores``) or an 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
@@ -29,11 +30,12 @@ import sqlalchemy as sa
 from oa_sync_core.codec import canonical_json
 from oa_sync_core.protocol.wire import EncodedUpdate
 from oa_sync_core.topics import Grant, Topic
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.postgres.tables import changes, documents, sync_meta
 
 __all__ = [
+    "CatchUpReads",
     "DocRow",
     "SyncMeta",
     "changed_after",
@@ -261,11 +263,154 @@ async def documents_matching(
     patterns = effective_topics(topics, grant)
     if not patterns:
         return []
+    return await _documents_of_patterns(conn, patterns, after=after, limit=limit)
+
+
+async def _documents_of_patterns(
+    conn: AsyncConnection, patterns: Sequence[Topic], *, after: int | None, limit: int
+) -> list[DocRow]:
     query = sa.select(*_COLUMNS).where(_topic_filter(patterns))
     if after is not None:
         query = query.where(documents.c.watermark > after)
     query = query.order_by(documents.c.watermark).limit(limit)
     return [_row(r) for r in (await conn.execute(query)).all()]
+
+
+def _by_watermark(row: DocRow) -> int:
+    return row.watermark
+
+
+@dataclasses.dataclass(slots=True)
+class _Read:
+    patterns: list[Topic]
+    after: int | None
+    limit: int
+    result: asyncio.Future[list[DocRow]]
+
+
+class CatchUpReads:
+    """The catch-up reads of connections that subscribe in the same event-loop turn, made
+    together: one pooled connection per turn, one :func:`read_meta` shared by every resume of
+    the turn, and one statement for every read that names only exact document keys.
+
+    A read of exact keys returns at most one row per key, so when it names no more keys than
+    its ``limit`` its page is complete and the reads of a turn can be answered by one
+    ``doc_key IN (...)`` over the union of their keys (each read then keeps its own keys above
+    its own ``after``, in watermark order). Reads of prefixes run one statement each on the
+    same connection. Each caller still sees exactly what :func:`documents_matching` returns.
+
+    Ordering is what the callers' correctness rests on: a read or meta request made after a
+    connection attached its live feed is executed after that point too (the batch starts on a
+    later turn), so nothing falls between the feed and the read.
+    """
+
+    def __init__(self) -> None:
+        self._metas: dict[AsyncEngine, list[asyncio.Future[SyncMeta]]] = {}
+        self._reads: dict[AsyncEngine, list[_Read]] = {}
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def meta(self, engine: AsyncEngine) -> SyncMeta:
+        """:func:`read_meta` on ``engine``, shared with the other callers of this turn."""
+        result: asyncio.Future[SyncMeta] = asyncio.get_running_loop().create_future()
+        self._metas.setdefault(engine, []).append(result)
+        self._schedule()
+        return await result
+
+    async def documents(
+        self,
+        engine: AsyncEngine,
+        topics: Sequence[Topic],
+        grant: Grant,
+        *,
+        after: int | None,
+        limit: int,
+    ) -> list[DocRow]:
+        """:func:`documents_matching` on ``engine``, read together with this turn's others."""
+        _check_limit(limit)
+        patterns = effective_topics(topics, grant)
+        if not patterns:
+            return []
+        result: asyncio.Future[list[DocRow]] = asyncio.get_running_loop().create_future()
+        self._reads.setdefault(engine, []).append(_Read(patterns, after, limit, result))
+        self._schedule()
+        return await result
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        self._scheduled = False
+        metas, self._metas = self._metas, {}
+        reads, self._reads = self._reads, {}
+        for engine in {*metas, *reads}:
+            task = asyncio.get_running_loop().create_task(
+                self._run(engine, metas.get(engine, []), reads.get(engine, [])),
+                name="oa-sync-catch-up-reads",
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self,
+        engine: AsyncEngine,
+        metas: list[asyncio.Future[SyncMeta]],
+        reads: list[_Read],
+    ) -> None:
+        waiting: list[asyncio.Future[Any]] = [*metas, *(r.result for r in reads)]
+        try:
+            async with engine.connect() as conn:
+                if any(not f.done() for f in metas):
+                    meta = await read_meta(conn)
+                    for future in metas:
+                        if not future.done():
+                            future.set_result(meta)
+                exact = [
+                    r
+                    for r in reads
+                    if not r.result.done()
+                    and len(r.patterns) <= r.limit
+                    and not any(t.wildcard for t in r.patterns)
+                ]
+                if exact:
+                    await self._exact(conn, exact)
+                for r in reads:
+                    if not r.result.done():
+                        rows = await _documents_of_patterns(
+                            conn, r.patterns, after=r.after, limit=r.limit
+                        )
+                        if not r.result.done():
+                            r.result.set_result(rows)
+        except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(exc)
+        finally:
+            for future in waiting:  # cancelled (shutdown): nobody waits forever
+                if not future.done():
+                    future.cancel()
+
+    @staticmethod
+    async def _exact(conn: AsyncConnection, reads: list[_Read]) -> None:
+        keys = sorted({t.prefix for r in reads for t in r.patterns})
+        afters = [r.after for r in reads]
+        lowest = None if None in afters else min(a for a in afters if a is not None)
+        query = sa.select(*_COLUMNS).where(documents.c.doc_key.in_(keys))
+        if lowest is not None:
+            query = query.where(documents.c.watermark > lowest)
+        by_key = {row.doc_key: row for row in map(_row, await conn.execute(query))}
+        for r in reads:
+            if not r.result.done():
+                found = (by_key.get(t.prefix) for t in r.patterns)
+                after = -1 if r.after is None else r.after
+                r.result.set_result(
+                    sorted(
+                        (row for row in found if row is not None and row.watermark > after),
+                        key=_by_watermark,
+                    )
+                )
 
 
 async def document(conn: AsyncConnection, doc_key: str) -> DocRow | None:

@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import math
 import socket
 import struct
@@ -84,6 +85,7 @@ from oa_sync_core.protocol.server_session import (
 )
 from oa_sync_core.protocol.wire import (
     ErrorFrame,
+    Heartbeat,
     WireFormat,
     decode_client,
     encode_server,
@@ -120,9 +122,16 @@ SOCKET_SEND_BUFFER_BYTES: Final = 256 * 1024
 """The kernel send buffer of each WebSocket (``SO_SNDBUF``; Linux doubles it): without it the
 kernel's auto-tuning lets a reader that stopped reading hold up to 4 MiB (``tcp_wmem``)."""
 """Bytes the transport may hold unsent before the connection stops writing to it."""
+_DRAIN_POLL_S: Final = 0.005
+"""How often a catch-up waiting for room re-tries a flush the transport refused (the wheel
+would retry only at its next slot, :data:`TIMER_RESOLUTION_S`)."""
 _REASON_BYTES: Final = 120
 _OP_TEXT: Final = 0x81  # FIN + text
 _OP_BINARY: Final = 0x82  # FIN + binary
+
+_NO_FRAMES: Final[collections.deque[tuple[bytes, float, bool]]] = collections.deque(maxlen=0)
+"""The send buffer of every connection with nothing to send (never appended to: ``maxlen=0``
+would drop a frame silently, so :meth:`_Connection._enqueue` swaps in a deque of its own)."""
 
 _LIMIT_ERRORS: Final[dict[str, str]] = {
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: LimitKind.SUBSCRIPTIONS.value,
@@ -133,6 +142,7 @@ _LIMIT_ERRORS: Final[dict[str, str]] = {
 _log = structlog.get_logger(__name__)
 
 
+@functools.lru_cache(maxsize=8)
 def session_limits(limits: Limits) -> SessionLimits:
     """The session's share of the server's limits."""
     return SessionLimits(
@@ -144,6 +154,13 @@ def session_limits(limits: Limits) -> SessionLimits:
         messages_per_second=limits.messages_per_second,
         message_burst=limits.message_burst,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded_heartbeat(frame: Heartbeat, fmt: WireFormat) -> bytes:
+    """A heartbeat's payload: one encoding per watermark and format, not one per connection."""
+    encoded = encode_server(frame, fmt)
+    return encoded.encode("utf-8") if isinstance(encoded, str) else encoded
 
 
 def frame_header(opcode: int, length: int) -> bytes:
@@ -241,6 +258,7 @@ class _Registry:
         self.connections: set[_Connection] = set()
         self.per_subject: collections.Counter[str] = collections.Counter()
         self.wheel = TimerWheel(asyncio.get_running_loop(), TIMER_RESOLUTION_S)
+        self.reads = read_model.CatchUpReads()
 
     def acquire(self, subject: str, limit: int) -> bool:
         if self.per_subject[subject] >= limit:
@@ -374,11 +392,49 @@ async def close_all(app: web.Application, *, timeout_s: float = _CLOSE_TIMEOUT_S
         connection.request_close(CloseCode.GOING_AWAY, "server shutting down")
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout_s):
-            await asyncio.gather(*(c.done.wait() for c in connections))
+            await asyncio.gather(*(c.wait_done() for c in connections))
 
 
 class _Connection:
-    """One open WebSocket: the session, its send buffer and its place in the timer wheel."""
+    """One open WebSocket: the session, its send buffer and its place in the timer wheel.
+
+    Slotted, and what only some connections need (the logger's bound context, the event a
+    shutdown waits on) is made on demand: 10,000 idle connections are mostly this object.
+    """
+
+    __slots__ = (
+        "_done",
+        "buffer",
+        "buffered_bytes",
+        "catch_ups",
+        "close_request",
+        "closer",
+        "closing",
+        "finished",
+        "flush_scheduled",
+        "fmt",
+        "format_label",
+        "full_since",
+        "hard_messages",
+        "key",
+        "limits",
+        "loop",
+        "max_bytes",
+        "max_messages",
+        "opcode",
+        "peak_bytes",
+        "registry",
+        "room",
+        "sent",
+        "session",
+        "state",
+        "subject",
+        "subscriptions",
+        "tap",
+        "transport",
+        "wheel",
+        "ws",
+    )
 
     def __init__(
         self,
@@ -402,8 +458,10 @@ class _Connection:
         )
         self.format_label = "json" if fmt is WireFormat.JSON else "proto"
         self.sent = state.metrics.updates_sent.labels(format=self.format_label)
-        # The send buffer: (payload, committed_at or 0 for non-updates, is an update).
-        self.buffer: collections.deque[tuple[bytes, float, bool]] = collections.deque()
+        # The send buffer: (payload, committed_at or 0 for non-updates, is an update). An empty
+        # one is the shared _NO_FRAMES (a deque is 760 bytes; most connections idle most of
+        # the time): _enqueue gives the connection its own, _flush hands it back when drained.
+        self.buffer: collections.deque[tuple[bytes, float, bool]] = _NO_FRAMES
         self.buffered_bytes = 0
         self.peak_bytes = 0
         """Most bytes the send buffer ever held (for tests and the memory bound)."""
@@ -416,14 +474,27 @@ class _Connection:
         self.room: asyncio.Future[None] | None = None
         self.closing = False
         self.closer: asyncio.Task[None] | None = None
-        self.done = asyncio.Event()
+        self._done: asyncio.Event | None = None
+        self.finished = False
         self.close_request: tuple[int, str] | None = None
         self.tap: Tap | None = None
         self.catch_ups: dict[int, asyncio.Task[None]] = {}
         self.subject: str | None = None
         self.subscriptions = 0
         self.key = id(self)
-        self.log = _log.bind(session_id=self.session.session_id, format=self.format_label)
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        """The module's logger bound to this connection (made when something is logged)."""
+        return _log.bind(session_id=self.session.session_id, format=self.format_label)  # type: ignore[no-any-return]
+
+    async def wait_done(self) -> None:
+        """Wait until :meth:`run` has finished (the socket closed, the counters released)."""
+        if self.finished:
+            return
+        if self._done is None:
+            self._done = asyncio.Event()
+        await self._done.wait()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -460,7 +531,9 @@ class _Connection:
             if self.subject is not None:
                 self.registry.release(self.subject)
             self.log.debug("ws_closed", code=self.ws.close_code)
-            self.done.set()
+            self.finished = True
+            if self._done is not None:
+                self._done.set()
 
     async def _close_socket(self) -> None:
         if self.ws.closed:
@@ -514,6 +587,9 @@ class _Connection:
                 if isinstance(frame, ErrorFrame) and frame.code in _LIMIT_ERRORS:
                     kind = _LIMIT_ERRORS[frame.code]
                     self.state.metrics.limit_breaches.labels(kind=kind).inc()
+                if type(frame) is Heartbeat:  # every connection of a wheel slot sends the same
+                    self._enqueue(_encoded_heartbeat(frame, self.fmt))
+                    continue
                 encoded = encode_server(frame, self.fmt)
                 self._enqueue(encoded.encode("utf-8") if isinstance(encoded, str) else encoded)
             elif isinstance(action, Close):
@@ -554,6 +630,8 @@ class _Connection:
         if len(self.buffer) >= self.hard_messages or self.buffered_bytes >= 2 * self.max_bytes:
             self._slow_consumer()  # past the hard bounds: no grace (memory stays bounded)
             return
+        if self.buffer is _NO_FRAMES:
+            self.buffer = collections.deque()
         self.buffer.append((data, committed_at, update))
         self.buffered_bytes += len(data)
         self.peak_bytes = max(self.peak_bytes, self.buffered_bytes)
@@ -595,6 +673,8 @@ class _Connection:
                     now = now or time.time()
                     latency.observe(max(0.0, now - committed_at))
         self.buffered_bytes -= written
+        if not buffer:
+            self.buffer = _NO_FRAMES
         transport.write(b"".join(parts))
         if updates:
             self.sent.inc(updates)
@@ -637,11 +717,14 @@ class _Connection:
             if self.room is None:
                 self.room = self.loop.create_future()
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(min(deadline, self.loop.time() + _DRAIN_POLL_S)):
                     await asyncio.shield(self.room)
             except TimeoutError:
-                self._slow_consumer()
-                return False
+                if self.loop.time() >= deadline:
+                    self._slow_consumer()
+                    return False
+                if self.buffer and not self.flush_scheduled:
+                    self._flush()  # the transport may have drained since it refused a write
         return not self.closing
 
     def _slow_consumer(self) -> None:
@@ -822,15 +905,21 @@ class _Connection:
         serial = action.serial
         try:
             engine = await self.state.catch_up_engine()
-            async with engine.connect() as conn:
-                meta = await read_model.read_meta(conn)
-                plan = self.session.begin_catch_up(serial, meta, self.loop.time())
-                if plan.cancelled:
-                    return
-                self._perform(plan.actions)
-                rows = await read_model.documents_matching(
-                    conn, action.topics, action.grant, after=plan.after, limit=_CATCH_UP_PAGE
+            reads = self.registry.reads
+            hub = self.state.hub
+            if action.resume:  # the resume is judged against the log as stored
+                meta = await reads.meta(engine)
+            else:  # the tap is attached: what the hub delivered is covered by what follows
+                meta = read_model.SyncMeta(
+                    epoch=hub.epoch, watermark=hub.watermark, retained_from=0
                 )
+            plan = self.session.begin_catch_up(serial, meta, self.loop.time())
+            if plan.cancelled:
+                return
+            self._perform(plan.actions)
+            rows = await reads.documents(
+                engine, action.topics, action.grant, after=plan.after, limit=_CATCH_UP_PAGE
+            )
             while True:
                 if not await self._send_rows(serial, rows):
                     return
