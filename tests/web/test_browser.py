@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from oa_sync_server.auth import mint_token
 
-from tests.web.browser import ARTIFACTS, Browser, build_js, npm_ready
 from tests.serve_process import ServeProcess, free_port, serve_process
+from tests.web.browser import ARTIFACTS, Browser, build_js, npm_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -13,8 +13,8 @@ from oa_sync_server.config import HttpSinkSettings, Secret, SinkKind
 from oa_sync_server.transports.inspector import ASSETS
 
 from tests.live import LiveServer, make_live_server
-from tests.web.browser import JS_PACKAGE, npm_ready
 from tests.serve_process import free_port, serve_process
+from tests.web.browser import JS_PACKAGE, npm_ready
 
 STATIC = JS_PACKAGE.parents[1] / "packages/oa_sync_server/src/oa_sync_server/static"
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tests.web.browser import ARTIFACTS, JS_PACKAGE, npm_ready
 from tests.serve_process import serve_process
+from tests.web.browser import ARTIFACTS, JS_PACKAGE, npm_ready
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from oa_sync_server.auth import mint_token
 
-from tests.web.browser import JS_PACKAGE, npm_ready
 from tests.serve_process import serve_process
+from tests.web.browser import JS_PACKAGE, npm_ready
 
 FOLLOW = """\
 import WebSocket from "ws";
