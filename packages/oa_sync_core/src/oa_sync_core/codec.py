@@ -388,14 +388,7 @@ def canonical_timestamp(text: str) -> str:
         head = f"{text[0:10]}T{text[11:19]}"
         if not fraction:
             return head + "Z"
-        nanos = int(fraction.ljust(9, "0"))
-        if nanos == 0:
-            return head + "Z"
-        if nanos % 1_000_000 == 0:
-            return f"{head}.{nanos // 1_000_000:03d}Z"
-        if nanos % 1_000 == 0:
-            return f"{head}.{nanos // 1_000:06d}Z"
-        return f"{head}.{nanos:09d}Z"
+        return _with_fraction(head, int(fraction.ljust(9, "0")))
     return format_timestamp(*parse_timestamp(text))
 
 
@@ -405,13 +398,18 @@ def format_timestamp(seconds: int, nanos: int = 0) -> str:
     text = moment.strftime("%Y-%m-%dT%H:%M:%S")
     if len(text) < 19:  # years below 1000 lose their zero padding on some platforms
         text = text.zfill(19)
+    return _with_fraction(text, nanos)
+
+
+def _with_fraction(seconds_text: str, nanos: int) -> str:
+    """``seconds_text`` + the canonical fraction (0, 3, 6 or 9 digits) + 'Z'."""
     if nanos == 0:
-        return text + "Z"
+        return seconds_text + "Z"
     if nanos % 1_000_000 == 0:
-        return f"{text}.{nanos // 1_000_000:03d}Z"
+        return f"{seconds_text}.{nanos // 1_000_000:03d}Z"
     if nanos % 1_000 == 0:
-        return f"{text}.{nanos // 1_000:06d}Z"
-    return f"{text}.{nanos:09d}Z"
+        return f"{seconds_text}.{nanos // 1_000:06d}Z"
+    return f"{seconds_text}.{nanos:09d}Z"
 
 
 def datetime_to_timestamp(moment: dt.datetime) -> str:
