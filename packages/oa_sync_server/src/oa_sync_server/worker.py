@@ -99,7 +99,7 @@ from oa_sync_server.postgres.event_log import LogCursor, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow, log_epoch
 from oa_sync_server.postgres.stores import Written, load_states, lock_watermarks, write_batch
-from oa_sync_server.postgres.tables import EVENTS_CHANNEL, NOTIFY_CHANGES
+from oa_sync_server.postgres.tables import CHANGES_CHANNEL, EVENTS_CHANNEL
 
 __all__ = [
     "STALL_WARN_EVERY_S",
@@ -144,12 +144,16 @@ _LOCK_LEASE = sa.text(
     "FROM oa_sync.projector_leases WHERE name = :name FOR UPDATE"
 )
 _ADVANCE = sa.text(
-    "UPDATE oa_sync.projector_leases SET "
+    # The lease cursor and renewal, and (when the batch changed documents) the commit-time
+    # hint with the new watermark: one round trip.
+    "WITH advanced AS (UPDATE oa_sync.projector_leases SET "
     "cursor_tx_id = CAST(CAST(:tx AS text) AS xid8), cursor_position = :pos, "
     "heartbeat_at = clock_timestamp(), "
     "expires_at = clock_timestamp() + make_interval(secs => :ttl) "
-    "WHERE name = :name"
-)
+    "WHERE name = :name RETURNING 1) "
+    "SELECT pg_notify(:channel, CAST(:watermark AS text)) FROM advanced "
+    "WHERE CAST(:watermark AS text) IS NOT NULL"
+).bindparams(channel=CHANGES_CHANNEL)
 _VERSIONS_HELD = sa.text(
     "SELECT DISTINCT projection, projector_version FROM oa_sync.projection_checkpoints"
 )
@@ -490,10 +494,9 @@ class ProjectorWorker:
                     "pos": after.position,
                     "name": self.name,
                     "ttl": self.lease_ttl_s,
+                    "watermark": str(written.last_watermark) if written.updates else None,
                 },
             )
-            if written.updates:
-                await conn.execute(NOTIFY_CHANGES, {"watermark": str(written.last_watermark)})
             epoch_now = await log_epoch(conn) if self.bus is not None and written.updates else ""
             await self._pause("written", conn)
         await self._pause("committed", None)
