@@ -50,6 +50,14 @@ class MutatingProjector(RunSummaryProjector):
         return doc
 
 
+class StrayKeyProjector(RunSummaryProjector):
+    """Breaks the contract: routes to a key outside its projection."""
+
+    def doc_key(self, event: Event) -> str | None:
+        key = super().doc_key(event)
+        return None if key is None else key.replace(RUN_SUMMARY, RUN_SUMMARY + "_other", 1)
+
+
 def _engine() -> ProjectionEngine:
     return ProjectionEngine(DEFAULT_PROJECTORS)
 
@@ -253,13 +261,18 @@ def test_result_counts_and_update_order() -> None:
 
 
 def test_engine_refuses_projectors_that_break_the_contract() -> None:
-    """A projector returning its input is a ProjectionError; duplicate names are refused."""
+    """A projector returning its input is a ProjectionError; duplicate names are refused, and
+    so is a key outside the projector's own projection (ValueError, as a Checkpoint would)."""
     engine = ProjectionEngine([MutatingProjector()])
     with pytest.raises(ProjectionError) as info:
         engine.apply(record_events([new_event("run.created", "r1")]), {})
     assert (info.value.projection, info.value.position) == (RUN_SUMMARY, 1)
     with pytest.raises(ValueError, match="two projectors"):
         ProjectionEngine([RunSummaryProjector(), RunSummaryV2()])
+    with pytest.raises(ValueError, match="is not a key of"):  # the Checkpoint rule, kept
+        ProjectionEngine([StrayKeyProjector()]).apply(
+            record_events([new_event("run.created", "r1")]), {}
+        )
 
 
 def test_select_narrows_the_engine() -> None:

@@ -91,3 +91,30 @@ def test_migrations_match_the_table_definitions(database_url: str) -> None:
     schema_diff = [d for d in diff if (d[0][0] if isinstance(d, list) else d[0]) not in by_design]
     assert schema_diff == []
     assert diff, "the migrations' indexes should show up as unknown to the metadata"
+
+
+def _indexes(url: str) -> set[str]:
+    with psycopg.connect(url.replace("+psycopg", "")) as conn:
+        rows = conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = 'oa_sync'"
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_0005_drops_the_unread_changes_index_and_its_downgrade_restores_it(
+    pg_server_url: str,
+) -> None:
+    """Head has no ``changes_doc_key_idx``; downgrading to 0004 creates it again and
+    upgrading drops it again."""
+    name = "oa_mig_" + secrets.token_hex(6)
+    url = make_database(pg_server_url, name)
+    try:
+        upgrade(url)
+        assert "changes_doc_key_idx" not in _indexes(url)
+        assert "changes_pkey" in _indexes(url)
+        downgrade(url, "0004_append_function")
+        assert "changes_doc_key_idx" in _indexes(url)
+        upgrade(url)
+        assert "changes_doc_key_idx" not in _indexes(url)
+    finally:
+        drop_database(pg_server_url, name)

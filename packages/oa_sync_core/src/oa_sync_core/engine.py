@@ -29,6 +29,9 @@ from oa_sync_core.sinks import DocumentUpdate, StoredDocument
 
 __all__ = ["DocumentState", "Fold", "ProjectionEngine", "ProjectionResult"]
 
+_new_object = object.__new__
+_set_field = object.__setattr__  # how a frozen dataclass sets its own fields
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DocumentState:
@@ -235,35 +238,44 @@ class Fold:
         self.last_position, self._tick = last, tick
 
     def result(self) -> ProjectionResult:
-        """The updates and checkpoint advances of everything added, each document encoded once."""
+        """The updates and checkpoint advances of everything added, each document encoded once.
+
+        Raises:
+            ValueError: a projector routed an event to a key outside its projection (the
+                :class:`~oa_sync_core.Checkpoint` rule, checked here once per document).
+        """
+        # Once per changed document: the values are built without their dataclass __init__
+        # (the fields are known valid here: positions and versions are positive, and the
+        # one rule Checkpoint checks is checked below), about half the cost.
         updates: list[DocumentUpdate] = []
         checkpoints: list[Checkpoint] = []
+        versions = {name: p.version for name, p in self.engine.projectors.items()}
+        working = self.working
+        new, put = _new_object, _set_field
         for doc_id in sorted(self.touched, key=self.touched.__getitem__):
-            body, version, covered = self.working[doc_id]
+            body, version, covered = working[doc_id]
             projection, key = doc_id
+            if not key.startswith(projection) or key[len(projection) : len(projection) + 1] != ":":
+                raise ValueError(f"{key!r} is not a key of {projection!r}")
             canonical = canonical_json(body)
             digest = content_hash(canonical)
-            updates.append(
-                DocumentUpdate(
-                    projection=projection,
-                    doc_key=key,
-                    version=version,
-                    body=body,
-                    canonical=canonical,
-                    content_hash=digest,
-                    last_position=covered,
-                )
-            )
-            checkpoints.append(
-                Checkpoint(
-                    projection=projection,
-                    doc_key=key,
-                    last_position=covered,
-                    projector_version=self.engine.projectors[projection].version,
-                    content_hash=digest,
-                    version=version,
-                )
-            )
+            update = new(DocumentUpdate)
+            put(update, "projection", projection)
+            put(update, "doc_key", key)
+            put(update, "version", version)
+            put(update, "body", body)
+            put(update, "canonical", canonical)
+            put(update, "content_hash", digest)
+            put(update, "last_position", covered)
+            updates.append(update)
+            checkpoint = new(Checkpoint)
+            put(checkpoint, "projection", projection)
+            put(checkpoint, "doc_key", key)
+            put(checkpoint, "last_position", covered)
+            put(checkpoint, "projector_version", versions[projection])
+            put(checkpoint, "content_hash", digest)
+            put(checkpoint, "version", version)
+            checkpoints.append(checkpoint)
         return ProjectionResult(
             updates=tuple(updates),
             checkpoints=tuple(checkpoints),

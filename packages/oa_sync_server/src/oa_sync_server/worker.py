@@ -20,6 +20,15 @@ Each batch is one transaction in two phases:
    ``pg_notify('oa_sync_changes', <new watermark>)`` — all committed together (rule 2), the
    NOTIFY delivered only on commit (rule 5).
 
+Look-ahead. After a full batch (``batch_size`` events: more are probably waiting), the worker
+reads and folds the next batch on a second pooled connection *while* the current one's writes
+are in flight (:meth:`ProjectorWorker._look_ahead`), so Python's fold overlaps Postgres'
+write. The next batch's transaction then takes the same locks and checks as ever and uses what
+was read ahead only if the lease cursor is still the one it was read after (else it is read
+again) and the last watermark is the one the batch before left, i.e. nobody else wrote a
+document since the look-ahead took its states (else it is refolded from the database). The
+events read ahead are as final as any batch's (read below their own snapshot's xmin, rule 1).
+
 After the commit, a worker given a fan-out bus publishes the batch's changes to it
 (:meth:`ProjectorWorker._publish`; a failure is logged, never retried here: the hubs read
 Postgres for what the bus misses, and the next lease holder republishes, see
@@ -64,18 +73,18 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Final, NoReturn
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final, NamedTuple, NoReturn
 
 import sqlalchemy as sa
 import structlog
 from oa_sync_core import (
     DEFAULT_PROJECTORS,
-    Checkpoint,
     DocId,
     DocumentState,
-    DocumentUpdate,
+    Event,
     ProjectionEngine,
+    ProjectionResult,
     Projector,
 )
 from oa_sync_core.protocol.backoff import Backoff, BackoffPolicy
@@ -90,7 +99,7 @@ from oa_sync_server.postgres.event_log import LogCursor, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow, log_epoch
 from oa_sync_server.postgres.stores import Written, load_states, lock_watermarks, write_batch
-from oa_sync_server.postgres.tables import EVENTS_CHANNEL, NOTIFY_CHANGES
+from oa_sync_server.postgres.tables import CHANGES_CHANNEL, EVENTS_CHANNEL
 
 __all__ = [
     "STALL_WARN_EVERY_S",
@@ -135,12 +144,16 @@ _LOCK_LEASE = sa.text(
     "FROM oa_sync.projector_leases WHERE name = :name FOR UPDATE"
 )
 _ADVANCE = sa.text(
-    "UPDATE oa_sync.projector_leases SET "
+    # The lease cursor and renewal, and (when the batch changed documents) the commit-time
+    # hint with the new watermark: one round trip.
+    "WITH advanced AS (UPDATE oa_sync.projector_leases SET "
     "cursor_tx_id = CAST(CAST(:tx AS text) AS xid8), cursor_position = :pos, "
     "heartbeat_at = clock_timestamp(), "
     "expires_at = clock_timestamp() + make_interval(secs => :ttl) "
-    "WHERE name = :name"
-)
+    "WHERE name = :name RETURNING 1) "
+    "SELECT pg_notify(:channel, CAST(:watermark AS text)) FROM advanced "
+    "WHERE CAST(:watermark AS text) IS NOT NULL"
+).bindparams(channel=CHANGES_CHANNEL)
 _VERSIONS_HELD = sa.text(
     "SELECT DISTINCT projection, projector_version FROM oa_sync.projection_checkpoints"
 )
@@ -167,6 +180,23 @@ blocking backend)."""
 _STALL_CHECK_EVERY_S: Final = 1.0
 
 
+class _Ahead(NamedTuple):
+    """The batch after a cursor, read (and folded) ahead by :meth:`ProjectorWorker._look_ahead`.
+
+    Attributes:
+        cursor: the cursor it was read after (the lease cursor must still be this).
+        events: the events read; after: the cursor after them.
+        result: their fold (None when there were no events).
+        based_at: the last watermark at which the fold's document states are exact.
+    """
+
+    cursor: LogCursor
+    events: list[Event]
+    after: LogCursor
+    result: ProjectionResult | None
+    based_at: int
+
+
 def default_holder() -> str:
     """A holder id unique to this process: ``<host>:<pid>:<random>``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -190,11 +220,14 @@ class ProjectorWorker:
             holder republishes what the bus missed.
         stall_warn_after_s: committed events waiting this long behind the read horizon make
             :meth:`run` log ``projection_stalled`` naming the blocking backend.
+        look_ahead: after a full batch, read and fold the next one on a second pooled
+            connection while the batch is written (see :meth:`_look_ahead`).
 
     Attributes:
         epoch: the fencing epoch of the lease we hold (0: none).
         watermark: the highest watermark this worker committed (0 before any).
         applied: events read and folded (or skipped) since start.
+        folded_ahead: batches committed with the fold made ahead (see ``look_ahead``).
     """
 
     def __init__(
@@ -211,6 +244,7 @@ class ProjectorWorker:
         retention_s: float | None = None,
         bus: NatsBus | None = None,
         stall_warn_after_s: float = DEFAULT_STALL_WARN_AFTER_S,
+        look_ahead: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -226,6 +260,7 @@ class ProjectorWorker:
         self.epoch = 0
         self.watermark = 0
         self.applied = 0
+        self.folded_ahead = 0
         self._follower = LogFollower(
             libpq_url(engine), EVENTS_CHANNEL, poll_interval_s=poll_interval_s, name="projector"
         )
@@ -242,6 +277,8 @@ class ProjectorWorker:
         self._blocked_since: float | None = None  # monotonic: events first seen waiting
         self._stall_warned: tuple[int | None, float] | None = None  # (pid, next warning at)
         self._lease_warned: tuple[str | None, object] | None = None  # (holder, expiry) told
+        self.look_ahead = look_ahead
+        self._ahead: asyncio.Future[_Ahead] | None = None  # the next batch, read and folded
 
     def __repr__(self) -> str:
         return f"ProjectorWorker(name={self.name!r}, holder={self.holder!r}, epoch={self.epoch})"
@@ -403,12 +440,23 @@ class ProjectorWorker:
                 return consumed
 
     async def _batch(self) -> int | None:
+        ahead = await self._take_ahead()
+        try:
+            return await self._write_batch(ahead)
+        except BaseException:
+            await self._drop_ahead()
+            raise
+
+    async def _write_batch(self, ahead: _Ahead | None) -> int | None:
         async with self.engine.begin() as conn:
-            lease = (await conn.execute(_CURSOR, {"name": self.name})).one_or_none()
-            if lease is None or lease.holder != self.holder or lease.epoch != self.epoch:
-                self._lost()
-            cursor = LogCursor(tx_id=lease.tx, position=lease.cursor_position)
-            events, after = await read_committed(conn, cursor, self.batch_size)
+            if ahead is None:
+                lease = (await conn.execute(_CURSOR, {"name": self.name})).one_or_none()
+                if lease is None or lease.holder != self.holder or lease.epoch != self.epoch:
+                    self._lost()
+                cursor = LogCursor(tx_id=lease.tx, position=lease.cursor_position)
+                events, after = await read_committed(conn, cursor, self.batch_size)
+            else:  # read (and folded) while the previous batch was being written
+                cursor, events, after = ahead.cursor, ahead.events, ahead.after
             await self._pause("read", conn)
             if not events:
                 # Idle: no lock and no write (no transaction id burnt) unless renewal is due.
@@ -424,8 +472,20 @@ class ProjectorWorker:
                 return None  # our own earlier incarnation moved it; read again
             last = await lock_watermarks(conn)
             await self._pause("locked", conn)
-            states = await self._states(conn, self.projection.route(events), last)
-            result = self.projection.apply(events, states)
+            if ahead is not None and ahead.result is not None and ahead.based_at == last:
+                result = ahead.result  # nobody wrote a document since its states were taken
+                folded_ahead = 1
+            else:
+                states = await self._states(conn, self.projection.route(events), last)
+                result = self.projection.apply(events, states)
+                folded_ahead = 0
+            folded = {  # each document's state once this batch commits
+                u.id: DocumentState(checkpoint=c, body=u.body, version=u.version)
+                for u, c in zip(result.updates, result.checkpoints, strict=True)
+            }
+            if len(events) == self.batch_size and self.look_ahead:
+                # More is probably waiting: read and fold it while this batch is written.
+                self._ahead = asyncio.ensure_future(self._look_ahead(after, folded, last))
             written = await write_batch(conn, result.updates, result.checkpoints, locked_at=last)
             await conn.execute(
                 _ADVANCE,
@@ -434,21 +494,78 @@ class ProjectorWorker:
                     "pos": after.position,
                     "name": self.name,
                     "ttl": self.lease_ttl_s,
+                    "watermark": str(written.last_watermark) if written.updates else None,
                 },
             )
-            if written.updates:
-                await conn.execute(NOTIFY_CHANGES, {"watermark": str(written.last_watermark)})
             epoch_now = await log_epoch(conn) if self.bus is not None and written.updates else ""
             await self._pause("written", conn)
         await self._pause("committed", None)
         if self.bus is not None and written.updates:
             await self._publish(written, epoch_now)
         self._renew_due = time.monotonic() + self.lease_ttl_s / 3  # _ADVANCE renewed it
-        self._remember(result.updates, result.checkpoints, written.last_watermark)
+        self._remember(folded, written.last_watermark)
         if written.updates:
             self.watermark = written.last_watermark
         self.applied += len(events)
+        self.folded_ahead += folded_ahead
         return len(events)
+
+    async def _look_ahead(
+        self, after: LogCursor, folded: dict[DocId, DocumentState], last: int
+    ) -> _Ahead:
+        """Read the batch after ``after`` and fold it onto the states ``folded`` leaves.
+
+        Runs on a second pooled connection while the batch that produced ``current`` is being
+        written (``folded``: its documents' states after it; its transaction holds the
+        watermark lock, taken at watermark ``last``), so the
+        fold's CPU overlaps Postgres executing that write. Nothing here writes or is trusted
+        blindly: the next batch uses the events only if the lease cursor still equals
+        ``after`` (checked under the lease row lock), and the fold only if the last watermark
+        is still the one this batch will leave (nobody else wrote a document since).
+
+        The events are final: they are read below this read's own snapshot xmin (DESIGN.md
+        rule 1), exactly as a batch reads them. Document states come, in this order, from
+        ``folded`` (what this batch writes), the cache (when exact at ``last``), or the
+        database: a document not in ``folded`` cannot change before the next batch locks
+        the watermarks without raising the last watermark, which voids the fold.
+        """
+        based_at = last + len(folded)
+        async with self.engine.connect() as conn:
+            events, upto = await read_committed(conn, after, self.batch_size)
+            if not events:
+                return _Ahead(after, events, upto, None, based_at)
+            ids = self.projection.route(events)
+            cache = self._cache if self._cache_at in {last, based_at} else {}
+            states: dict[DocId, DocumentState] = {}
+            missing: list[DocId] = []
+            for doc_id in ids:
+                state = folded.get(doc_id) or cache.get(doc_id)
+                if state is None:
+                    missing.append(doc_id)
+                else:
+                    states[doc_id] = state
+            if missing:
+                states.update(await load_states(conn, missing))
+        return _Ahead(after, events, upto, self.projection.apply(events, states), based_at)
+
+    async def _take_ahead(self) -> _Ahead | None:
+        """The look-ahead's batch, or None (none started, or it failed: the batch reads)."""
+        task, self._ahead = self._ahead, None
+        if task is None:
+            return None
+        try:
+            return await task
+        except Exception as exc:  # noqa: BLE001 - the batch redoes the work and meets it
+            log.debug("projector_look_ahead_failed", name=self.name, error=type(exc).__name__)
+            return None
+
+    async def _drop_ahead(self) -> None:
+        """Cancel a look-ahead in flight (its batch failed, or the worker stops)."""
+        task, self._ahead = self._ahead, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def _states(
         self, conn: AsyncConnection, ids: list[DocId], last: int
@@ -470,17 +587,12 @@ class ProjectorWorker:
             states.update(await load_states(conn, missing))
         return states
 
-    def _remember(
-        self, updates: Sequence[DocumentUpdate], advances: Sequence[Checkpoint], at: int
-    ) -> None:
+    def _remember(self, folded: dict[DocId, DocumentState], at: int) -> None:
         if not self.cache_size:
             return
-        if len(self._cache) + len(updates) > self.cache_size:
+        if len(self._cache) + len(folded) > self.cache_size:
             self._cache.clear()
-        for update, checkpoint in zip(updates, advances, strict=True):
-            self._cache[update.id] = DocumentState(
-                checkpoint=checkpoint, body=update.body, version=update.version
-            )
+        self._cache.update(folded)
         self._cache_at = at
 
     async def catch_up(self, *, wait_s: float | None = 60.0) -> int:
@@ -554,6 +666,7 @@ class ProjectorWorker:
                     log.warning("projector_batch_failed", name=self.name, error=type(exc).__name__)
                     await self._wait(stop, retry.next_delay() or _RETRY_BACKOFF.cap_s)
         finally:
+            await self._drop_ahead()
             await self._follower.stop()
             with contextlib.suppress(DBAPIError, OSError):
                 await self.release()

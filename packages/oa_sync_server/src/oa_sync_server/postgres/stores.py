@@ -382,19 +382,28 @@ async def write_batch(
     Raises:
         ValueError: the checkpoints do not match the updates one to one.
     """
-    if [c.id for c in checkpoints] != [u.id for u in updates] or len(
-        {u.doc_key for u in updates}
-    ) != len(updates):
+    if len(checkpoints) != len(updates) or len({u.doc_key for u in updates}) != len(updates):
         raise ValueError("write_batch needs one update and its checkpoint per document")
     if not updates:
         return Written([], locked_at)
     watermarks = range(locked_at + 1, locked_at + 1 + len(updates))
-    payload = orjson.dumps(
-        [
-            _document_row(u, w)
-            | {"last_position": c.last_position, "projector_version": c.projector_version}
-            for u, c, w in zip(updates, checkpoints, watermarks, strict=True)
-        ]
-    )
+    rows = []
+    fragment = orjson.Fragment
+    for u, c, w in zip(updates, checkpoints, watermarks, strict=True):
+        if c.doc_key != u.doc_key or c.projection != u.projection:
+            raise ValueError("write_batch needs one update and its checkpoint per document")
+        rows.append(
+            {  # one row of _WRITE_WITH_CHECKPOINTS: the document, its change and its checkpoint
+                "doc_key": u.doc_key,
+                "projection": u.projection,
+                "version": u.version,
+                "watermark": w,
+                "content_hash": u.content_hash,
+                "body": fragment(u.canonical),  # spliced, not re-encoded
+                "last_position": c.last_position,
+                "projector_version": c.projector_version,
+            }
+        )
+    payload = orjson.dumps(rows)
     await conn.execute(_WRITE_WITH_CHECKPOINTS, {"rows": payload.decode()})
     return Written(list(zip(updates, watermarks, strict=True)), watermarks[-1])
