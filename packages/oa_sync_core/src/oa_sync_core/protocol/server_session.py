@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final, Generic, Protocol, TypeAlias, TypeVar
 
 from oa_sync_core.errors import ProtocolError
@@ -314,6 +314,7 @@ class ServerSession(Generic[U]):
         "_connected_at",
         "_last_inbound",
         "_last_sent",
+        "_routes",
         "_serial",
         "_subs",
         "_tokens",
@@ -340,6 +341,9 @@ class ServerSession(Generic[U]):
         self._subs: dict[str, _Subscription[U]] = {}
         self._by_serial: dict[int, _Subscription[U]] = {}
         self._serial = 0
+        # Which subscriptions a document key may concern (see _candidates); rebuilt on first
+        # use after any change of the subscriptions or their topics.
+        self._routes: _Routes[U] | None = None
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -516,9 +520,10 @@ class ServerSession(Generic[U]):
         self.watermark = max(self.watermark, update.watermark)
         if self.credentials is None:
             return []
+        doc_key = update.doc_key
         actions: list[Action[U]] = []
-        for sub in self._subs.values():
-            if not self._covers(sub, update.doc_key):
+        for sub in self._candidates(doc_key):
+            if not self._granted(sub, doc_key):
                 continue
             if sub.state is _SubState.CATCHING_UP:
                 held = sub.buffered.get(update.doc_key)
@@ -603,6 +608,7 @@ class ServerSession(Generic[U]):
         ]
         self._subs.clear()
         self._by_serial.clear()
+        self._routes = None
         return [*cancels, Close(code, reason, limit)]
 
     def _check_clock(self, now: float) -> list[Action[U]]:
@@ -635,13 +641,34 @@ class ServerSession(Generic[U]):
             self._last_sent = max(self._last_sent, now)
         return actions
 
+    def _candidates(self, doc_key: str) -> Sequence[_Subscription[U]]:
+        """The subscriptions whose topics match ``doc_key``, in creation order.
+
+        An index, not a scan: subscriptions of exact keys only are found by the key, the others
+        (any ``*`` topic) are tested one by one.
+        """
+        routes = self._routes
+        if routes is None:
+            routes = self._routes = _Routes.of(self._subs.values())
+        found = routes.exact.get(doc_key, ())
+        if not routes.prefixed:
+            return found
+        matching = [sub for sub in routes.prefixed if sub.matches(doc_key)]
+        if not found:
+            return matching
+        if not matching:
+            return found
+        return [sub for sub in self._subs.values() if sub.matches(doc_key)]  # keep the order
+
     def _covers(self, sub: _Subscription[U], doc_key: str) -> bool:
         # The subscription's topics, within both the grant it was made under and the current
         # one: a refresh can narrow what a subscription yields, never widen it.
+        return sub.matches(doc_key) and self._granted(sub, doc_key)
+
+    def _granted(self, sub: _Subscription[U], doc_key: str) -> bool:
+        # Whether both grants allow a document the subscription's topics match.
         credentials = self.credentials
         assert credentials is not None
-        if not sub.matches(doc_key):
-            return False
         if sub.covered_for is not credentials:
             sub.covered_for = credentials
             sub.covered = all(
@@ -707,10 +734,12 @@ class ServerSession(Generic[U]):
         sub: _Subscription[U] = _Subscription(sid, self._serial, tuple(topics), grant, frame.resume)
         self._subs[sid] = sub
         self._by_serial[sub.serial] = sub
+        self._routes = None
         return [CatchUp(sid, sub.serial, sub.topics, grant, resume=frame.resume is not None)]
 
     def _unsubscribe(self, frame: Unsubscribe) -> list[Action[U]]:
         sub = self._subs.pop(frame.subscription_id, None)
+        self._routes = None
         if sub is None:
             return [
                 self._error(
@@ -723,6 +752,7 @@ class ServerSession(Generic[U]):
         return []
 
     def _narrow(self, grant: Grant) -> list[Action[U]]:
+        self._routes = None  # topics may be dropped below
         actions: list[Action[U]] = []
         for sid in list(self._subs):
             sub = self._subs[sid]
@@ -741,6 +771,28 @@ class ServerSession(Generic[U]):
             if sub.state is _SubState.CATCHING_UP:
                 actions.append(CancelCatchUp(sub.serial))
         return actions
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Routes(Generic[U]):
+    """The subscriptions by what their topics are: ``exact`` maps a document key to the
+    subscriptions (in creation order) whose topics are all exact keys and include it;
+    ``prefixed`` holds those with a ``*`` topic."""
+
+    exact: dict[str, tuple[_Subscription[U], ...]]
+    prefixed: tuple[_Subscription[U], ...]
+
+    @classmethod
+    def of(cls, subs: Iterable[_Subscription[U]]) -> _Routes[U]:
+        exact: dict[str, tuple[_Subscription[U], ...]] = {}
+        prefixed: list[_Subscription[U]] = []
+        for sub in subs:
+            if any(t.wildcard for t in sub.topics):
+                prefixed.append(sub)
+                continue
+            for topic in sub.topics:
+                exact[topic.prefix] = (*exact.get(topic.prefix, ()), sub)
+        return cls(exact, tuple(prefixed))
 
 
 def _intersect(a: Grant, b: Grant) -> Grant:
