@@ -19,10 +19,14 @@ task, the handler's own, which reads: it decodes each message
   decides (``on_live``) and the frames go straight into the connection's send buffer. The tap
   is attached *before* any snapshot is read, so nothing falls between a snapshot and the live
   stream; the session drops what the snapshot already covered;
-* the **send buffer** is a deque of already-encoded WebSocket payloads, bounded in messages and
-  in bytes. It is flushed once per event-loop turn (``call_soon``): every pending frame goes to
-  the transport in one ``write`` (one system call for a whole hub page), as long as the
-  transport's own buffer is below :data:`_TRANSPORT_HIGH_BYTES`;
+* the **send buffer** is a deque of whole WebSocket frames (header included; a live update's
+  frame is built once per change, subscription id and format and shared by every connection
+  whose subscription has that id), bounded in messages and in bytes. It is flushed once per
+  event-loop turn (one ``call_soon`` for every connection with something to write,
+  :class:`_Flusher`): every pending frame goes to the transport in one ``write`` (one system
+  call for a whole hub page), as long as the transport's own buffer is below
+  :data:`_TRANSPORT_HIGH_BYTES`. The commit-to-send latency is observed once per change, at
+  its first write, and ``updates_sent`` is added to once per loop turn (:class:`_Tally`);
 * **time** (heartbeats, the auth deadline, idleness, token expiry, the slow-consumer grace, and
   re-trying a flush the transport refused) is one entry per connection in the app's
   :class:`TimerWheel`: one event-loop timer per occupied slot of
@@ -207,6 +211,31 @@ class _Tally:
             counter.inc(amount)
 
 
+class _Flusher:
+    """The connections with frames to write, flushed together once per event-loop turn: one
+    loop callback for every connection a hub pass reached, not one each."""
+
+    __slots__ = ("_due", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._due: list[_Connection] = []
+
+    def add(self, connection: _Connection) -> None:
+        if not self._due:
+            self._loop.call_soon(self._run)
+        self._due.append(connection)
+
+    def _run(self) -> None:
+        due, self._due = self._due, []
+        for connection in due:
+            try:
+                connection._flush()
+            except Exception as exc:  # noqa: BLE001 - one connection must not stop the others
+                connection.log.error("ws_failed", error=type(exc).__name__)
+                connection.request_close(1011, "internal error")
+
+
 def frame_header(opcode: int, length: int) -> bytes:
     """The header of an unmasked, final RFC 6455 frame of ``length`` payload bytes."""
     if length < 126:
@@ -303,6 +332,7 @@ class _Registry:
         self.per_subject: collections.Counter[str] = collections.Counter()
         self.wheel = TimerWheel(asyncio.get_running_loop(), TIMER_RESOLUTION_S)
         self.tally = _Tally(asyncio.get_running_loop())
+        self.flusher = _Flusher(asyncio.get_running_loop())
         self.reads = read_model.CatchUpReads()
 
     def acquire(self, subject: str, limit: int) -> bool:
@@ -691,7 +721,7 @@ class _Connection:
             self._arm()
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self.registry.flusher.add(self)
 
     def _flush(self) -> None:
         """Write what the transport has room for, in one write."""
@@ -744,7 +774,7 @@ class _Connection:
         if buffer:
             if transport.get_write_buffer_size() < _TRANSPORT_HIGH_BYTES:
                 self.flush_scheduled = True  # the socket took it: go on at the next turn
-                self.loop.call_soon(self._flush)
+                self.registry.flusher.add(self)
             else:
                 self._arm()  # the socket is full: retry at the next slot of the wheel
 
