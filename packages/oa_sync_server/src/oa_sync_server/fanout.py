@@ -9,7 +9,9 @@ trusts its payload. Two tasks run per hub:
   re-reads after a reconnect;
 * the **reader** waits for the follower's hint or the poll interval (the fallback when hints
   are lost), then reads ``documents WHERE watermark > hub.watermark ORDER BY watermark`` page by
-  page (the coalesced catch-up of :mod:`oa_sync_server.postgres.read_model`), builds each row's
+  page (the coalesced catch-up of :mod:`oa_sync_server.postgres.read_model`), each page with the
+  log epoch in one statement on a connection of its own
+  (:class:`~oa_sync_server.postgres.read_model.HubReader`), builds each row's
   :class:`~oa_sync_core.protocol.wire.EncodedUpdate` once, hands the same :class:`LiveDoc` to every
   attached :class:`Feed` that wants it, and advances ``hub.watermark``.
 

@@ -31,7 +31,9 @@ over in watermark order (:meth:`ServerSession.catch_up_rows`) and finishes with
 meanwhile (buffered, coalesced per document, and only those newer than the snapshot).
 
 Live changes (:meth:`ServerSession.on_live`) go to every subscription whose topics match and
-whose grant allows the document. Per subscription and document, versions strictly increase:
+whose grant allows the document; the session finds them through an index (subscriptions of
+exact keys by key, those with a ``*`` topic tested one by one), rebuilt after any change of
+its subscriptions. Per subscription and document, versions strictly increase:
 an update at or below the version already sent is dropped, so a client never sees an older
 version after a newer one, and repeats are not sent twice by one session.
 
