@@ -517,25 +517,43 @@ class ServerSession(Generic[U]):
         """A document changed: updates for every subscription that should see it."""
         if self.state is SessionState.CLOSED:
             return []
-        if closed := self._check_clock(now):
+        credentials = self.credentials
+        # The clock's checks (auth deadline, expiry, idleness) can only close a session that
+        # is not authenticated, expired or holds no subscription: test that much inline.
+        if (credentials is None or now >= credentials.expires_at or not self._subs) and (
+            closed := self._check_clock(now)
+        ):
             return closed
-        self.watermark = max(self.watermark, update.watermark)
-        if self.credentials is None:
+        watermark = update.watermark
+        self.watermark = max(self.watermark, watermark)
+        if credentials is None:
             return []
         doc_key = update.doc_key
+        routes = self._routes
+        candidates = (
+            routes.exact.get(doc_key, ())
+            if routes is not None and not routes.prefixed
+            else self._candidates(doc_key)
+        )
         actions: list[Action[U]] = []
-        for sub in self._candidates(doc_key):
-            if not self._granted(sub, doc_key):
+        for sub in candidates:
+            if not (sub.covered and sub.covered_for is credentials) and not self._granted(
+                sub, doc_key
+            ):
                 continue
             if sub.state is _SubState.CATCHING_UP:
-                held = sub.buffered.get(update.doc_key)
+                held = sub.buffered.get(doc_key)
                 if held is None or held.version < update.version:
-                    sub.buffered[update.doc_key] = update
+                    sub.buffered[doc_key] = update
                 continue
-            if update.watermark > sub.synced_at and self._newer(sub, update):
-                actions.append(SendUpdate(sub.subscription_id, update, live=True))
-        if actions:
-            self._last_sent = max(self._last_sent, now)
+            if watermark > sub.synced_at:  # and newer than what was sent (_newer, inline)
+                sent = sub.sent
+                version = update.version
+                if sent.get(doc_key, -1) < version:
+                    sent[doc_key] = version
+                    actions.append(SendUpdate(sub.subscription_id, update, True))
+        if actions and now > self._last_sent:
+            self._last_sent = now
         return actions
 
     def tick(self, now: float, *, watermark: int | None = None) -> list[Action[U]]:
