@@ -379,6 +379,7 @@ def main() -> int:
                 "seconds": LIGHT[3],
             },
             "steady_seconds": seconds,
+            "appends_alone_seconds": seconds if quick() else APPENDS_ALONE_SECONDS,
             "append_batch": batch,
             "burst_events": burst,
             "client_processes": CLIENT_PROCESSES,
