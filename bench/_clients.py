@@ -335,7 +335,8 @@ def appender_process(
     ``start_seq`` events (so the version of the n-th new event of a run is known).
 
     Returns:
-        ``{"commits": [(doc_key, version, t_commit)], "seconds": elapsed, "events": n}``.
+        ``{"commits": [(doc_key, version, t_commit)], "seconds": elapsed, "events": n,
+        "append_ms": [duration of each batch's append]}``.
     """
     return asyncio.run(
         _append_paced(url, docs=docs, rate=rate, seconds=seconds, batch=batch, start_seq=start_seq)
@@ -353,6 +354,7 @@ async def _append_paced(
     plan = _schedule(total, batch, docs)
     seqs = dict.fromkeys(range(docs), start_seq)
     commits: list[tuple[str, int, float]] = []
+    append_ms: list[float] = []
     engine = create_engine(url, pool_size=2)
     log = PostgresEventLog(engine)
     behind = 0
@@ -378,8 +380,10 @@ async def _append_paced(
                         payload=_step_payload(run, seqs[run]),
                     )
                 )
+            began = time.monotonic()
             await log.append(events)
             t = time.monotonic()
+            append_ms.append(1000 * (t - began))
             commits.extend((key, version, t) for key, version in versions)
         elapsed = time.monotonic() - start
     finally:
@@ -390,6 +394,7 @@ async def _append_paced(
         "events": total,
         "batches_behind": behind,
         "start": start,
+        "append_ms": append_ms,
     }
 
 

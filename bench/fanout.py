@@ -18,6 +18,10 @@ Lost = (subscriber, document) pairs whose last version received is below the las
 appended, after a drain. Fewer frames than events x per_doc is not
 loss: live updates coalesce when a document changes twice between two reads of the hub.
 
+Appends while fanning out: the appender times each batch's append; the steady phase's p99 is
+compared with the same schedule appended to the same server (``--workers 1``) with no
+subscriber connected (``APPENDS_ALONE_SECONDS`` of it), target within 20 %.
+
 Run alone: ``python bench/fanout.py [--quick]``.
 """
 
@@ -58,6 +62,8 @@ WORKERS = int(os.environ.get("BENCH_WORKERS", str(os.cpu_count() or 1)))
 """Worker processes of the second server run (``oa-sync serve --workers N``; 1: skipped)."""
 FULL_RATE = int(os.environ.get("BENCH_FANOUT_RATE", "2000"))
 """Appends/s of the full run: the issue's 2,000 (x 5 subscribers = 10,000 deliveries/s)."""
+APPENDS_ALONE_SECONDS = 15
+"""Length of the run with no subscriber (the append latency it gives is the reference)."""
 
 
 def drain_seconds() -> float:
@@ -182,7 +188,12 @@ def analyse(phase: dict[str, Any], sets: list[list[str]], per_doc: int) -> dict[
     burst_start = phase["burst"]["start"]
     complete = max((final_seen.get(pair, float("inf")) for pair in pairs), default=float("inf"))
     burst_events = phase["burst"]["events"]
-    return {
+    figures: dict[str, float] = {}
+    if "append_ms" in phase["steady"]:  # the appender's (the bare server's publisher has none)
+        append_ms = sorted(phase["steady"]["append_ms"])
+        figures["append_p50_ms"] = percentile(append_ms, 50)
+        figures["append_p99_ms"] = percentile(append_ms, 99)
+    return figures | {
         "latency_p50_ms": percentile(latencies, 50),
         "latency_p95_ms": percentile(latencies, 95),
         "latency_p99_ms": percentile(latencies, 99),
@@ -233,6 +244,27 @@ def server_phase(
         )
 
 
+def appends_alone(url: str, *, docs: int, rate: float, seconds: float, batch: int) -> list[float]:
+    """The steady schedule appended to ``oa-sync serve --workers 1`` with no subscriber: the
+    duration of each batch's append, sorted (the reference for appends while fanning out)."""
+    copy_events(url, [run_event(run, 0, 2) for run in range(docs)])
+    steady_events = int(rate * seconds)
+    seconds = (steady_events - steady_events % docs) / rate  # whole rounds of the runs
+    ctx = multiprocessing.get_context("spawn")
+    with ServerProcess(url), ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        pool.submit(int).result()  # start the worker before timing anything
+        steady = pool.submit(
+            appender_process,
+            url=url,
+            docs=docs,
+            rate=rate,
+            seconds=seconds,
+            start_seq=1,
+            batch=batch,
+        ).result()
+    return sorted(steady["append_ms"])
+
+
 def main() -> int:
     """Run both servers under the same load; write bench/results/fanout.json."""
     if quick():
@@ -276,6 +308,16 @@ def main() -> int:
                 sets,
                 per_doc,
             )
+        # The same appends with no subscriber: the reference for appends while fanning out.
+        drop_database(admin, DB_NAME)
+        url = migrated_database(admin, DB_NAME)
+        alone_ms = appends_alone(
+            url,
+            docs=docs,
+            rate=rate,
+            seconds=seconds if quick() else APPENDS_ALONE_SECONDS,
+            batch=batch,
+        )
         light: dict[str, float] = {}
         if not quick():
             # The same code at a tenth of the subscribers, to show where it stops scaling.
@@ -317,6 +359,8 @@ def main() -> int:
     ours = analyse(khala, sets, per_doc)
     ours.update({f"light_{k}": v for k, v in light.items() if k.startswith(("latency", "lost"))})
     ours.update({f"workers_n_{k}": v for k, v in multi.items()})
+    ours["alone_append_p50_ms"] = percentile(alone_ms, 50)
+    ours["alone_append_p99_ms"] = percentile(alone_ms, 99)
     bare_figures = analyse(baseline, sets, per_doc)
     result = Result(
         name="fanout",
@@ -335,6 +379,7 @@ def main() -> int:
                 "seconds": LIGHT[3],
             },
             "steady_seconds": seconds,
+            "appends_alone_seconds": seconds if quick() else APPENDS_ALONE_SECONDS,
             "append_batch": batch,
             "burst_events": burst,
             "client_processes": CLIENT_PROCESSES,
@@ -355,6 +400,10 @@ def main() -> int:
         ours["burst_effective_deliveries_per_s"] / bare_figures["burst_effective_deliveries_per_s"]
     )
     result.baseline["ratio_throughput_vs_bare"] = ratio
+    cpu_ratio = ours["server_cpu_percent_steady"] / bare_figures["server_cpu_percent_steady"]
+    result.baseline["ratio_server_cpu_vs_bare"] = cpu_ratio
+    append_ratio = ours["append_p99_ms"] / ours["alone_append_p99_ms"]
+    result.baseline["ratio_append_p99_fanning_out_vs_alone"] = append_ratio
     for side, phase in (("server", khala), ("bare", baseline)):
         for error in phase["subscriber_errors"]:
             result.notes.append(f"{side}: a subscriber failed before synced: {error}")
@@ -368,6 +417,10 @@ def main() -> int:
         unit="/s",
     )
     result.target("throughput vs bare aiohttp broadcast", ratio, at_least=0.7, unit="x")
+    result.target("server CPU vs bare (steady)", cpu_ratio, at_most=2.0, unit="x")
+    result.target(
+        "append p99 while fanning out vs with no subscriber", append_ratio, at_most=1.2, unit="x"
+    )
     if multi:
         result.baseline["ratio_throughput_vs_bare_workers_n"] = (
             multi["burst_effective_deliveries_per_s"]

@@ -231,6 +231,36 @@ def test_refresh_with_fewer_topics_stops_the_lost_topics() -> None:
     assert ids_of(session) == ("both",)
 
 
+def test_live_reaches_exact_and_prefix_subscriptions_in_creation_order() -> None:
+    """A change goes to every subscription whose topics match, exact keys and prefixes alike,
+    in the order the subscriptions were made, and no longer to one unsubscribed."""
+    limits = dataclasses.replace(LIMITS, max_subscriptions=5, message_burst=10)
+    session: ServerSession[Doc] = ServerSession(limits, 0.0, session_id="s")
+    session.receive(Authenticate("t"), 0.0)
+    session.authenticated(creds("*"), 0.0, epoch="e1", watermark=5)
+    subscribe(session, "exact", RUN_A)
+    subscribe(session, "prefix", "runtime/run_summary:*")
+    subscribe(session, "other", WORKER)
+    subscribe(session, "mixed", WORKER, RUN_A)
+    subscribe(session, "both", RUN_B, "runtime/*")
+    for serial in range(1, 6):
+        session.begin_catch_up(serial, Meta("e1", 5), 1.0)
+        session.end_catch_up(serial, Meta("e1", 5), 1.0)
+    doc = Doc(RUN_A, 1, 6)
+    assert session.on_live(doc, 2.0) == [
+        SendUpdate(sid, doc, live=True) for sid in ("exact", "prefix", "mixed", "both")
+    ]
+    session.receive(Unsubscribe("prefix"), 3.0)
+    session.receive(Unsubscribe("exact"), 3.0)
+    doc = Doc(RUN_A, 2, 7)
+    assert session.on_live(doc, 4.0) == [
+        SendUpdate(sid, doc, live=True) for sid in ("mixed", "both")
+    ]
+    assert session.on_live(Doc(WORKER, 1, 8), 4.0) == [
+        SendUpdate(sid, Doc(WORKER, 1, 8), live=True) for sid in ("other", "mixed", "both")
+    ]
+
+
 def test_refresh_never_widens_a_subscription() -> None:
     """A wider refreshed grant does not add documents to an existing subscription."""
     session = open_session(RUN_A)

@@ -9,7 +9,9 @@ trusts its payload. Two tasks run per hub:
   re-reads after a reconnect;
 * the **reader** waits for the follower's hint or the poll interval (the fallback when hints
   are lost), then reads ``documents WHERE watermark > hub.watermark ORDER BY watermark`` page by
-  page (the coalesced catch-up of :mod:`oa_sync_server.postgres.read_model`), builds each row's
+  page (the coalesced catch-up of :mod:`oa_sync_server.postgres.read_model`), each page with the
+  log epoch in one statement on a connection of its own
+  (:class:`~oa_sync_server.postgres.read_model.HubReader`), builds each row's
   :class:`~oa_sync_core.protocol.wire.EncodedUpdate` once, hands the same :class:`LiveDoc` to every
   attached :class:`Feed` that wants it, and advances ``hub.watermark``.
 
@@ -50,28 +52,48 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import psycopg
 import sqlalchemy as sa
 import structlog
-from oa_sync_core.protocol.wire import EncodedUpdate
+from oa_sync_core.protocol.wire import EncodedUpdate, WireFormat
 from oa_sync_core.topics import Topic
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.metrics import Metrics
-from oa_sync_server.postgres.follower import LogFollower
-from oa_sync_server.postgres.read_model import DocRow, changed_after, log_position, read_meta
-from oa_sync_server.postgres.tables import CHANGES_CHANNEL, sync_meta
+from oa_sync_server.postgres.follower import LogFollower, libpq_url
+from oa_sync_server.postgres.read_model import DocRow, HubReader, log_position, read_meta
+from oa_sync_server.postgres.tables import CHANGES_CHANNEL
 
 if TYPE_CHECKING:
     from oa_sync_server.bus.changes import BusChange
     from oa_sync_server.bus.nats import NatsBus
 
-__all__ = ["Feed", "Hub", "LiveDoc", "Receiver", "Tap"]
+__all__ = ["Delivery", "Feed", "Hub", "LiveDoc", "Receiver", "Tap"]
 
 
 _log = structlog.get_logger(__name__)
+
+
+class Delivery:
+    """What the deliveries of one :class:`LiveDoc` share, mutable (the LiveDoc is frozen).
+
+    Attributes:
+        frames: whole WebSocket frames of the update, by (subscription id, wire format): the
+            connections whose subscription has the same id (clients usually use the same ids)
+            send the same bytes. At most :attr:`MAX_FRAMES` are kept.
+        sent: whether a connection has written the change yet (the commit-to-send latency is
+            observed once per change, at its first write).
+    """
+
+    __slots__ = ("frames", "sent")
+
+    MAX_FRAMES: Final = 16
+
+    def __init__(self) -> None:
+        self.frames: dict[tuple[str, WireFormat], bytes] = {}
+        self.sent = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,12 +107,14 @@ class LiveDoc:
             commit-to-send latency metric.
         cache: other encodings of this change (e.g. the SSE event), built on first use by
             whichever transport needs them and shared by all its connections.
+        delivery: the WebSocket frames and the first-send mark shared by its deliveries.
     """
 
     row: DocRow
     update: EncodedUpdate
     committed_at: float = 0.0
     cache: dict[str, bytes] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    delivery: Delivery = dataclasses.field(default_factory=Delivery, compare=False, repr=False)
 
     @classmethod
     def of_row(cls, row: DocRow, committed_at: float = 0.0) -> LiveDoc:
@@ -240,7 +264,10 @@ class Hub:
     """The process's single reader of live changes. See the module docstring.
 
     Args:
-        engine: the database engine (the reader borrows a pooled connection per pass).
+        engine: the database engine: the reader holds a connection of its own to its
+            database (:class:`~oa_sync_server.postgres.read_model.HubReader`) and borrows a
+            pooled one only to re-read the log's metadata when the epoch changed, or to audit
+            the bus.
         poll_interval_s: longest time between two reads when no hint arrives.
         page_size: rows per read.
         metrics: where to count listener reconnects, if anywhere.
@@ -271,15 +298,14 @@ class Hub:
         self.page_size = page_size
         """Changes read per query: a feed may receive this many at once."""
         self._metrics = metrics
-        self._listen_url = listen_url or engine.url.set(drivername="postgresql").render_as_string(
-            hide_password=False
-        )
+        self._listen_url = listen_url or libpq_url(engine)
         self._feeds: list[_Attachment] = []
         # Routing index (see the module docstring); dicts as ordered sets of feeds.
         self._everything: dict[_Attachment, None] = {}
         self._exact: dict[str, dict[_Attachment, None]] = {}
         self._prefixes: dict[str, dict[_Attachment, None]] = {}
         self._prefix_lengths: Counter[int] = Counter()
+        self._reader = HubReader(libpq_url(engine))
         self._follower = LogFollower(
             self._listen_url,
             CHANGES_CHANNEL,
@@ -325,6 +351,7 @@ class Hub:
                 await task
         self._tasks = []
         await self._follower.stop()
+        await self._reader.close()
         for feed in list(self._feeds):
             feed.close()
 
@@ -490,36 +517,37 @@ class Hub:
             and not await self._audit()
         ):
             return
-        async with self._engine.connect() as conn:
-            epoch = (
-                await conn.execute(sa.select(sync_meta.c.value).where(sync_meta.c.key == "epoch"))
-            ).scalar_one_or_none()
+        while True:
+            # One statement per page (the epoch and the documents after the watermark), each
+            # its own transaction (autocommit).
+            epoch, rows = await self._reader.page(self.watermark, self.page_size)
             if epoch is not None and epoch != self.epoch:
-                meta = await read_meta(conn)
-                _log.info("epoch_changed", old=self.epoch, new=meta.epoch)
-                self.epoch = meta.epoch
-                self.watermark = meta.watermark
-                for feed in list(self._feeds):
-                    feed.epoch_changed = True
-                    feed.close()
-                self._signal()
+                await self._epoch_changed()
                 return
-            while True:
-                rows = await changed_after(conn, self.watermark, self.page_size)
-                if self._metrics is not None:
-                    self._metrics.hub_reads.labels("page").inc()
-                    if rows:
-                        self._metrics.hub_changes.labels("postgres").inc(len(rows))
-                for row, committed_at in rows:
-                    live = LiveDoc.of_row(row, committed_at)
-                    for feed in self._targets(row.doc_key):
-                        feed._offer(live)
-                    self.watermark = row.watermark
+            if self._metrics is not None:
+                self._metrics.hub_reads.labels("page").inc()
                 if rows:
-                    self._signal()
-                if len(rows) < self.page_size:
-                    break
-                await conn.commit()  # end the read's transaction between pages
+                    self._metrics.hub_changes.labels("postgres").inc(len(rows))
+            for row, committed_at in rows:
+                live = LiveDoc.of_row(row, committed_at)
+                for feed in self._targets(row.doc_key):
+                    feed._offer(live)
+                self.watermark = row.watermark
+            if rows:
+                self._signal()
+            if len(rows) < self.page_size:
+                break
+
+    async def _epoch_changed(self) -> None:
+        async with self._engine.connect() as conn:
+            meta = await read_meta(conn)
+        _log.info("epoch_changed", old=self.epoch, new=meta.epoch)
+        self.epoch = meta.epoch
+        self.watermark = meta.watermark
+        for feed in list(self._feeds):
+            feed.epoch_changed = True
+            feed.close()
+        self._signal()
 
     def _signal(self) -> None:
         self._advanced.set()

@@ -43,7 +43,8 @@ class Metrics:
         connections: open client connections, by ``transport`` (``ws`` or ``sse``).
         subscriptions: active WebSocket subscriptions.
         updates_sent: updates written to clients, by ``format`` (``json``, ``proto``, ``sse``).
-        append_to_send_seconds: time from a change's commit to its send to a client.
+        append_to_send_seconds: time from a change's commit to its first send to a client,
+            observed once per change and process (not once per subscriber).
         projector_lag_events: events appended but not yet projected.
         projector_lag_seconds: age of the oldest event not yet projected.
         read_horizon_age_seconds: age of the oldest open transaction holding an xid anywhere
@@ -84,7 +85,8 @@ class Metrics:
         )
         self.append_to_send_seconds = Histogram(
             "append_to_send_seconds",
-            "Seconds from a change's commit to its send to a client.",
+            "Seconds from a change's commit to its first send to a client (once per change"
+            " and process, whatever the number of subscribers).",
             namespace=namespace,
             buckets=LATENCY_BUCKETS,
             registry=reg,

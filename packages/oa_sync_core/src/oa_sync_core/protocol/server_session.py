@@ -31,7 +31,9 @@ over in watermark order (:meth:`ServerSession.catch_up_rows`) and finishes with
 meanwhile (buffered, coalesced per document, and only those newer than the snapshot).
 
 Live changes (:meth:`ServerSession.on_live`) go to every subscription whose topics match and
-whose grant allows the document. Per subscription and document, versions strictly increase:
+whose grant allows the document; the session finds them through an index (subscriptions of
+exact keys by key, those with a ``*`` topic tested one by one), rebuilt after any change of
+its subscriptions. Per subscription and document, versions strictly increase:
 an update at or below the version already sent is dropped, so a client never sees an older
 version after a newer one, and repeats are not sent twice by one session.
 
@@ -50,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final, Generic, Protocol, TypeAlias, TypeVar
 
 from oa_sync_core.errors import ProtocolError
@@ -314,6 +316,7 @@ class ServerSession(Generic[U]):
         "_connected_at",
         "_last_inbound",
         "_last_sent",
+        "_routes",
         "_serial",
         "_subs",
         "_tokens",
@@ -340,6 +343,9 @@ class ServerSession(Generic[U]):
         self._subs: dict[str, _Subscription[U]] = {}
         self._by_serial: dict[int, _Subscription[U]] = {}
         self._serial = 0
+        # Which subscriptions a document key may concern (see _candidates); rebuilt on first
+        # use after any change of the subscriptions or their topics.
+        self._routes: _Routes[U] | None = None
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -511,24 +517,43 @@ class ServerSession(Generic[U]):
         """A document changed: updates for every subscription that should see it."""
         if self.state is SessionState.CLOSED:
             return []
-        if closed := self._check_clock(now):
+        credentials = self.credentials
+        # The clock's checks (auth deadline, expiry, idleness) can only close a session that
+        # is not authenticated, expired or holds no subscription: test that much inline.
+        if (credentials is None or now >= credentials.expires_at or not self._subs) and (
+            closed := self._check_clock(now)
+        ):
             return closed
-        self.watermark = max(self.watermark, update.watermark)
-        if self.credentials is None:
+        watermark = update.watermark
+        self.watermark = max(self.watermark, watermark)
+        if credentials is None:
             return []
+        doc_key = update.doc_key
+        routes = self._routes
+        candidates = (
+            routes.exact.get(doc_key, ())
+            if routes is not None and not routes.prefixed
+            else self._candidates(doc_key)
+        )
         actions: list[Action[U]] = []
-        for sub in self._subs.values():
-            if not self._covers(sub, update.doc_key):
+        for sub in candidates:
+            if not (sub.covered and sub.covered_for is credentials) and not self._granted(
+                sub, doc_key
+            ):
                 continue
             if sub.state is _SubState.CATCHING_UP:
-                held = sub.buffered.get(update.doc_key)
+                held = sub.buffered.get(doc_key)
                 if held is None or held.version < update.version:
-                    sub.buffered[update.doc_key] = update
+                    sub.buffered[doc_key] = update
                 continue
-            if update.watermark > sub.synced_at and self._newer(sub, update):
-                actions.append(SendUpdate(sub.subscription_id, update, live=True))
-        if actions:
-            self._last_sent = max(self._last_sent, now)
+            if watermark > sub.synced_at:  # and newer than what was sent (_newer, inline)
+                sent = sub.sent
+                version = update.version
+                if sent.get(doc_key, -1) < version:
+                    sent[doc_key] = version
+                    actions.append(SendUpdate(sub.subscription_id, update, True))
+        if actions and now > self._last_sent:
+            self._last_sent = now
         return actions
 
     def tick(self, now: float, *, watermark: int | None = None) -> list[Action[U]]:
@@ -603,6 +628,7 @@ class ServerSession(Generic[U]):
         ]
         self._subs.clear()
         self._by_serial.clear()
+        self._routes = None
         return [*cancels, Close(code, reason, limit)]
 
     def _check_clock(self, now: float) -> list[Action[U]]:
@@ -635,13 +661,34 @@ class ServerSession(Generic[U]):
             self._last_sent = max(self._last_sent, now)
         return actions
 
+    def _candidates(self, doc_key: str) -> Sequence[_Subscription[U]]:
+        """The subscriptions whose topics match ``doc_key``, in creation order.
+
+        An index, not a scan: subscriptions of exact keys only are found by the key, the others
+        (any ``*`` topic) are tested one by one.
+        """
+        routes = self._routes
+        if routes is None:
+            routes = self._routes = _Routes.of(self._subs.values())
+        found = routes.exact.get(doc_key, ())
+        if not routes.prefixed:
+            return found
+        matching = [sub for sub in routes.prefixed if sub.matches(doc_key)]
+        if not found:
+            return matching
+        if not matching:
+            return found
+        return [sub for sub in self._subs.values() if sub.matches(doc_key)]  # keep the order
+
     def _covers(self, sub: _Subscription[U], doc_key: str) -> bool:
         # The subscription's topics, within both the grant it was made under and the current
         # one: a refresh can narrow what a subscription yields, never widen it.
+        return sub.matches(doc_key) and self._granted(sub, doc_key)
+
+    def _granted(self, sub: _Subscription[U], doc_key: str) -> bool:
+        # Whether both grants allow a document the subscription's topics match.
         credentials = self.credentials
         assert credentials is not None
-        if not sub.matches(doc_key):
-            return False
         if sub.covered_for is not credentials:
             sub.covered_for = credentials
             sub.covered = all(
@@ -707,10 +754,12 @@ class ServerSession(Generic[U]):
         sub: _Subscription[U] = _Subscription(sid, self._serial, tuple(topics), grant, frame.resume)
         self._subs[sid] = sub
         self._by_serial[sub.serial] = sub
+        self._routes = None
         return [CatchUp(sid, sub.serial, sub.topics, grant, resume=frame.resume is not None)]
 
     def _unsubscribe(self, frame: Unsubscribe) -> list[Action[U]]:
         sub = self._subs.pop(frame.subscription_id, None)
+        self._routes = None
         if sub is None:
             return [
                 self._error(
@@ -723,6 +772,7 @@ class ServerSession(Generic[U]):
         return []
 
     def _narrow(self, grant: Grant) -> list[Action[U]]:
+        self._routes = None  # topics may be dropped below
         actions: list[Action[U]] = []
         for sid in list(self._subs):
             sub = self._subs[sid]
@@ -741,6 +791,28 @@ class ServerSession(Generic[U]):
             if sub.state is _SubState.CATCHING_UP:
                 actions.append(CancelCatchUp(sub.serial))
         return actions
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Routes(Generic[U]):
+    """The subscriptions by what their topics are: ``exact`` maps a document key to the
+    subscriptions (in creation order) whose topics are all exact keys and include it;
+    ``prefixed`` holds those with a ``*`` topic."""
+
+    exact: dict[str, tuple[_Subscription[U], ...]]
+    prefixed: tuple[_Subscription[U], ...]
+
+    @classmethod
+    def of(cls, subs: Iterable[_Subscription[U]]) -> _Routes[U]:
+        exact: dict[str, tuple[_Subscription[U], ...]] = {}
+        prefixed: list[_Subscription[U]] = []
+        for sub in subs:
+            if any(t.wildcard for t in sub.topics):
+                prefixed.append(sub)
+                continue
+            for topic in sub.topics:
+                exact[topic.prefix] = (*exact.get(topic.prefix, ()), sub)
+        return cls(exact, tuple(prefixed))
 
 
 def _intersect(a: Grant, b: Grant) -> Grant:

@@ -23,20 +23,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
+import orjson
+import psycopg
 import sqlalchemy as sa
 from oa_sync_core.codec import canonical_json
 from oa_sync_core.protocol.wire import EncodedUpdate
 from oa_sync_core.topics import Grant, Topic
+from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.postgres.tables import changes, documents, sync_meta
+from oa_sync_server.postgres.tables import SCHEMA, changes, documents, sync_meta
 
 __all__ = [
     "CatchUpReads",
     "DocRow",
+    "HubReader",
     "SyncMeta",
     "changed_after",
     "document",
@@ -458,3 +464,76 @@ async def changed_after(
         .limit(limit)
     )
     return [(_row(r), float(r.at)) for r in (await conn.execute(query)).all()]
+
+
+_HUB_PAGE: Final = sql.SQL(
+    """SELECT m.epoch, d.doc_key, d.projection, d.version, d.watermark, d.content_hash,
+       d.body::text, extract(epoch FROM d.updated_at)::float8
+FROM (SELECT (SELECT value FROM {schema}.sync_meta WHERE key = 'epoch') AS epoch) AS m
+LEFT JOIN LATERAL (
+    SELECT doc_key, projection, version, watermark, content_hash, body, updated_at
+    FROM {schema}.documents WHERE watermark > %s ORDER BY watermark LIMIT %s
+) AS d ON true"""
+).format(schema=sql.Identifier(SCHEMA))
+_LONG_NUMBER: Final = re.compile(r"[0-9]{19}")
+"""A number orjson might not read exactly (past 64 bits it reads a float): such bodies are
+parsed by the standard library, as the pool's jsonb loader would."""
+
+
+class HubReader:
+    """The hub's read of one page of changes: :func:`changed_after` and the log epoch in one
+    statement, on a connection of its own (autocommit, outside the pool; psycopg prepares the
+    statement after a few uses), the bodies parsed by orjson.
+
+    A failed read closes the connection; the next read opens a new one.
+
+    Args:
+        url: libpq URL of the database.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+
+    async def page(self, after: int, limit: int) -> tuple[str | None, list[tuple[DocRow, float]]]:
+        """The log epoch (``None`` when none is recorded) and up to ``limit`` documents with a
+        watermark above ``after``, in watermark order, each with its commit time (seconds
+        since the epoch), as :func:`changed_after`.
+
+        Raises:
+            psycopg.Error, OSError: the database could not be read.
+        """
+        _check_limit(limit)
+        conn = self._conn
+        try:
+            if conn is None or conn.closed:
+                conn = self._conn = await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True
+                )
+            cursor = await conn.execute(_HUB_PAGE, (after, limit))
+            records = await cursor.fetchall()
+        except BaseException:
+            await self.close()
+            raise
+        epoch = records[0][0] if records else None
+        rows: list[tuple[DocRow, float]] = []
+        for _, key, projection, version, watermark, content_hash, text, at in records:
+            if key is None:  # no document after ``after``: the epoch alone
+                continue
+            body = json.loads(text) if _LONG_NUMBER.search(text) else orjson.loads(text)
+            row = DocRow(
+                doc_key=key,
+                projection=projection,
+                version=version,
+                watermark=watermark,
+                content_hash=content_hash,
+                body=canonical_json(body),
+            )
+            rows.append((row, at))
+        return epoch, rows
+
+    async def close(self) -> None:
+        """Close the connection (a later read opens a new one)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            await conn.close()

@@ -175,8 +175,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
             if any(p.matches(live.row.doc_key) for p in patterns):
                 await _write(response, _live_event(live))
                 state.metrics.updates_sent.labels(format="sse").inc()
-                if live.committed_at:
-                    latency.observe(max(0.0, time.time() - live.committed_at))
+                if not live.delivery.sent:  # observed once per change, at its first send
+                    live.delivery.sent = True
+                    if live.committed_at:
+                        latency.observe(max(0.0, time.time() - live.committed_at))
         if feed.overflowed:
             raise LimitExceededError(LimitKind.SEND_QUEUE, limits.send_queue_messages)
         if feed.epoch_changed:

@@ -19,10 +19,14 @@ task, the handler's own, which reads: it decodes each message
   decides (``on_live``) and the frames go straight into the connection's send buffer. The tap
   is attached *before* any snapshot is read, so nothing falls between a snapshot and the live
   stream; the session drops what the snapshot already covered;
-* the **send buffer** is a deque of already-encoded WebSocket payloads, bounded in messages and
-  in bytes. It is flushed once per event-loop turn (``call_soon``): every pending frame goes to
-  the transport in one ``write`` (one system call for a whole hub page), as long as the
-  transport's own buffer is below :data:`_TRANSPORT_HIGH_BYTES`;
+* the **send buffer** is a deque of whole WebSocket frames (header included; a live update's
+  frame is built once per change, subscription id and format and shared by every connection
+  whose subscription has that id), bounded in messages and in bytes. It is flushed once per
+  event-loop turn (one ``call_soon`` for every connection with something to write,
+  :class:`_Flusher`): every pending frame goes to the transport in one ``write`` (one system
+  call for a whole hub page), as long as the transport's own buffer is below
+  :data:`_TRANSPORT_HIGH_BYTES`. The commit-to-send latency is observed once per change, at
+  its first write, and ``updates_sent`` is added to once per loop turn (:class:`_Tally`);
 * **time** (heartbeats, the auth deadline, idleness, token expiry, the slow-consumer grace, and
   re-trying a flush the transport refused) is one entry per connection in the app's
   :class:`TimerWheel`: one event-loop timer per occupied slot of
@@ -91,6 +95,7 @@ from oa_sync_core.protocol.wire import (
     encode_server,
 )
 from oa_sync_core.topics import Topic
+from prometheus_client import Counter
 
 from oa_sync_server.auth import Principal
 from oa_sync_server.config import Limits
@@ -101,7 +106,7 @@ from oa_sync_server.errors import (
     LimitExceededError,
     classify,
 )
-from oa_sync_server.fanout import LiveDoc, Tap
+from oa_sync_server.fanout import Delivery, LiveDoc, Tap
 from oa_sync_server.postgres import read_model
 from oa_sync_server.state import STATE, ServerState
 
@@ -129,7 +134,7 @@ _REASON_BYTES: Final = 120
 _OP_TEXT: Final = 0x81  # FIN + text
 _OP_BINARY: Final = 0x82  # FIN + binary
 
-_NO_FRAMES: Final[collections.deque[tuple[bytes, float, bool]]] = collections.deque(maxlen=0)
+_NO_FRAMES: Final[collections.deque[tuple[bytes, LiveDoc | None]]] = collections.deque(maxlen=0)
 """The send buffer of every connection with nothing to send (never appended to: ``maxlen=0``
 would drop a frame silently, so :meth:`_Connection._enqueue` swaps in a deque of its own)."""
 
@@ -161,6 +166,74 @@ def _encoded_heartbeat(frame: Heartbeat, fmt: WireFormat) -> bytes:
     """A heartbeat's payload: one encoding per watermark and format, not one per connection."""
     encoded = encode_server(frame, fmt)
     return encoded.encode("utf-8") if isinstance(encoded, str) else encoded
+
+
+@functools.lru_cache(maxsize=4)
+def _heartbeat_frame(frame: Heartbeat, fmt: WireFormat) -> bytes:
+    """A heartbeat as a whole WebSocket frame, once per watermark and format."""
+    payload = _encoded_heartbeat(frame, fmt)
+    return frame_header(_OP_TEXT if fmt is WireFormat.JSON else _OP_BINARY, len(payload)) + payload
+
+
+def _update_frame(live: LiveDoc, subscription_id: str, fmt: WireFormat, opcode: int) -> bytes:
+    """The whole WebSocket frame of ``live`` as an update of one subscription, built once per
+    subscription id and format and shared by every connection with such a subscription."""
+    frames = live.delivery.frames
+    key = (subscription_id, fmt)
+    data = frames.get(key)
+    if data is None:
+        payload = live.update.frame_bytes(subscription_id, fmt)
+        data = frame_header(opcode, len(payload)) + payload
+        if len(frames) < Delivery.MAX_FRAMES:
+            frames[key] = data
+    return data
+
+
+class _Tally:
+    """Counter increments gathered over one event-loop turn and applied once: a Prometheus
+    counter takes a lock per ``inc``, and every connection's write would take it."""
+
+    __slots__ = ("_loop", "_pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pending: dict[Counter, int] = {}
+
+    def add(self, counter: Counter, amount: int) -> None:
+        pending = self._pending
+        if not pending:
+            self._loop.call_soon(self._apply)
+        pending[counter] = pending.get(counter, 0) + amount
+
+    def _apply(self) -> None:
+        pending, self._pending = self._pending, {}
+        for counter, amount in pending.items():
+            counter.inc(amount)
+
+
+class _Flusher:
+    """The connections with frames to write, flushed together once per event-loop turn: one
+    loop callback for every connection a hub pass reached, not one each."""
+
+    __slots__ = ("_due", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._due: list[_Connection] = []
+
+    def add(self, connection: _Connection) -> None:
+        if not self._due:
+            self._loop.call_soon(self._run)
+        self._due.append(connection)
+
+    def _run(self) -> None:
+        due, self._due = self._due, []
+        for connection in due:
+            try:
+                connection._flush()
+            except Exception as exc:  # noqa: BLE001 - one connection must not stop the others
+                connection.log.error("ws_failed", error=type(exc).__name__)
+                connection.request_close(1011, "internal error")
 
 
 def frame_header(opcode: int, length: int) -> bytes:
@@ -258,6 +331,8 @@ class _Registry:
         self.connections: set[_Connection] = set()
         self.per_subject: collections.Counter[str] = collections.Counter()
         self.wheel = TimerWheel(asyncio.get_running_loop(), TIMER_RESOLUTION_S)
+        self.tally = _Tally(asyncio.get_running_loop())
+        self.flusher = _Flusher(asyncio.get_running_loop())
         self.reads = read_model.CatchUpReads()
 
     def acquire(self, subject: str, limit: int) -> bool:
@@ -430,6 +505,7 @@ class _Connection:
         "state",
         "subject",
         "subscriptions",
+        "tally",
         "tap",
         "transport",
         "wheel",
@@ -458,10 +534,11 @@ class _Connection:
         )
         self.format_label = "json" if fmt is WireFormat.JSON else "proto"
         self.sent = state.metrics.updates_sent.labels(format=self.format_label)
-        # The send buffer: (payload, committed_at or 0 for non-updates, is an update). An empty
+        self.tally = registry.tally
+        # The send buffer: (whole WebSocket frame, the change it carries or None). An empty
         # one is the shared _NO_FRAMES (a deque is 760 bytes; most connections idle most of
         # the time): _enqueue gives the connection its own, _flush hands it back when drained.
-        self.buffer: collections.deque[tuple[bytes, float, bool]] = _NO_FRAMES
+        self.buffer: collections.deque[tuple[bytes, LiveDoc | None]] = _NO_FRAMES
         self.buffered_bytes = 0
         self.peak_bytes = 0
         """Most bytes the send buffer ever held (for tests and the memory bound)."""
@@ -579,19 +656,21 @@ class _Connection:
         catching_up = False
         for action in actions:
             if isinstance(action, SendUpdate):
-                update = action.update
-                data = update.update.frame_bytes(action.subscription_id, self.fmt)
-                self._enqueue(data, update.committed_at, update=True)
+                live = action.update
+                self._enqueue(
+                    _update_frame(live, action.subscription_id, self.fmt, self.opcode), live
+                )
             elif isinstance(action, Send):
                 frame = action.frame
                 if isinstance(frame, ErrorFrame) and frame.code in _LIMIT_ERRORS:
                     kind = _LIMIT_ERRORS[frame.code]
                     self.state.metrics.limit_breaches.labels(kind=kind).inc()
                 if type(frame) is Heartbeat:  # every connection of a wheel slot sends the same
-                    self._enqueue(_encoded_heartbeat(frame, self.fmt))
+                    self._enqueue(_heartbeat_frame(frame, self.fmt))
                     continue
                 encoded = encode_server(frame, self.fmt)
-                self._enqueue(encoded.encode("utf-8") if isinstance(encoded, str) else encoded)
+                payload = encoded.encode("utf-8") if isinstance(encoded, str) else encoded
+                self._enqueue(frame_header(self.opcode, len(payload)) + payload)
             elif isinstance(action, Close):
                 if action.limit:
                     self.state.metrics.limit_breaches.labels(kind=action.limit).inc()
@@ -624,15 +703,17 @@ class _Connection:
     def _full(self) -> bool:
         return len(self.buffer) >= self.max_messages or self.buffered_bytes >= self.max_bytes
 
-    def _enqueue(self, data: bytes, committed_at: float = 0.0, *, update: bool = False) -> None:
+    def _enqueue(self, data: bytes, live: LiveDoc | None = None) -> None:
+        """Buffer one whole WebSocket frame (``live``: the change it carries, if an update)."""
         if self.closing:
             return
-        if len(self.buffer) >= self.hard_messages or self.buffered_bytes >= 2 * self.max_bytes:
+        buffer = self.buffer
+        if len(buffer) >= self.hard_messages or self.buffered_bytes >= 2 * self.max_bytes:
             self._slow_consumer()  # past the hard bounds: no grace (memory stays bounded)
             return
-        if self.buffer is _NO_FRAMES:
-            self.buffer = collections.deque()
-        self.buffer.append((data, committed_at, update))
+        if buffer is _NO_FRAMES:
+            buffer = self.buffer = collections.deque()
+        buffer.append((data, live))
         self.buffered_bytes += len(data)
         self.peak_bytes = max(self.peak_bytes, self.buffered_bytes)
         if self.full_since is None and self._full():
@@ -640,7 +721,7 @@ class _Connection:
             self._arm()
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self.registry.flusher.add(self)
 
     def _flush(self) -> None:
         """Write what the transport has room for, in one write."""
@@ -659,25 +740,27 @@ class _Connection:
         written = 0
         updates = 0
         now = 0.0
-        latency = self.state.metrics.append_to_send_seconds
         buffer = self.buffer
-        opcode = self.opcode
         while buffer and written < room:
-            data, committed_at, update = buffer.popleft()
-            parts.append(frame_header(opcode, len(data)))
+            data, live = buffer.popleft()
             parts.append(data)
             written += len(data)
-            if update:
+            if live is not None:
                 updates += 1
-                if committed_at:
-                    now = now or time.time()
-                    latency.observe(max(0.0, now - committed_at))
+                delivery = live.delivery
+                if not delivery.sent:  # the latency of a change is observed at its first write
+                    delivery.sent = True
+                    if live.committed_at:
+                        now = now or time.time()
+                        self.state.metrics.append_to_send_seconds.observe(
+                            max(0.0, now - live.committed_at)
+                        )
         self.buffered_bytes -= written
         if not buffer:
             self.buffer = _NO_FRAMES
-        transport.write(b"".join(parts))
+        transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
         if updates:
-            self.sent.inc(updates)
+            self.tally.add(self.sent, updates)
         if self.full_since is not None and not self._full():
             self.full_since = None
         if (
@@ -691,7 +774,7 @@ class _Connection:
         if buffer:
             if transport.get_write_buffer_size() < _TRANSPORT_HIGH_BYTES:
                 self.flush_scheduled = True  # the socket took it: go on at the next turn
-                self.loop.call_soon(self._flush)
+                self.registry.flusher.add(self)
             else:
                 self._arm()  # the socket is full: retry at the next slot of the wheel
 
@@ -774,8 +857,8 @@ class _Connection:
         try:
             for action in self.session.on_live(live, self.loop.time()):
                 if type(action) is SendUpdate:  # the common case, without _perform's dispatch
-                    frame = live.update.frame_bytes(action.subscription_id, self.fmt)
-                    self._enqueue(frame, live.committed_at, update=True)
+                    sid = action.subscription_id
+                    self._enqueue(_update_frame(live, sid, self.fmt, self.opcode), live)
                 else:  # a close (token expired): sends only ever move deadlines later
                     self._perform([action])
         except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the hub
