@@ -4,6 +4,7 @@ watermark order, bounded feeds, and NOTIFY treated as a hint (re-LISTEN then re-
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
@@ -210,3 +211,51 @@ async def test_two_servers_on_one_database_both_deliver(database_url: str) -> No
         keys.add("runtime/codex_worker_summary:w1")
         assert {x.row.doc_key for x in await take(feed_a, 4)} == keys
         assert {x.row.doc_key for x in await take(feed_b, 4)} == keys
+
+
+async def test_hub_with_nobody_attached_reads_no_bodies_and_still_advances(
+    live_server: LiveServer,
+) -> None:
+    """A process nobody listens to passes changes over as watermarks alone (wait=visible
+    still sees them), and a feed attached afterwards gets the changes that follow."""
+    hub = live_server.state.hub
+    pages: list[int] = []
+    real_page = hub._reader.page
+
+    async def counted_page(after: int, limit: int) -> tuple[str | None, list[tuple[Any, float]]]:
+        epoch, rows = await real_page(after, limit)
+        pages.extend(row.watermark for row, _ in rows)
+        return epoch, rows
+
+    hub._reader.page = counted_page  # type: ignore[method-assign]
+    await live_server.append([new_event("run.created", f"q{i}") for i in range(3)])
+    assert await live_server.settle() == hub.watermark == 3  # delivered: wait=visible's signal
+    assert pages == []  # no body was read for changes nobody wanted
+    feed = hub.attach(10)
+    await live_server.append([new_event("run.started", "q1")])
+    [live] = await take(feed, 1)
+    assert (live.row.doc_key, live.row.version) == ("runtime/run_summary:q1", 2)
+
+
+async def test_feed_attached_while_the_hub_skips_gets_that_page(live_server: LiveServer) -> None:
+    """The hub decides after its read whether anyone listens: a feed that attaches while a
+    bodiless read is in flight is offered that page's changes, none passed over."""
+    hub = live_server.state.hub
+    real_skip = hub._reader.skip
+    in_flight, release = asyncio.Event(), asyncio.Event()
+
+    async def gated_skip(after: int, limit: int) -> tuple[str | None, int | None, int]:
+        result = await real_skip(after, limit)
+        if result[1] is not None and not in_flight.is_set():
+            in_flight.set()
+            await release.wait()
+        return result
+
+    hub._reader.skip = gated_skip  # type: ignore[method-assign]
+    await live_server.append([new_event("run.created", "late")])
+    async with asyncio.timeout(WAIT_S):
+        await in_flight.wait()
+    feed = hub.attach(10)
+    release.set()
+    [live] = await take(feed, 1)
+    assert live.row.doc_key == "runtime/run_summary:late"

@@ -13,7 +13,11 @@ trusts its payload. Two tasks run per hub:
   log epoch in one statement on a connection of its own
   (:class:`~oa_sync_server.postgres.read_model.HubReader`), builds each row's
   :class:`~oa_sync_core.protocol.wire.EncodedUpdate` once, hands the same :class:`LiveDoc` to every
-  attached :class:`Feed` that wants it, and advances ``hub.watermark``.
+  attached :class:`Feed` that wants it, and advances ``hub.watermark``. With nobody attached
+  (a process that only takes appends) a page is read as its watermarks alone, no bodies
+  (:meth:`~oa_sync_server.postgres.read_model.HubReader.skip`): ``hub.watermark`` still
+  advances for ``wait=visible``, and a feed that attaches during that read gets the page read
+  again with its bodies.
 
 Routing. A feed that declared its topics (:meth:`Feed.set_topics`) is offered only the changes
 those topics cover; the hub finds them through an index (exact keys in a dict, ``*`` prefixes
@@ -52,7 +56,7 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import psycopg
 import sqlalchemy as sa
@@ -518,6 +522,12 @@ class Hub:
         ):
             return
         while True:
+            if not self._feeds:
+                skipped = await self._skip_page()
+                if skipped == "more":
+                    continue
+                if skipped == "done":
+                    break
             # One statement per page (the epoch and the documents after the watermark), each
             # its own transaction (autocommit).
             epoch, rows = await self._reader.page(self.watermark, self.page_size)
@@ -537,6 +547,30 @@ class Hub:
                 self._signal()
             if len(rows) < self.page_size:
                 break
+
+    async def _skip_page(self) -> Literal["more", "done", "read"]:
+        """With nobody attached, advance over one page reading only its watermarks (no bodies
+        to parse, canonicalise and drop): ``"more"`` after a full page, ``"done"`` after the
+        last one (or an epoch change), ``"read"`` when the page must be read with its bodies.
+
+        Whether anyone is attached is decided again after the read, as the page read decides
+        (its rows are offered after its await): a feed that attached meanwhile gets the page
+        with its bodies (``"read"``), so nothing it should see is passed over.
+        """
+        epoch, top, count = await self._reader.skip(self.watermark, self.page_size)
+        if epoch is not None and epoch != self.epoch:
+            await self._epoch_changed()
+            return "done"
+        if self._feeds:
+            return "read"
+        if self._metrics is not None:
+            self._metrics.hub_reads.labels("page").inc()
+            if count:
+                self._metrics.hub_changes.labels("postgres").inc(count)
+        if top is not None:
+            self.watermark = top
+            self._signal()
+        return "more" if count == self.page_size else "done"
 
     async def _epoch_changed(self) -> None:
         async with self._engine.connect() as conn:

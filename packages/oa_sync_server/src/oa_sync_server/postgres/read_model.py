@@ -475,6 +475,14 @@ LEFT JOIN LATERAL (
     FROM {schema}.documents WHERE watermark > %s ORDER BY watermark LIMIT %s
 ) AS d ON true"""
 ).format(schema=sql.Identifier(SCHEMA))
+_HUB_SKIP: Final = sql.SQL(
+    """SELECT m.epoch, max(d.watermark), count(d.watermark)
+FROM (SELECT (SELECT value FROM {schema}.sync_meta WHERE key = 'epoch') AS epoch) AS m
+LEFT JOIN LATERAL (
+    SELECT watermark FROM {schema}.documents WHERE watermark > %s ORDER BY watermark LIMIT %s
+) AS d ON true
+GROUP BY m.epoch"""
+).format(schema=sql.Identifier(SCHEMA))
 _LONG_NUMBER: Final = re.compile(r"[0-9]{19}")
 """A number orjson might not read exactly (past 64 bits it reads a float): such bodies are
 parsed by the standard library, as the pool's jsonb loader would."""
@@ -504,17 +512,7 @@ class HubReader:
             psycopg.Error, OSError: the database could not be read.
         """
         _check_limit(limit)
-        conn = self._conn
-        try:
-            if conn is None or conn.closed:
-                conn = self._conn = await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True
-                )
-            cursor = await conn.execute(_HUB_PAGE, (after, limit))
-            records = await cursor.fetchall()
-        except BaseException:
-            await self.close()
-            raise
+        records = await self._fetch(_HUB_PAGE, (after, limit))
         epoch = records[0][0] if records else None
         rows: list[tuple[DocRow, float]] = []
         for _, key, projection, version, watermark, content_hash, text, at in records:
@@ -531,6 +529,32 @@ class HubReader:
             )
             rows.append((row, at))
         return epoch, rows
+
+    async def skip(self, after: int, limit: int) -> tuple[str | None, int | None, int]:
+        """The log epoch, the watermark of the last of up to ``limit`` documents above
+        ``after`` (``None`` when there is none) and how many there are: the page that
+        :meth:`page` would read, without its bodies, for a hub that nobody listens to.
+
+        Raises:
+            psycopg.Error, OSError: the database could not be read.
+        """
+        _check_limit(limit)
+        records = await self._fetch(_HUB_SKIP, (after, limit))
+        epoch, top, count = records[0]
+        return epoch, top, count
+
+    async def _fetch(self, query: sql.Composed, params: tuple[int, int]) -> list[tuple[Any, ...]]:
+        conn = self._conn
+        try:
+            if conn is None or conn.closed:
+                conn = self._conn = await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True
+                )
+            cursor = await conn.execute(query, params)
+            return await cursor.fetchall()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         """Close the connection (a later read opens a new one)."""
