@@ -16,6 +16,13 @@ each (topic, grant pattern) pair is narrowed to the narrower of the two (topics 
 or prefixes, so the intersection of two overlapping patterns is always one of them), and only
 those narrowed patterns reach SQL, as bound parameters (``LIKE`` with escaping for prefixes).
 
+Catch-up reads (:class:`CatchUpReads`: every snapshot and resume of the WebSocket and SSE
+transports) bypass SQLAlchemy's statement building and row processing: they run plain SQL with
+bound parameters on the pooled connection's psycopg cursor, and the ``jsonb`` body is turned
+into canonical bytes straight from its text (:func:`oa_sync_core.codec.canonical_json_text`),
+never through the standard library's parser. They return exactly the rows
+:func:`documents_matching` returns (a test holds the two equal).
+
 What this is not: the write side (the projector worker and ``db.stores``) or an ORM.
 """
 
@@ -26,13 +33,14 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
+import psycopg
 import sqlalchemy as sa
-from oa_sync_core.codec import canonical_json
+from oa_sync_core.codec import canonical_json, canonical_json_text
 from oa_sync_core.protocol.wire import EncodedUpdate
 from oa_sync_core.topics import Grant, Topic
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.postgres.tables import changes, documents, sync_meta
+from oa_sync_server.postgres.tables import SCHEMA, changes, documents, sync_meta
 
 __all__ = [
     "CatchUpReads",
@@ -276,6 +284,71 @@ async def _documents_of_patterns(
     return [_row(r) for r in (await conn.execute(query)).all()]
 
 
+class _CanonicalBody(psycopg.adapt.Loader):
+    """Loads a ``jsonb`` column as its canonical bytes (what :func:`_row` makes of it)."""
+
+    def load(self, data: psycopg.abc.Buffer) -> bytes:
+        return canonical_json_text(bytes(data))
+
+
+_SELECT: Final = psycopg.sql.SQL(
+    "SELECT doc_key, projection, version, watermark, content_hash, body FROM {} WHERE "
+).format(psycopg.sql.Identifier(SCHEMA, documents.name))
+
+
+def _like_prefix(prefix: str) -> str:
+    """A ``LIKE`` pattern (escape character ``\\``) matching every text starting ``prefix``."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+async def _plain_documents(
+    conn: AsyncConnection,
+    patterns: Sequence[Topic],
+    *,
+    after: int | None,
+    limit: int | None,
+) -> list[DocRow]:
+    """:func:`_documents_of_patterns` as plain SQL on the connection's psycopg cursor
+    (``limit=None``: no ``LIMIT``, for a read of exact keys, at most one row each)."""
+    exact = [t.prefix for t in patterns if not t.wildcard]
+    clauses: list[str] = []
+    params: list[object] = []
+    if exact:
+        clauses.append("doc_key = ANY(%s)")
+        params.append(exact)
+    for t in patterns:
+        if t.wildcard and t.prefix:
+            clauses.append("doc_key LIKE %s ESCAPE '\\'")
+            params.append(_like_prefix(t.prefix))
+        elif t.wildcard:
+            clauses.append("TRUE")
+    text = "(" + " OR ".join(clauses) + ")"
+    if after is not None:
+        text += " AND watermark > %s"
+        params.append(after)
+    if limit is not None:
+        text += " ORDER BY watermark LIMIT %s"
+        params.append(limit)
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert isinstance(raw, psycopg.AsyncConnection)
+    async with raw.cursor(row_factory=psycopg.rows.tuple_row) as cursor:
+        cursor.adapters.register_loader("jsonb", _CanonicalBody)
+        await cursor.execute(_SELECT + psycopg.sql.SQL(text), params)
+        return [
+            DocRow(
+                doc_key=doc_key,
+                projection=projection,
+                version=version,
+                watermark=watermark,
+                content_hash=content_hash,
+                body=body,
+            )
+            for doc_key, projection, version, watermark, content_hash, body in (
+                await cursor.fetchall()
+            )
+        ]
+
+
 def _by_watermark(row: DocRow) -> int:
     return row.watermark
 
@@ -378,7 +451,7 @@ class CatchUpReads:
                     await self._exact(conn, exact)
                 for r in reads:
                     if not r.result.done():
-                        rows = await _documents_of_patterns(
+                        rows = await _plain_documents(
                             conn, r.patterns, after=r.after, limit=r.limit
                         )
                         if not r.result.done():
@@ -394,13 +467,14 @@ class CatchUpReads:
 
     @staticmethod
     async def _exact(conn: AsyncConnection, reads: list[_Read]) -> None:
-        keys = sorted({t.prefix for r in reads for t in r.patterns})
+        keys = {t.prefix: t for r in reads for t in r.patterns}
         afters = [r.after for r in reads]
         lowest = None if None in afters else min(a for a in afters if a is not None)
-        query = sa.select(*_COLUMNS).where(documents.c.doc_key.in_(keys))
-        if lowest is not None:
-            query = query.where(documents.c.watermark > lowest)
-        by_key = {row.doc_key: row for row in map(_row, await conn.execute(query))}
+        patterns = [keys[key] for key in sorted(keys)]
+        by_key = {
+            row.doc_key: row
+            for row in await _plain_documents(conn, patterns, after=lowest, limit=None)
+        }
         for r in reads:
             if not r.result.done():
                 found = (by_key.get(t.prefix) for t in r.patterns)

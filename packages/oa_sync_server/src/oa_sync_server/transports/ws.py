@@ -163,6 +163,14 @@ def _encoded_heartbeat(frame: Heartbeat, fmt: WireFormat) -> bytes:
     return encoded.encode("utf-8") if isinstance(encoded, str) else encoded
 
 
+@functools.lru_cache(maxsize=4)
+def _framed_heartbeat(frame: Heartbeat, fmt: WireFormat) -> bytes:
+    """A heartbeat as a whole WebSocket frame, header included: what an idle connection writes
+    to its transport directly (one ``write``, nothing buffered, nothing scheduled)."""
+    payload = _encoded_heartbeat(frame, fmt)
+    return frame_header(_OP_TEXT if fmt is WireFormat.JSON else _OP_BINARY, len(payload)) + payload
+
+
 def frame_header(opcode: int, length: int) -> bytes:
     """The header of an unmasked, final RFC 6455 frame of ``length`` payload bytes."""
     if length < 126:
@@ -258,7 +266,6 @@ class _Registry:
         self.connections: set[_Connection] = set()
         self.per_subject: collections.Counter[str] = collections.Counter()
         self.wheel = TimerWheel(asyncio.get_running_loop(), TIMER_RESOLUTION_S)
-        self.reads = read_model.CatchUpReads()
 
     def acquire(self, subject: str, limit: int) -> bool:
         if self.per_subject[subject] >= limit:
@@ -759,11 +766,32 @@ class _Connection:
                 self._slow_consumer()
                 return
             if self.session.next_deadline() <= now:
-                self._perform(self.session.tick(now, watermark=self.state.hub.watermark))
+                actions = self.session.tick(now, watermark=self.state.hub.watermark)
+                if not self._heartbeat_written(actions):
+                    self._perform(actions)
             self._arm()
         except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the wheel
             self.log.error("ws_failed", error=type(exc).__name__)
             self.request_close(1011, "internal error")
+
+    def _heartbeat_written(self, actions: Sequence[Action[LiveDoc]]) -> bool:
+        """Write a tick's lone heartbeat straight to the transport when nothing is queued
+        before it (the idle case: no buffer, no flush, no metric); ``False``: not done, perform
+        ``actions`` as usual."""
+        if len(actions) != 1 or self.buffer or self.ws.closed:
+            return False
+        action = actions[0]
+        if type(action) is not Send or type(action.frame) is not Heartbeat:
+            return False
+        transport = self.transport
+        if (
+            transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() >= _TRANSPORT_HIGH_BYTES
+        ):
+            return False
+        transport.write(_framed_heartbeat(action.frame, self.fmt))
+        return True
 
     # -- live changes (the hub's Receiver) -------------------------------------------------
 
@@ -905,7 +933,7 @@ class _Connection:
         serial = action.serial
         try:
             engine = await self.state.catch_up_engine()
-            reads = self.registry.reads
+            reads = self.state.catch_up_reads
             hub = self.state.hub
             if action.resume:  # the resume is judged against the log as stored
                 meta = await reads.meta(engine)
@@ -929,10 +957,9 @@ class _Connection:
                 # moves to a higher watermark and is found by a later page or the live feed.
                 after = rows[-1].watermark
                 rows = []  # not held while the next page is read
-                async with engine.connect() as conn:
-                    rows = await read_model.documents_matching(
-                        conn, action.topics, action.grant, after=after, limit=_CATCH_UP_PAGE
-                    )
+                rows = await reads.documents(
+                    engine, action.topics, action.grant, after=after, limit=_CATCH_UP_PAGE
+                )
             self._perform(self.session.end_catch_up(serial, meta, self.loop.time()))
         except asyncio.CancelledError:
             raise
