@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import shlex
 import signal
@@ -216,6 +217,10 @@ async def serve(
             demo_task: asyncio.Task[int] | None = None
             try:
                 await web.SockSite(runner, sock).start()
+                # What start-up built (modules, the app, the engine: ~130k objects) lives as
+                # long as the process: keep it out of the collector's full passes, which
+                # otherwise walk it whenever connections and catch-ups churn objects.
+                gc.freeze()
                 url = _url(settings.host, port)
                 if child:
                     print(_WORKER_READY, flush=True)
