@@ -124,6 +124,7 @@ async def test_catch_up_reads_of_one_turn_equal_each_read_alone(engine: AsyncEng
             assert rows == alone, (topics, after, limit)
     with pytest.raises(ValueError, match="limit"):
         await reads.documents(engine, [parse_topic("*")], everything, after=None, limit=0)
+    await reads.close()
 
 
 async def test_catch_up_reads_equal_documents_matching_on_awkward_keys_and_bodies(
@@ -159,3 +160,24 @@ async def test_catch_up_reads_equal_documents_matching_on_awkward_keys_and_bodie
             )
             assert rows == alone, topics
             assert rows, topics
+    await reads.close()
+
+
+async def test_catch_up_reads_survive_a_kept_connection_dying(engine: AsyncEngine) -> None:
+    """A kept read connection that the server closed meanwhile is replaced: the next read is
+    answered on a new one, not failed."""
+    await _put(engine, ("k:1", 1))
+    reads = read_model.CatchUpReads()
+    everything = Grant.parse(["*"])
+    first = await reads.documents(engine, [parse_topic("k:1")], everything, after=None, limit=5)
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    again = await reads.documents(engine, [parse_topic("k:1")], everything, after=None, limit=5)
+    assert again == first
+    assert [r.doc_key for r in first] == ["k:1"]
+    await reads.close()

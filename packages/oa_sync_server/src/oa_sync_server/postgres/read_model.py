@@ -58,6 +58,8 @@ __all__ = [
 
 MAX_LIMIT: Final = 10_000
 """Largest page any read returns."""
+_READ_CONNECTIONS: Final = 4
+"""Catch-up statements in flight at once per engine, each on a connection of its own."""
 
 _COLUMNS: Final = (
     documents.c.doc_key,
@@ -302,14 +304,14 @@ def _like_prefix(prefix: str) -> str:
 
 
 async def _plain_documents(
-    conn: AsyncConnection,
+    conn: psycopg.AsyncConnection[Any],
     patterns: Sequence[Topic],
     *,
     after: int | None,
     limit: int | None,
 ) -> list[DocRow]:
-    """:func:`_documents_of_patterns` as plain SQL on the connection's psycopg cursor
-    (``limit=None``: no ``LIMIT``, for a read of exact keys, at most one row each)."""
+    """:func:`_documents_of_patterns` as plain SQL on a psycopg connection (``limit=None``: no
+    ``LIMIT``, for a read of exact keys, at most one row each)."""
     exact = [t.prefix for t in patterns if not t.wildcard]
     clauses: list[str] = []
     params: list[object] = []
@@ -329,9 +331,7 @@ async def _plain_documents(
     if limit is not None:
         text += " ORDER BY watermark LIMIT %s"
         params.append(limit)
-    raw = (await conn.get_raw_connection()).driver_connection
-    assert isinstance(raw, psycopg.AsyncConnection)
-    async with raw.cursor(row_factory=psycopg.rows.tuple_row) as cursor:
+    async with conn.cursor(row_factory=psycopg.rows.tuple_row) as cursor:
         cursor.adapters.register_loader("jsonb", _CanonicalBody)
         await cursor.execute(_SELECT + psycopg.sql.SQL(text), params)
         return [
@@ -363,8 +363,15 @@ class _Read:
 
 class CatchUpReads:
     """The catch-up reads of connections that subscribe in the same event-loop turn, made
-    together: one pooled connection per turn, one :func:`read_meta` shared by every resume of
-    the turn, and one statement for every read that names only exact document keys.
+    together: one connection per turn, one :func:`read_meta` shared by every resume of the
+    turn, and one statement for every read that names only exact document keys.
+
+    The documents are read on autocommit psycopg connections this object keeps (at most
+    :data:`_READ_CONNECTIONS` per engine, made by the engine's own pool and detached from it),
+    so a turn costs one round trip per statement: no pool checkout with its ping, no ``BEGIN``
+    and no ``ROLLBACK``. A kept connection that fails is closed, and a read that failed on a
+    kept one is tried once more on a new one (what the pool's ping did). :meth:`close` closes
+    them (the app does at shutdown).
 
     A read of exact keys returns at most one row per key, so when it names no more keys than
     its ``limit`` its page is complete and the reads of a turn can be answered by one
@@ -382,6 +389,39 @@ class CatchUpReads:
         self._reads: dict[AsyncEngine, list[_Read]] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: dict[AsyncEngine, list[psycopg.AsyncConnection[Any]]] = {}
+        self._gates: dict[AsyncEngine, asyncio.Semaphore] = {}
+        self._closed = False
+
+    async def close(self) -> None:
+        """Close the connections kept for reads (reads already under way finish first)."""
+        self._closed = True
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for conn in connections:
+                await conn.close()
+
+    async def _connect(self, engine: AsyncEngine) -> psycopg.AsyncConnection[Any]:
+        """A new autocommit connection, made as the engine's pool makes them."""
+        proxied = await engine.raw_connection()
+        conn = proxied.driver_connection
+        proxied.detach()  # ours now: the pool forgets it and makes another when it needs one
+        assert isinstance(conn, psycopg.AsyncConnection)
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            await conn.rollback()
+        await conn.set_autocommit(True)
+        return conn
+
+    def _release(self, engine: AsyncEngine, conn: psycopg.AsyncConnection[Any]) -> bool:
+        if self._closed or conn.closed or conn.broken:
+            return False
+        idle = self._idle.setdefault(engine, [])
+        if len(idle) >= _READ_CONNECTIONS:
+            return False
+        idle.append(conn)
+        return True
 
     async def meta(self, engine: AsyncEngine) -> SyncMeta:
         """:func:`read_meta` on ``engine``, shared with the other callers of this turn."""
@@ -433,29 +473,17 @@ class CatchUpReads:
         reads: list[_Read],
     ) -> None:
         waiting: list[asyncio.Future[Any]] = [*metas, *(r.result for r in reads)]
+        gate = self._gates.setdefault(engine, asyncio.Semaphore(_READ_CONNECTIONS))
         try:
-            async with engine.connect() as conn:
-                if any(not f.done() for f in metas):
-                    meta = await read_meta(conn)
-                    for future in metas:
-                        if not future.done():
-                            future.set_result(meta)
-                exact = [
-                    r
-                    for r in reads
-                    if not r.result.done()
-                    and len(r.patterns) <= r.limit
-                    and not any(t.wildcard for t in r.patterns)
-                ]
-                if exact:
-                    await self._exact(conn, exact)
-                for r in reads:
-                    if not r.result.done():
-                        rows = await _plain_documents(
-                            conn, r.patterns, after=r.after, limit=r.limit
-                        )
-                        if not r.result.done():
-                            r.result.set_result(rows)
+            if any(not f.done() for f in metas):
+                async with engine.connect() as sa_conn:
+                    meta = await read_meta(sa_conn)
+                for future in metas:
+                    if not future.done():
+                        future.set_result(meta)
+            if reads:
+                async with gate:
+                    await self._documents(engine, reads)
         except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
             for future in waiting:
                 if not future.done():
@@ -465,8 +493,43 @@ class CatchUpReads:
                 if not future.done():
                     future.cancel()
 
+    async def _documents(self, engine: AsyncEngine, reads: list[_Read]) -> None:
+        idle = self._idle.get(engine)
+        kept = idle.pop() if idle else None
+        conn = kept or await self._connect(engine)
+        try:
+            try:
+                await self._read(conn, reads)
+            except psycopg.OperationalError:
+                if kept is None:
+                    raise
+                await conn.close()  # went stale while kept: once more on a new connection
+                conn = await self._connect(engine)
+                await self._read(conn, reads)
+        except BaseException:
+            await conn.close()
+            raise
+        if not self._release(engine, conn):
+            await conn.close()
+
+    async def _read(self, conn: psycopg.AsyncConnection[Any], reads: list[_Read]) -> None:
+        exact = [
+            r
+            for r in reads
+            if not r.result.done()
+            and len(r.patterns) <= r.limit
+            and not any(t.wildcard for t in r.patterns)
+        ]
+        if exact:
+            await self._exact(conn, exact)
+        for r in reads:
+            if not r.result.done():
+                rows = await _plain_documents(conn, r.patterns, after=r.after, limit=r.limit)
+                if not r.result.done():
+                    r.result.set_result(rows)
+
     @staticmethod
-    async def _exact(conn: AsyncConnection, reads: list[_Read]) -> None:
+    async def _exact(conn: psycopg.AsyncConnection[Any], reads: list[_Read]) -> None:
         keys = {t.prefix: t for r in reads for t in r.patterns}
         afters = [r.after for r in reads]
         lowest = None if None in afters else min(a for a in afters if a is not None)
