@@ -18,7 +18,7 @@ those narrowed patterns reach SQL, as bound parameters (``LIKE`` with escaping f
 
 Catch-up reads (:class:`CatchUpReads`: every snapshot and resume of the WebSocket and SSE
 transports) bypass SQLAlchemy's statement building and row processing: they run plain SQL with
-bound parameters on the pooled connection's psycopg cursor, and the ``jsonb`` body is turned
+bound parameters on autocommit psycopg connections they keep, and the ``jsonb`` body is turned
 into canonical bytes straight from its text (:func:`oa_sync_core.codec.canonical_json_text`),
 never through the standard library's parser. They return exactly the rows
 :func:`documents_matching` returns (a test holds the two equal).
@@ -393,11 +393,15 @@ class CatchUpReads:
         self._gates: dict[AsyncEngine, asyncio.Semaphore] = {}
         self._closed = False
 
-    async def close(self) -> None:
-        """Close the connections kept for reads (reads already under way finish first)."""
+    async def close(self, *, timeout_s: float = 5.0) -> None:
+        """Close the connections kept for reads; reads under way get ``timeout_s`` to finish,
+        then are cancelled (their callers see the cancellation)."""
         self._closed = True
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         idle, self._idle = self._idle, {}
         for connections in idle.values():
             for conn in connections:

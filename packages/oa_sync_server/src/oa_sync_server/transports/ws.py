@@ -27,9 +27,12 @@ task, the handler's own, which reads: it decodes each message
   re-trying a flush the transport refused) is one entry per connection in the app's
   :class:`TimerWheel`: one event-loop timer per occupied slot of
   :data:`TIMER_RESOLUTION_S`, whatever the number of connections;
-* one transient **catch-up** task per new subscription reads the change-log metadata, then the
-  matching documents page by page (:func:`oa_sync_server.postgres.read_model.documents_matching`),
-  waiting for room in the send buffer between chunks.
+* one transient **catch-up** task per new subscription reads the change-log metadata (resumes
+  only), then the matching documents page by page through the app's
+  :class:`~oa_sync_server.postgres.read_model.CatchUpReads` (shared with SSE; the reads of one
+  event-loop turn are made together), waiting for room in the send buffer between chunks;
+* an idle connection's **heartbeat** is one pre-framed bytes object written straight to the
+  transport (nothing buffered, nothing scheduled).
 
 Slow consumers, in every phase (snapshot, catch-up, live). A connection is *full* when its send
 buffer holds ``send_queue_messages`` messages or ``send_queue_bytes`` bytes. Live changes and
