@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from oa_sync_core.codec import (
     MAX_DEPTH,
     canonical_json,
+    canonical_json_text,
     canonical_timestamp,
     check_json,
     content_hash,
@@ -111,6 +112,55 @@ def test_canonical_json_refuses_non_finite_floats() -> None:
     for bad in (float("nan"), float("inf"), float("-inf")):
         with pytest.raises(ValueError, match="JSON"):
             canonical_json({"x": bad})
+
+
+json_texts_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**80), 2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.characters(codec="utf-8"), max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(alphabet=st.characters(codec="utf-8"), max_size=6), children)
+    ),
+    max_leaves=20,
+)
+
+
+@PROPERTY
+@given(json_texts_values, st.booleans(), st.booleans())
+def test_canonical_json_text_equals_the_definition(
+    value: Any, spaced: bool, ascii_only: bool
+) -> None:
+    """The canonical bytes of a JSON text (with or without spaces and escapes, integers past
+    64 bits, floats) are exactly ``canonical_json(json.loads(text))``."""
+    separators = (", ", ": ") if spaced else (",", ":")
+    text = json.dumps(value, separators=separators, ensure_ascii=ascii_only)
+    expected = canonical_json(json.loads(text))
+    assert canonical_json_text(text) == expected
+    assert canonical_json_text(text.encode("utf-8")) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"b": 123456789012345678901234567890, "a": -9223372036854775809}',
+        b'{"x": [1.0, 2.50, 1e-7, 18446744073709551615]}',
+        b'{"a": 1, "a": 2}',
+        b'{"s": "\\u00e9\\n\\"", "n": null, "t": true}',
+    ],
+)
+def test_canonical_json_text_corner_cases(text: bytes) -> None:
+    """Big integers, floats, duplicate keys, escapes and null agree with the definition."""
+    assert canonical_json_text(text) == canonical_json(json.loads(text))
+
+
+def test_canonical_json_text_refuses_what_the_definition_refuses() -> None:
+    """Text that is not JSON, or holds a number beyond double range, raises ValueError."""
+    for bad in (b"1e400", b'{"x": NaN}', b"{", b"\xff"):
+        with pytest.raises(ValueError, match=r"JSON|Expecting|decode"):
+            canonical_json_text(bad)
 
 
 # --- loads_strict -----------------------------------------------------------------------------

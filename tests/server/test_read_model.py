@@ -35,7 +35,7 @@ def test_effective_topics_are_inside_both(
     assert sorted(t.text for t in got) == sorted(expected)
 
 
-async def _put(engine: AsyncEngine, *rows: tuple[str, int]) -> None:
+async def _put(engine: AsyncEngine, *rows: tuple[str, int], body: object = None) -> None:
     now = dt.datetime.now(dt.UTC)
     async with engine.begin() as conn:
         await conn.execute(
@@ -47,7 +47,7 @@ async def _put(engine: AsyncEngine, *rows: tuple[str, int]) -> None:
                     "version": 1,
                     "watermark": mark,
                     "content_hash": "h",
-                    "body": {"key": key},
+                    "body": {"key": key} if body is None else body,
                     "updated_at": now,
                 }
                 for key, mark in rows
@@ -124,3 +124,60 @@ async def test_catch_up_reads_of_one_turn_equal_each_read_alone(engine: AsyncEng
             assert rows == alone, (topics, after, limit)
     with pytest.raises(ValueError, match="limit"):
         await reads.documents(engine, [parse_topic("*")], everything, after=None, limit=0)
+    await reads.close()
+
+
+async def test_catch_up_reads_equal_documents_matching_on_awkward_keys_and_bodies(
+    engine: AsyncEngine,
+) -> None:
+    """The plain-SQL catch-up reads treat ``_`` in a prefix literally and give the same
+    canonical body bytes as :func:`documents_matching` for floats, integers past 64 bits,
+    nulls and escaped or non-ASCII text."""
+    body = {
+        "big": 123456789012345678901234567890,
+        "neg": -(2**63) - 1,
+        "f": [1.0, 2.5, 1e-7, 1e300],
+        "n": None,
+        "s": 'é\n"\\',
+        "z": {"b": 1, "a": [True, False]},
+    }
+    await _put(engine, ("a_b:1", 1), ("axb:2", 2), ("a.b:3", 3), ("a-b_c:4", 4), body=body)
+    everything = Grant.parse(["*"])
+    cases = [["a_b*"], ["a-b_*"], ["a*"], ["a_b:1", "a.b:3", "nope"], ["*"]]
+    reads = read_model.CatchUpReads()
+    batched = await asyncio.gather(
+        *(
+            reads.documents(
+                engine, [parse_topic(t) for t in topics], everything, after=None, limit=10
+            )
+            for topics in cases
+        )
+    )
+    async with engine.connect() as conn:
+        for topics, rows in zip(cases, batched, strict=True):
+            alone = await read_model.documents_matching(
+                conn, [parse_topic(t) for t in topics], everything, after=None, limit=10
+            )
+            assert rows == alone, topics
+            assert rows, topics
+    await reads.close()
+
+
+async def test_catch_up_reads_survive_a_kept_connection_dying(engine: AsyncEngine) -> None:
+    """A kept read connection that the server closed meanwhile is replaced: the next read is
+    answered on a new one, not failed."""
+    await _put(engine, ("k:1", 1))
+    reads = read_model.CatchUpReads()
+    everything = Grant.parse(["*"])
+    first = await reads.documents(engine, [parse_topic("k:1")], everything, after=None, limit=5)
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    again = await reads.documents(engine, [parse_topic("k:1")], everything, after=None, limit=5)
+    assert again == first
+    assert [r.doc_key for r in first] == ["k:1"]
+    await reads.close()

@@ -5,6 +5,7 @@ What this is:
 * :func:`canonical_json` — the one byte encoding of a document: its proto3 JSON with sorted
   keys, no insignificant whitespace, UTF-8. :func:`content_hash` is the SHA-256 (hex) of those
   bytes. The same fold gives the same bytes and hash on every machine.
+  :func:`canonical_json_text` is the same bytes from a JSON text (e.g. a stored ``jsonb``).
 * :func:`loads_strict` — JSON text to Python values, refusing what a lenient parser lets
   through: NaN and Infinity, duplicate keys, nesting deeper than :data:`MAX_DEPTH`, numbers too
   large to parse, lone surrogates, invalid UTF-8, messages over a size limit.
@@ -39,6 +40,7 @@ __all__ = [
     "JsonObject",
     "JsonValue",
     "canonical_json",
+    "canonical_json_text",
     "canonical_timestamp",
     "check_json",
     "content_hash",
@@ -138,6 +140,36 @@ def canonical_json(value: JsonValue) -> bytes:
         if b"null" not in fast and not _may_hold_float(fast):  # NaN/inf become null in orjson
             return fast
     return _reference_json(value)
+
+
+def canonical_json_text(text: bytes | str) -> bytes:
+    """The canonical bytes of a JSON text: exactly ``canonical_json(json.loads(text))``.
+
+    The text is parsed with orjson, and orjson's canonical output is kept when it holds no
+    float token and no ``null``: orjson reads integers beyond 64 bits as floats, and those (as
+    every float) then take the reference path, the standard library's parser and
+    :func:`canonical_json`, so the bytes never depend on which parser ran. Text orjson refuses
+    (``NaN``, a lone surrogate escape, nesting past its limit) takes the reference path too,
+    which accepts or refuses it exactly as ``json.loads`` does.
+
+    Args:
+        text: JSON text (UTF-8 bytes or a string), e.g. the ``jsonb`` text Postgres returns.
+
+    Returns:
+        The canonical bytes.
+
+    Raises:
+        ValueError: the text is not JSON, or holds a number out of double range (as
+            ``canonical_json(json.loads(text))`` raises).
+    """
+    try:
+        fast = orjson.dumps(orjson.loads(text), option=_ORJSON_OPTIONS)
+    except (orjson.JSONDecodeError, TypeError):
+        pass
+    else:
+        if b"null" not in fast and not _may_hold_float(fast):
+            return fast
+    return canonical_json(json.loads(text))
 
 
 def _reference_json(value: JsonValue) -> bytes:

@@ -143,6 +143,7 @@ def create_app(
 
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
         yield
+        await state.catch_up_reads.close()
         await verifier.close()
         if replica is not None:
             await replica.dispose()

@@ -21,6 +21,7 @@ from oa_sync_server.config import Settings
 from oa_sync_server.fanout import Feed, Hub
 from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.event_log import PostgresEventLog
+from oa_sync_server.postgres.read_model import CatchUpReads
 
 if TYPE_CHECKING:
     from oa_sync_server.postgres.replica import ReadRouter
@@ -44,6 +45,8 @@ class ServerState:
         stopping: set when the app begins shutting down.
         streams: the fan-out feeds of open SSE responses (closed on shutdown).
         reads: where snapshot and resume reads go (the replica when it has caught up).
+        catch_up_reads: the snapshot and resume reads of every transport (WebSocket and SSE),
+            batched per event-loop turn.
     """
 
     settings: Settings
@@ -56,6 +59,7 @@ class ServerState:
     stopping: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     streams: set[Feed] = dataclasses.field(default_factory=set)
     reads: ReadRouter | None = None
+    catch_up_reads: CatchUpReads = dataclasses.field(default_factory=CatchUpReads)
 
     async def catch_up_engine(self) -> AsyncEngine:
         """The engine of a snapshot or resume read starting now (see :class:`ReadRouter`)."""

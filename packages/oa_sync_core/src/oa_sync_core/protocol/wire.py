@@ -437,6 +437,12 @@ def _quote(text: str) -> str:
     return _json_text(text)
 
 
+_JSON_TAIL: Final = (
+    b',"docKey":%b,"projection":%b,"version":"%d","watermark":"%d","contentHash":%b,"document":%b}}'
+)
+"""An ``update`` message's JSON after its subscription id (:class:`EncodedUpdate`)."""
+
+
 def _json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -583,9 +589,7 @@ class EncodedUpdate:
         """
         if fmt is WireFormat.JSON:
             if not self._json_tail_bytes:
-                if not self._json_tail:
-                    self._json_tail.append(self._build_json_tail())
-                self._json_tail_bytes.append(self._json_tail[0].encode("utf-8"))
+                self._json_tail_bytes.append(self._build_json_tail_bytes())
             head = '{"update":{"subscriptionId":' + _quote(subscription_id)
             return head.encode("utf-8") + self._json_tail_bytes[0]
         return self._proto_frame(subscription_id)
@@ -598,21 +602,17 @@ class EncodedUpdate:
         return value
 
     def _build_json_tail(self) -> str:
-        text = self.body.decode("utf-8")
-        return (
-            ',"docKey":'
-            + _json_text(self.doc_key)
-            + ',"projection":'
-            + _json_text(self.projection)
-            + ',"version":"'
-            + str(self.version)
-            + '","watermark":"'
-            + str(self.watermark)
-            + '","contentHash":'
-            + _json_text(self.content_hash)
-            + ',"document":'
-            + text
-            + "}}"
+        return self._build_json_tail_bytes().decode("utf-8")
+
+    def _build_json_tail_bytes(self) -> bytes:
+        self.body.decode("utf-8")  # a frame is text: refuse a body that is not UTF-8
+        return _JSON_TAIL % (
+            _quote(self.doc_key).encode("utf-8"),
+            _quote(self.projection).encode("utf-8"),
+            self.version,
+            self.watermark,
+            _quote(self.content_hash).encode("utf-8"),
+            self.body,
         )
 
     def _build_proto_tail(self) -> bytes:

@@ -16,6 +16,13 @@ each (topic, grant pattern) pair is narrowed to the narrower of the two (topics 
 or prefixes, so the intersection of two overlapping patterns is always one of them), and only
 those narrowed patterns reach SQL, as bound parameters (``LIKE`` with escaping for prefixes).
 
+Catch-up reads (:class:`CatchUpReads`: every snapshot and resume of the WebSocket and SSE
+transports) bypass SQLAlchemy's statement building and row processing: they run plain SQL with
+bound parameters on autocommit psycopg connections they keep, and the ``jsonb`` body is turned
+into canonical bytes straight from its text (:func:`oa_sync_core.codec.canonical_json_text`),
+never through the standard library's parser. They return exactly the rows
+:func:`documents_matching` returns (a test holds the two equal).
+
 What this is not: the write side (the projector worker and ``db.stores``) or an ORM.
 """
 
@@ -23,15 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-import orjson
 import psycopg
 import sqlalchemy as sa
-from oa_sync_core.codec import canonical_json
+from oa_sync_core.codec import canonical_json, canonical_json_text
 from oa_sync_core.protocol.wire import EncodedUpdate
 from oa_sync_core.topics import Grant, Topic
 from psycopg import sql
@@ -56,6 +60,8 @@ __all__ = [
 
 MAX_LIMIT: Final = 10_000
 """Largest page any read returns."""
+_READ_CONNECTIONS: Final = 4
+"""Catch-up statements in flight at once per engine, each on a connection of its own."""
 
 _COLUMNS: Final = (
     documents.c.doc_key,
@@ -282,6 +288,69 @@ async def _documents_of_patterns(
     return [_row(r) for r in (await conn.execute(query)).all()]
 
 
+class _CanonicalBody(psycopg.adapt.Loader):
+    """Loads a ``jsonb`` column as its canonical bytes (what :func:`_row` makes of it)."""
+
+    def load(self, data: psycopg.abc.Buffer) -> bytes:
+        return canonical_json_text(bytes(data))
+
+
+_SELECT: Final = psycopg.sql.SQL(
+    "SELECT doc_key, projection, version, watermark, content_hash, body FROM {} WHERE "
+).format(psycopg.sql.Identifier(SCHEMA, documents.name))
+
+
+def _like_prefix(prefix: str) -> str:
+    """A ``LIKE`` pattern (escape character ``\\``) matching every text starting ``prefix``."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+async def _plain_documents(
+    conn: psycopg.AsyncConnection[Any],
+    patterns: Sequence[Topic],
+    *,
+    after: int | None,
+    limit: int | None,
+) -> list[DocRow]:
+    """:func:`_documents_of_patterns` as plain SQL on a psycopg connection (``limit=None``: no
+    ``LIMIT``, for a read of exact keys, at most one row each)."""
+    exact = [t.prefix for t in patterns if not t.wildcard]
+    clauses: list[str] = []
+    params: list[object] = []
+    if exact:
+        clauses.append("doc_key = ANY(%s)")
+        params.append(exact)
+    for t in patterns:
+        if t.wildcard and t.prefix:
+            clauses.append("doc_key LIKE %s ESCAPE '\\'")
+            params.append(_like_prefix(t.prefix))
+        elif t.wildcard:
+            clauses.append("TRUE")
+    text = "(" + " OR ".join(clauses) + ")"
+    if after is not None:
+        text += " AND watermark > %s"
+        params.append(after)
+    if limit is not None:
+        text += " ORDER BY watermark LIMIT %s"
+        params.append(limit)
+    async with conn.cursor(row_factory=psycopg.rows.tuple_row) as cursor:
+        cursor.adapters.register_loader("jsonb", _CanonicalBody)
+        await cursor.execute(_SELECT + psycopg.sql.SQL(text), params)
+        return [
+            DocRow(
+                doc_key=doc_key,
+                projection=projection,
+                version=version,
+                watermark=watermark,
+                content_hash=content_hash,
+                body=body,
+            )
+            for doc_key, projection, version, watermark, content_hash, body in (
+                await cursor.fetchall()
+            )
+        ]
+
+
 def _by_watermark(row: DocRow) -> int:
     return row.watermark
 
@@ -296,8 +365,15 @@ class _Read:
 
 class CatchUpReads:
     """The catch-up reads of connections that subscribe in the same event-loop turn, made
-    together: one pooled connection per turn, one :func:`read_meta` shared by every resume of
-    the turn, and one statement for every read that names only exact document keys.
+    together: one connection per turn, one :func:`read_meta` shared by every resume of the
+    turn, and one statement for every read that names only exact document keys.
+
+    The documents are read on autocommit psycopg connections this object keeps (at most
+    :data:`_READ_CONNECTIONS` per engine, made by the engine's own pool and detached from it),
+    so a turn costs one round trip per statement: no pool checkout with its ping, no ``BEGIN``
+    and no ``ROLLBACK``. A kept connection that fails is closed, and a read that failed on a
+    kept one is tried once more on a new one (what the pool's ping did). :meth:`close` closes
+    them (the app does at shutdown).
 
     A read of exact keys returns at most one row per key, so when it names no more keys than
     its ``limit`` its page is complete and the reads of a turn can be answered by one
@@ -315,6 +391,43 @@ class CatchUpReads:
         self._reads: dict[AsyncEngine, list[_Read]] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: dict[AsyncEngine, list[psycopg.AsyncConnection[Any]]] = {}
+        self._gates: dict[AsyncEngine, asyncio.Semaphore] = {}
+        self._closed = False
+
+    async def close(self, *, timeout_s: float = 5.0) -> None:
+        """Close the connections kept for reads; reads under way get ``timeout_s`` to finish,
+        then are cancelled (their callers see the cancellation)."""
+        self._closed = True
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for conn in connections:
+                await conn.close()
+
+    async def _connect(self, engine: AsyncEngine) -> psycopg.AsyncConnection[Any]:
+        """A new autocommit connection, made as the engine's pool makes them."""
+        proxied = await engine.raw_connection()
+        conn = proxied.driver_connection
+        proxied.detach()  # ours now: the pool forgets it and makes another when it needs one
+        assert isinstance(conn, psycopg.AsyncConnection)
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            await conn.rollback()
+        await conn.set_autocommit(True)
+        return conn
+
+    def _release(self, engine: AsyncEngine, conn: psycopg.AsyncConnection[Any]) -> bool:
+        if self._closed or conn.closed or conn.broken:
+            return False
+        idle = self._idle.setdefault(engine, [])
+        if len(idle) >= _READ_CONNECTIONS:
+            return False
+        idle.append(conn)
+        return True
 
     async def meta(self, engine: AsyncEngine) -> SyncMeta:
         """:func:`read_meta` on ``engine``, shared with the other callers of this turn."""
@@ -366,29 +479,17 @@ class CatchUpReads:
         reads: list[_Read],
     ) -> None:
         waiting: list[asyncio.Future[Any]] = [*metas, *(r.result for r in reads)]
+        gate = self._gates.setdefault(engine, asyncio.Semaphore(_READ_CONNECTIONS))
         try:
-            async with engine.connect() as conn:
-                if any(not f.done() for f in metas):
-                    meta = await read_meta(conn)
-                    for future in metas:
-                        if not future.done():
-                            future.set_result(meta)
-                exact = [
-                    r
-                    for r in reads
-                    if not r.result.done()
-                    and len(r.patterns) <= r.limit
-                    and not any(t.wildcard for t in r.patterns)
-                ]
-                if exact:
-                    await self._exact(conn, exact)
-                for r in reads:
-                    if not r.result.done():
-                        rows = await _documents_of_patterns(
-                            conn, r.patterns, after=r.after, limit=r.limit
-                        )
-                        if not r.result.done():
-                            r.result.set_result(rows)
+            if any(not f.done() for f in metas):
+                async with engine.connect() as sa_conn:
+                    meta = await read_meta(sa_conn)
+                for future in metas:
+                    if not future.done():
+                        future.set_result(meta)
+            if reads:
+                async with gate:
+                    await self._documents(engine, reads)
         except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
             for future in waiting:
                 if not future.done():
@@ -398,15 +499,51 @@ class CatchUpReads:
                 if not future.done():
                     future.cancel()
 
+    async def _documents(self, engine: AsyncEngine, reads: list[_Read]) -> None:
+        idle = self._idle.get(engine)
+        kept = idle.pop() if idle else None
+        conn = kept or await self._connect(engine)
+        try:
+            try:
+                await self._read(conn, reads)
+            except psycopg.OperationalError:
+                if kept is None:
+                    raise
+                await conn.close()  # went stale while kept: once more on a new connection
+                conn = await self._connect(engine)
+                await self._read(conn, reads)
+        except BaseException:
+            await conn.close()
+            raise
+        if not self._release(engine, conn):
+            await conn.close()
+
+    async def _read(self, conn: psycopg.AsyncConnection[Any], reads: list[_Read]) -> None:
+        exact = [
+            r
+            for r in reads
+            if not r.result.done()
+            and len(r.patterns) <= r.limit
+            and not any(t.wildcard for t in r.patterns)
+        ]
+        if exact:
+            await self._exact(conn, exact)
+        for r in reads:
+            if not r.result.done():
+                rows = await _plain_documents(conn, r.patterns, after=r.after, limit=r.limit)
+                if not r.result.done():
+                    r.result.set_result(rows)
+
     @staticmethod
-    async def _exact(conn: AsyncConnection, reads: list[_Read]) -> None:
-        keys = sorted({t.prefix for r in reads for t in r.patterns})
+    async def _exact(conn: psycopg.AsyncConnection[Any], reads: list[_Read]) -> None:
+        keys = {t.prefix: t for r in reads for t in r.patterns}
         afters = [r.after for r in reads]
         lowest = None if None in afters else min(a for a in afters if a is not None)
-        query = sa.select(*_COLUMNS).where(documents.c.doc_key.in_(keys))
-        if lowest is not None:
-            query = query.where(documents.c.watermark > lowest)
-        by_key = {row.doc_key: row for row in map(_row, await conn.execute(query))}
+        patterns = [keys[key] for key in sorted(keys)]
+        by_key = {
+            row.doc_key: row
+            for row in await _plain_documents(conn, patterns, after=lowest, limit=None)
+        }
         for r in reads:
             if not r.result.done():
                 found = (by_key.get(t.prefix) for t in r.patterns)
@@ -483,15 +620,13 @@ LEFT JOIN LATERAL (
 ) AS d ON true
 GROUP BY m.epoch"""
 ).format(schema=sql.Identifier(SCHEMA))
-_LONG_NUMBER: Final = re.compile(r"[0-9]{19}")
-"""A number orjson might not read exactly (past 64 bits it reads a float): such bodies are
-parsed by the standard library, as the pool's jsonb loader would."""
 
 
 class HubReader:
     """The hub's read of one page of changes: :func:`changed_after` and the log epoch in one
     statement, on a connection of its own (autocommit, outside the pool; psycopg prepares the
-    statement after a few uses), the bodies parsed by orjson.
+    statement after a few uses), each body made canonical from its text
+    (:func:`~oa_sync_core.codec.canonical_json_text`).
 
     A failed read closes the connection; the next read opens a new one.
 
@@ -518,14 +653,13 @@ class HubReader:
         for _, key, projection, version, watermark, content_hash, text, at in records:
             if key is None:  # no document after ``after``: the epoch alone
                 continue
-            body = json.loads(text) if _LONG_NUMBER.search(text) else orjson.loads(text)
             row = DocRow(
                 doc_key=key,
                 projection=projection,
                 version=version,
                 watermark=watermark,
                 content_hash=content_hash,
-                body=canonical_json(body),
+                body=canonical_json_text(text),
             )
             rows.append((row, at))
         return epoch, rows

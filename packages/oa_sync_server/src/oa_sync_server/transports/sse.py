@@ -41,6 +41,7 @@ import time
 from typing import Final
 
 import orjson
+import psycopg
 import sqlalchemy as sa
 import structlog
 from aiohttp import web
@@ -134,19 +135,18 @@ async def stream(request: web.Request) -> web.StreamResponse:
     try:
         # Read before the headers go out: a database outage is then a 503 with Retry-After.
         engine = await state.catch_up_engine()
-        async with engine.connect() as conn:
-            meta = await read_model.read_meta(conn)
+        reads = state.catch_up_reads  # the WebSocket's reads, batched with theirs
+        meta = await reads.meta(engine)
         await response.prepare(request)
         after, reset = decide_resume(None if last is None else Position(watermark=last), meta)
         if reset is not None:
             await _write(response, _control("reset", {"reason": reset.value, "epoch": meta.epoch}))
         high = meta.watermark
         while True:
-            # One pooled connection per page, returned before writing to a possibly slow client.
-            async with engine.connect() as conn:
-                rows = await read_model.documents_matching(
-                    conn, topics, principal.grant, after=after, limit=CATCH_UP_PAGE
-                )
+            # Each page in its own read, not held while writing to a possibly slow client.
+            rows = await reads.documents(
+                engine, topics, principal.grant, after=after, limit=CATCH_UP_PAGE
+            )
             for row in rows:
                 await _write(response, update_event(row))
                 state.metrics.updates_sent.labels(format="sse").inc()
@@ -196,7 +196,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             request.transport.abort()  # drop what the client would not read
     except ConnectionError:
         pass  # the client went away
-    except (sa.exc.SQLAlchemyError, OSError) as exc:
+    except (sa.exc.SQLAlchemyError, psycopg.Error, OSError) as exc:
         if not response.prepared:
             raise
         # Headers are sent: end the stream; the client resumes with its Last-Event-ID.

@@ -31,9 +31,12 @@ task, the handler's own, which reads: it decodes each message
   re-trying a flush the transport refused) is one entry per connection in the app's
   :class:`TimerWheel`: one event-loop timer per occupied slot of
   :data:`TIMER_RESOLUTION_S`, whatever the number of connections;
-* one transient **catch-up** task per new subscription reads the change-log metadata, then the
-  matching documents page by page (:func:`oa_sync_server.postgres.read_model.documents_matching`),
-  waiting for room in the send buffer between chunks.
+* one transient **catch-up** task per new subscription reads the change-log metadata (resumes
+  only), then the matching documents page by page through the app's
+  :class:`~oa_sync_server.postgres.read_model.CatchUpReads` (shared with SSE; the reads of one
+  event-loop turn are made together), waiting for room in the send buffer between chunks;
+* an idle connection's **heartbeat** is one pre-framed bytes object written straight to the
+  transport (nothing buffered, nothing scheduled).
 
 Slow consumers, in every phase (snapshot, catch-up, live). A connection is *full* when its send
 buffer holds ``send_queue_messages`` messages or ``send_queue_bytes`` bytes. Live changes and
@@ -170,7 +173,9 @@ def _encoded_heartbeat(frame: Heartbeat, fmt: WireFormat) -> bytes:
 
 @functools.lru_cache(maxsize=4)
 def _heartbeat_frame(frame: Heartbeat, fmt: WireFormat) -> bytes:
-    """A heartbeat as a whole WebSocket frame, once per watermark and format."""
+    """A heartbeat as a whole WebSocket frame, header included, once per watermark and format:
+    what an idle connection writes to its transport directly (one ``write``, nothing buffered,
+    nothing scheduled), or enqueues behind frames already waiting."""
     payload = _encoded_heartbeat(frame, fmt)
     return frame_header(_OP_TEXT if fmt is WireFormat.JSON else _OP_BINARY, len(payload)) + payload
 
@@ -333,7 +338,6 @@ class _Registry:
         self.wheel = TimerWheel(asyncio.get_running_loop(), TIMER_RESOLUTION_S)
         self.tally = _Tally(asyncio.get_running_loop())
         self.flusher = _Flusher(asyncio.get_running_loop())
-        self.reads = read_model.CatchUpReads()
 
     def acquire(self, subject: str, limit: int) -> bool:
         if self.per_subject[subject] >= limit:
@@ -842,11 +846,32 @@ class _Connection:
                 self._slow_consumer()
                 return
             if self.session.next_deadline() <= now:
-                self._perform(self.session.tick(now, watermark=self.state.hub.watermark))
+                actions = self.session.tick(now, watermark=self.state.hub.watermark)
+                if not self._heartbeat_written(actions):
+                    self._perform(actions)
             self._arm()
         except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the wheel
             self.log.error("ws_failed", error=type(exc).__name__)
             self.request_close(1011, "internal error")
+
+    def _heartbeat_written(self, actions: Sequence[Action[LiveDoc]]) -> bool:
+        """Write a tick's lone heartbeat straight to the transport when nothing is queued
+        before it (the idle case: no buffer, no flush, no metric); ``False``: not done, perform
+        ``actions`` as usual."""
+        if len(actions) != 1 or self.buffer or self.ws.closed:
+            return False
+        action = actions[0]
+        if type(action) is not Send or type(action.frame) is not Heartbeat:
+            return False
+        transport = self.transport
+        if (
+            transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() >= _TRANSPORT_HIGH_BYTES
+        ):
+            return False
+        transport.write(_heartbeat_frame(action.frame, self.fmt))
+        return True
 
     # -- live changes (the hub's Receiver) -------------------------------------------------
 
@@ -988,7 +1013,7 @@ class _Connection:
         serial = action.serial
         try:
             engine = await self.state.catch_up_engine()
-            reads = self.registry.reads
+            reads = self.state.catch_up_reads
             hub = self.state.hub
             if action.resume:  # the resume is judged against the log as stored
                 meta = await reads.meta(engine)
@@ -1012,10 +1037,9 @@ class _Connection:
                 # moves to a higher watermark and is found by a later page or the live feed.
                 after = rows[-1].watermark
                 rows = []  # not held while the next page is read
-                async with engine.connect() as conn:
-                    rows = await read_model.documents_matching(
-                        conn, action.topics, action.grant, after=after, limit=_CATCH_UP_PAGE
-                    )
+                rows = await reads.documents(
+                    engine, action.topics, action.grant, after=after, limit=_CATCH_UP_PAGE
+                )
             self._perform(self.session.end_catch_up(serial, meta, self.loop.time()))
         except asyncio.CancelledError:
             raise
