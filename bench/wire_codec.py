@@ -141,46 +141,40 @@ def main() -> int:
     sizes["json"] = len(raw)
 
     # -- oa_sync_core.protocol.wire ----------------------------------------------------------------
-    try:
-        from oa_sync_core import wire  # noqa: PLC0415
-    except ImportError:
-        wire = None
-        notes.append(
-            "oa_sync_core.protocol.wire not available in this checkout: wire figures missing"
+    from oa_sync_core.protocol import wire  # noqa: PLC0415
+
+    frame = wire.UpdateFrame(
+        subscription_id="s1",
+        doc_key=doc_key,
+        projection=projection,
+        version=version,
+        watermark=123456,
+        content_hash=content_hash,
+        document=body,
+    )
+    body_bytes = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    for fmt, label in ((wire.WireFormat.JSON, "json"), (wire.WireFormat.PROTO, "proto")):
+        data = wire.encode_server(frame, fmt)
+        assert wire.decode_server(data, fmt, max_bytes=1 << 20) == frame
+        sizes[f"wire_{label}"] = len(data)
+        figures[f"wire_{label}_encode_msgs_per_s"] = rate(
+            lambda fmt=fmt: wire.encode_server(frame, fmt), n
         )
-    if wire is not None:
-        frame = wire.UpdateFrame(
-            subscription_id="s1",
+        figures[f"wire_{label}_decode_msgs_per_s"] = rate(
+            lambda fmt=fmt, data=data: wire.decode_server(data, fmt, max_bytes=1 << 20), n
+        )
+        encoded = wire.EncodedUpdate(
             doc_key=doc_key,
             projection=projection,
             version=version,
             watermark=123456,
             content_hash=content_hash,
-            document=body,
+            body=body_bytes,
         )
-        body_bytes = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-        for fmt, label in ((wire.WireFormat.JSON, "json"), (wire.WireFormat.PROTO, "proto")):
-            data = wire.encode_server(frame, fmt)
-            assert wire.decode_server(data, fmt, max_bytes=1 << 20) == frame
-            sizes[f"wire_{label}"] = len(data)
-            figures[f"wire_{label}_encode_msgs_per_s"] = rate(
-                lambda fmt=fmt: wire.encode_server(frame, fmt), n
-            )
-            figures[f"wire_{label}_decode_msgs_per_s"] = rate(
-                lambda fmt=fmt, data=data: wire.decode_server(data, fmt, max_bytes=1 << 20), n
-            )
-            encoded = wire.EncodedUpdate(
-                doc_key=doc_key,
-                projection=projection,
-                version=version,
-                watermark=123456,
-                content_hash=content_hash,
-                body=body_bytes,
-            )
-            assert encoded.frame("s1", fmt) == data
-            figures[f"wire_{label}_shared_frame_msgs_per_s"] = rate(
-                lambda fmt=fmt, encoded=encoded: encoded.frame("s1", fmt), n
-            )
+        assert encoded.frame("s1", fmt) == data
+        figures[f"wire_{label}_shared_frame_msgs_per_s"] = rate(
+            lambda fmt=fmt, encoded=encoded: encoded.frame("s1", fmt), n
+        )
 
     # -- betterproto (generated bindings) -------------------------------------------------
     from oa_sync_core.contracts import v1  # noqa: PLC0415
