@@ -12,9 +12,11 @@ from oa_sync_core import ConcurrencyError, EventValidationError, NewEvent
 from oa_sync_core.memory import MemoryEventLog
 from oa_sync_core.testing import new_event
 from oa_sync_server.postgres.event_log import (
+    KEPT_CONNECTIONS,
     LogCursor,
     PostgresEventLog,
     StreamOrderConflict,
+    _looks_usable,
     read_committed,
 )
 from oa_sync_server.postgres.tables import EVENTS_CHANNEL, events
@@ -234,3 +236,59 @@ async def test_append_function_plans_batches_as_plan_append_does(engine: AsyncEn
         replays += isinstance(outcomes[0], list) and len(set(outcomes[0])) < len(outcomes[0])
     assert conflicts > 5  # both decisions were exercised
     assert replays > 5
+
+
+async def test_kept_connection_replaced_after_its_backend_is_terminated(
+    engine: AsyncEngine,
+) -> None:
+    """keep_connection: appends reuse one connection; a terminated one is noticed without a
+    round trip before the next append, which runs on a new connection (nothing lost)."""
+    log = PostgresEventLog(engine, keep_connection=True)
+    try:
+        await log.append([new_event("run.created", "r1")])
+        await log.append([new_event("run.started", "r1")])
+        (kept,) = log._idle
+        pid = kept.info.backend_pid
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        async with asyncio.timeout(10):  # the backend's FATAL message and EOF reach the socket
+            while not kept.closed and not kept.broken:
+                await asyncio.sleep(0.01)
+                if not _looks_usable(kept):
+                    break
+        await log.append([new_event("run.step", "r1", stepIndex=1)])
+        (again,) = log._idle
+        assert again is not kept
+        assert again.info.backend_pid != pid
+        assert [e.stream_seq for e in await log.stream("run:r1")] == [1, 2, 3]
+    finally:
+        await log.close()
+    assert log._idle == []
+
+
+async def test_kept_connection_refusals_and_concurrency(engine: AsyncEngine) -> None:
+    """keep_connection: expected_seq and order-guard refusals as on the pooled path; more
+    concurrent appenders than kept connections fall back to the pool; the log keeps at most
+    KEPT_CONNECTIONS."""
+    log = PostgresEventLog(engine, keep_connection=True)
+    try:
+        await log.append([new_event("run.created", "r1", expected_seq=0)])
+        with pytest.raises(ConcurrencyError):
+            await log.append([new_event("run.started", "r1", expected_seq=0)])
+        async with engine.connect() as a:
+            await a.begin()
+            await log.append([new_event("worker.started", "w-old")], conn=a)
+            await log.append([new_event("run.started", "r1")])  # newer, on a kept connection
+            with pytest.raises(StreamOrderConflict):
+                await log.append([new_event("run.step", "r1", stepIndex=1)], conn=a)
+            await a.rollback()
+
+        async def writer(n: int) -> None:
+            for i in range(10):
+                await log.append([new_event("run.step", "r1", description=f"{n}-{i}")])
+
+        await asyncio.gather(*(writer(n) for n in range(4)))
+        assert [e.stream_seq for e in await log.stream("run:r1")] == list(range(1, 43))
+        assert 1 <= len(log._idle) <= KEPT_CONNECTIONS
+    finally:
+        await log.close()

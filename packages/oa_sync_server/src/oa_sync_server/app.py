@@ -123,7 +123,9 @@ def create_app(
         metrics=metrics,
         hub=hub,
         reads=reads,
-        event_log=PostgresEventLog(engine, max_events=settings.limits.max_append_events),
+        event_log=PostgresEventLog(
+            engine, max_events=settings.limits.max_append_events, keep_connection=True
+        ),
         projector=(
             ProjectorWorker(
                 engine,
@@ -144,6 +146,7 @@ def create_app(
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
         yield
         await state.catch_up_reads.close()
+        await state.event_log.close()
         await verifier.close()
         if replica is not None:
             await replica.dispose()

@@ -29,6 +29,19 @@ one autocommit statement (its own transaction: no BEGIN and COMMIT round trips);
 refuses (order conflict, ``expected_seq``) then still commits its NOTIFY, a spurious hint that
 listeners already tolerate (DESIGN.md rule 5).
 
+Kept connection (``keep_connection=True``, what the server uses). Then an own-transaction
+append runs on an autocommit psycopg connection the log keeps (at most :data:`KEPT_CONNECTIONS`,
+made by the engine's own pool and detached from it, as ``read_model.CatchUpReads`` keeps its
+reads'): one round trip per append, with no pool checkout, no pre-ping round trip and no
+SQLAlchemy statement machinery. On an idle server the pre-ping's extra round trip and that
+Python cost about 1.3 ms of a 3 ms append (``docs/benchmarks.md``). Instead of the ping, a
+kept connection is checked without a round trip before each use: closed, broken, inside a
+transaction, or with bytes waiting on its socket while idle (a terminated backend's last
+message or its EOF) means it is closed and another is taken. A connection error *during* the
+append is never retried (the statement may have committed): the connection is dropped and the
+error propagates (the server answers 503), as with a pooled connection. When every kept
+connection is busy, the append takes the pooled path below. :meth:`close` closes them.
+
 With ``conn=None`` the log retries a few times on
 :class:`StreamOrderConflict` or a unique violation; with a caller's connection (the outbox
 pattern) those errors propagate and the caller retries in a new transaction.
@@ -47,11 +60,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import select
 import zlib
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import orjson
+import psycopg
 import sqlalchemy as sa
 from oa_sync_core import Event, NewEvent, validate_new_event
 from oa_sync_core.errors import ConcurrencyError
@@ -63,6 +78,7 @@ from oa_sync_server.errors import StreamOrderConflict
 from oa_sync_server.postgres.tables import EVENTS_CHANNEL, events
 
 __all__ = [
+    "KEPT_CONNECTIONS",
     "LOCK_BUCKETS",
     "BoundedLog",
     "LogCursor",
@@ -76,6 +92,8 @@ __all__ = [
 
 LOCK_BUCKETS: Final = 256
 """Advisory lock buckets of the append guard: the most locks one append transaction holds."""
+KEPT_CONNECTIONS: Final = 2
+"""Most autocommit connections a log with ``keep_connection=True`` keeps for its appends."""
 _LOCK_SPACE: Final = 0x6F61  # the first key of the two-key advisory locks ("oa")
 
 _LOCK = sa.text(
@@ -89,6 +107,10 @@ _APPEND = sa.text(
     # The whole append in one call (migration 0004): bucket locks, NOTIFY, plan, insert.
     "SELECT status, positions, CAST(detail AS text) "
     "FROM oa_sync.append_events(:space, CAST(:buckets AS int[]), CAST(:rows AS jsonb))"
+)
+_APPEND_KEPT: Final = (  # _APPEND for a kept psycopg connection (bound parameters)
+    "SELECT status, positions, CAST(detail AS text) "
+    "FROM oa_sync.append_events(%s, CAST(%s AS int[]), CAST(%s AS jsonb))"
 )
 _READ = sa.text(
     "SELECT position, stream_id, stream_seq, type, CAST(payload AS text) AS payload, recorded_at, "
@@ -164,14 +186,33 @@ class PostgresEventLog:
     Args:
         engine: the async engine.
         retries: attempts of an own-transaction append on an order conflict.
+        max_events: the largest batch :meth:`append` takes.
+        keep_connection: run own-transaction appends on kept autocommit connections (see the
+            module docstring); the owner then calls :meth:`close`.
     """
 
     def __init__(
-        self, engine: AsyncEngine, *, retries: int = 5, max_events: int = MAX_APPEND_EVENTS
+        self,
+        engine: AsyncEngine,
+        *,
+        retries: int = 5,
+        max_events: int = MAX_APPEND_EVENTS,
+        keep_connection: bool = False,
     ) -> None:
         self.engine = engine
         self.retries = retries
         self.max_events = max_events
+        self.keep_connection = keep_connection
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._kept = 0  # connections made for keeping (idle or in use)
+        self._closed = False
+
+    async def close(self) -> None:
+        """Close the kept connections (one in use is closed when its append returns)."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
 
     async def append(
         self, events: Sequence[NewEvent], *, conn: AsyncConnection | None = None
@@ -198,6 +239,9 @@ class PostgresEventLog:
             return []
         if conn is not None:
             return await self._append(conn, checked)
+        kept = await self._take() if self.keep_connection else None
+        if kept is not None:
+            return await self._append_kept(kept, checked)
         attempt = 0
         while True:
             attempt += 1
@@ -213,7 +257,68 @@ class PostgresEventLog:
                 if attempt >= self.retries or not _is_unique_violation(exc):
                     raise
 
-    async def _append(self, conn: AsyncConnection, checked: list[NewEvent]) -> list[int]:
+    async def _take(self) -> psycopg.AsyncConnection[Any] | None:
+        """An idle kept connection that looks usable, a new one, or ``None`` (all busy)."""
+        while self._idle:
+            conn = self._idle.pop()
+            if _looks_usable(conn):
+                return conn
+            self._kept -= 1
+            with contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()
+        if self._closed or self._kept >= KEPT_CONNECTIONS:
+            return None
+        self._kept += 1
+        try:
+            proxied = await self.engine.raw_connection()  # the pool's connect (and its ping)
+            made = proxied.driver_connection
+            proxied.detach()  # ours now: the pool forgets it
+            assert isinstance(made, psycopg.AsyncConnection)
+            conn = made
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await conn.rollback()
+            await conn.set_autocommit(True)
+        except BaseException:
+            self._kept -= 1
+            raise
+        return conn
+
+    async def _append_kept(
+        self, conn: psycopg.AsyncConnection[Any], checked: list[NewEvent]
+    ) -> list[int]:
+        """:meth:`_append` on a kept connection, with the own-transaction retries.
+
+        The connection is kept after an answer or a refusal (order conflict, unique violation:
+        an autocommit statement leaves it idle), and dropped after any other error.
+        """
+        keep = False
+        try:
+            attempt = 0
+            while True:
+                attempt += 1
+                params = self._params(checked)
+                try:
+                    cursor = await conn.execute(
+                        _APPEND_KEPT, (params["space"], params["buckets"], params["rows"])
+                    )
+                    row = await cursor.fetchone()
+                    assert row is not None
+                    keep = True
+                    return self._outcome(*row)
+                except (StreamOrderConflict, psycopg.errors.UniqueViolation):
+                    if attempt >= self.retries:
+                        keep = True
+                        raise
+                    keep = False
+        finally:
+            if keep and not self._closed and _looks_usable(conn):
+                self._idle.append(conn)
+            else:
+                self._kept -= 1
+                with contextlib.suppress(psycopg.Error, OSError):
+                    await conn.close()
+
+    def _params(self, checked: list[NewEvent]) -> dict[str, Any]:
         streams = {e.stream_id for e in checked}
         keys = {e.idempotency_key for e in checked if e.idempotency_key is not None}
         rows = [
@@ -226,15 +331,22 @@ class PostgresEventLog:
             }
             for e in checked
         ]
-        params = {
+        return {
             "space": _LOCK_SPACE,
             "buckets": lock_buckets(streams, keys),
             "rows": orjson.dumps(rows).decode(),
         }
-        status, positions, detail = (await conn.execute(_APPEND, params)).one()
+
+    async def _append(self, conn: AsyncConnection, checked: list[NewEvent]) -> list[int]:
+        status, positions, detail = (await conn.execute(_APPEND, self._params(checked))).one()
+        return self._outcome(status, positions, detail)
+
+    @staticmethod
+    def _outcome(status: str, positions: list[int], detail: str | None) -> list[int]:
+        """The positions of an ``ok`` answer of ``append_events``; else its error."""
         if status == "ok":
             return list(positions)
-        found = orjson.loads(detail)
+        found = orjson.loads(detail or "{}")
         if status == "order":
             raise StreamOrderConflict(found["stream"], found["seq"])
         raise ConcurrencyError(found["stream"], found["expected"], found["actual"])
@@ -346,6 +458,19 @@ def lock_buckets(streams: Iterable[str], keys: Iterable[str] = ()) -> list[int]:
     found = {zlib.crc32(b"s:" + s.encode()) % LOCK_BUCKETS for s in streams}
     found.update(zlib.crc32(b"k:" + k.encode()) % LOCK_BUCKETS for k in keys)
     return sorted(found)
+
+
+def _looks_usable(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle kept connection looks alive, without a round trip: open, not broken,
+    outside a transaction, and nothing waiting on its socket (an idle backend sends nothing
+    unasked but its termination: a FATAL message, then EOF)."""
+    if conn.closed or conn.broken:
+        return False
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return False
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    return not poller.poll(0)
 
 
 def _is_unique_violation(exc: IntegrityError) -> bool:
