@@ -43,7 +43,9 @@ def test_quick_benchmarks_write_results(quick_results: tuple[Path, dict[str, str
         result = json.loads((results / f"{name}.json").read_text("utf-8"))
         # Ours and the target's verdict, not only the baseline: an import the benchmark could
         # not make once left its own figures out silently.
-        assert result["figures"] and result["baseline"] and result["targets"], result
+        assert result["figures"], result
+        assert result["baseline"], result
+        assert result["targets"], result
         assert result["machine"]["cores"] >= 1
         assert result["parameters"]["quick"] is True
         assert (results / f"{name}.png").exists()
