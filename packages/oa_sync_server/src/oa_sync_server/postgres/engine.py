@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["create_engine", "normalise_url"]
+__all__ = ["create_engine", "detached_connection", "normalise_url"]
 
 _PREFIXES = ("postgresql+psycopg://", "postgresql://", "postgres://")
 
@@ -49,3 +50,22 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """
     kwargs.setdefault("pool_pre_ping", True)
     return create_async_engine(normalise_url(url), **kwargs)
+
+
+async def detached_connection(engine: AsyncEngine) -> psycopg.AsyncConnection[Any]:
+    """A new autocommit psycopg connection, made as ``engine``'s pool makes them (its connect
+    arguments and ping), then detached: the caller owns it and closes it, and the pool makes
+    another when it needs one. For the connections kept outside the pool (catch-up reads,
+    the server's appends) that save a checkout, a ping and a transaction per statement.
+
+    Raises:
+        psycopg.Error, OSError: the database could not be reached.
+    """
+    proxied = await engine.raw_connection()
+    conn = proxied.driver_connection
+    proxied.detach()
+    assert isinstance(conn, psycopg.AsyncConnection)
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        await conn.rollback()
+    await conn.set_autocommit(True)
+    return conn

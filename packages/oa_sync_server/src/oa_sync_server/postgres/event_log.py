@@ -75,6 +75,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.errors import StreamOrderConflict
+from oa_sync_server.postgres.engine import detached_connection
 from oa_sync_server.postgres.tables import EVENTS_CHANNEL, events
 
 __all__ = [
@@ -270,14 +271,7 @@ class PostgresEventLog:
             return None
         self._kept += 1
         try:
-            proxied = await self.engine.raw_connection()  # the pool's connect (and its ping)
-            made = proxied.driver_connection
-            proxied.detach()  # ours now: the pool forgets it
-            assert isinstance(made, psycopg.AsyncConnection)
-            conn = made
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                await conn.rollback()
-            await conn.set_autocommit(True)
+            conn = await detached_connection(self.engine)
         except BaseException:
             self._kept -= 1
             raise

@@ -41,6 +41,7 @@ from oa_sync_core.topics import Grant, Topic
 from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from oa_sync_server.postgres.engine import detached_connection
 from oa_sync_server.postgres.tables import SCHEMA, changes, documents, sync_meta
 
 __all__ = [
@@ -409,17 +410,6 @@ class CatchUpReads:
             for conn in connections:
                 await conn.close()
 
-    async def _connect(self, engine: AsyncEngine) -> psycopg.AsyncConnection[Any]:
-        """A new autocommit connection, made as the engine's pool makes them."""
-        proxied = await engine.raw_connection()
-        conn = proxied.driver_connection
-        proxied.detach()  # ours now: the pool forgets it and makes another when it needs one
-        assert isinstance(conn, psycopg.AsyncConnection)
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            await conn.rollback()
-        await conn.set_autocommit(True)
-        return conn
-
     def _release(self, engine: AsyncEngine, conn: psycopg.AsyncConnection[Any]) -> bool:
         if self._closed or conn.closed or conn.broken:
             return False
@@ -502,7 +492,7 @@ class CatchUpReads:
     async def _documents(self, engine: AsyncEngine, reads: list[_Read]) -> None:
         idle = self._idle.get(engine)
         kept = idle.pop() if idle else None
-        conn = kept or await self._connect(engine)
+        conn = kept or await detached_connection(engine)
         try:
             try:
                 await self._read(conn, reads)
@@ -510,7 +500,7 @@ class CatchUpReads:
                 if kept is None:
                     raise
                 await conn.close()  # went stale while kept: once more on a new connection
-                conn = await self._connect(engine)
+                conn = await detached_connection(engine)
                 await self._read(conn, reads)
         except BaseException:
             await conn.close()
