@@ -93,6 +93,7 @@ from oa_sync_core.protocol.server_session import (
 from oa_sync_core.protocol.wire import (
     ErrorFrame,
     Heartbeat,
+    ServerFrame,
     WireFormat,
     decode_client,
     encode_server,
@@ -164,20 +165,19 @@ def session_limits(limits: Limits) -> SessionLimits:
     )
 
 
-@functools.lru_cache(maxsize=4)
-def _encoded_heartbeat(frame: Heartbeat, fmt: WireFormat) -> bytes:
-    """A heartbeat's payload: one encoding per watermark and format, not one per connection."""
+def _server_frame(frame: ServerFrame, fmt: WireFormat) -> bytes:
+    """A server message as a whole WebSocket frame (header included) in ``fmt``."""
     encoded = encode_server(frame, fmt)
-    return encoded.encode("utf-8") if isinstance(encoded, str) else encoded
+    payload = encoded.encode("utf-8") if isinstance(encoded, str) else encoded
+    return frame_header(_OP_TEXT if fmt is WireFormat.JSON else _OP_BINARY, len(payload)) + payload
 
 
 @functools.lru_cache(maxsize=4)
 def _heartbeat_frame(frame: Heartbeat, fmt: WireFormat) -> bytes:
-    """A heartbeat as a whole WebSocket frame, header included, once per watermark and format:
-    what an idle connection writes to its transport directly (one ``write``, nothing buffered,
-    nothing scheduled), or enqueues behind frames already waiting."""
-    payload = _encoded_heartbeat(frame, fmt)
-    return frame_header(_OP_TEXT if fmt is WireFormat.JSON else _OP_BINARY, len(payload)) + payload
+    """A heartbeat's frame, once per watermark and format, not once per connection: what an
+    idle connection writes to its transport directly (one ``write``, nothing buffered, nothing
+    scheduled), or enqueues behind frames already waiting."""
+    return _server_frame(frame, fmt)
 
 
 def _update_frame(live: LiveDoc, subscription_id: str, fmt: WireFormat, opcode: int) -> bytes:
@@ -672,9 +672,7 @@ class _Connection:
                 if type(frame) is Heartbeat:  # every connection of a wheel slot sends the same
                     self._enqueue(_heartbeat_frame(frame, self.fmt))
                     continue
-                encoded = encode_server(frame, self.fmt)
-                payload = encoded.encode("utf-8") if isinstance(encoded, str) else encoded
-                self._enqueue(frame_header(self.opcode, len(payload)) + payload)
+                self._enqueue(_server_frame(frame, self.fmt))
             elif isinstance(action, Close):
                 if action.limit:
                     self.state.metrics.limit_breaches.labels(kind=action.limit).inc()
