@@ -595,7 +595,7 @@ async def changed_after(
 
 _HUB_PAGE: Final = sql.SQL(
     """SELECT m.epoch, d.doc_key, d.projection, d.version, d.watermark, d.content_hash,
-       d.body::text, extract(epoch FROM d.updated_at)::float8
+       d.body, extract(epoch FROM d.updated_at)::float8
 FROM (SELECT (SELECT value FROM {schema}.sync_meta WHERE key = 'epoch') AS epoch) AS m
 LEFT JOIN LATERAL (
     SELECT doc_key, projection, version, watermark, content_hash, body, updated_at
@@ -640,7 +640,7 @@ class HubReader:
         records = await self._fetch(_HUB_PAGE, (after, limit))
         epoch = records[0][0] if records else None
         rows: list[tuple[DocRow, float]] = []
-        for _, key, projection, version, watermark, content_hash, text, at in records:
+        for _, key, projection, version, watermark, content_hash, body, at in records:
             if key is None:  # no document after ``after``: the epoch alone
                 continue
             row = DocRow(
@@ -649,7 +649,7 @@ class HubReader:
                 version=version,
                 watermark=watermark,
                 content_hash=content_hash,
-                body=canonical_json_text(text),
+                body=body,
             )
             rows.append((row, at))
         return epoch, rows
@@ -674,6 +674,7 @@ class HubReader:
                 conn = self._conn = await psycopg.AsyncConnection.connect(
                     self._url, autocommit=True
                 )
+                conn.adapters.register_loader("jsonb", _CanonicalBody)  # as catch-up reads
             cursor = await conn.execute(query, params)
             return await cursor.fetchall()
         except BaseException:
