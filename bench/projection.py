@@ -7,7 +7,8 @@
 3. Project: ``ProjectorWorker.catch_up()`` in this process, from the first event to the last
    (events/s projected: every batch's documents, checkpoints, change rows and lease cursor
    committed). The worker starts after the appends are committed, so the figure is the
-   projector's own rate, not the appender's.
+   projector's own rate, not the appender's. Both processes settle the garbage collector as
+   ``oa-sync serve`` does before they start (:func:`oa_sync_server.runtime.settle_collector`).
 
 Targets (issues 8, 13): projected at least 0.5 times the same-run upsert baseline; appended
 at least 0.25 times the same-run COPY.
@@ -86,6 +87,9 @@ def main() -> int:
     facts = machine(admin)
     load_before = load_average()
     url = migrated_database(admin, DB_NAME)
+    from oa_sync_server.runtime import settle_collector  # noqa: PLC0415
+
+    settle_collector()  # the baselines and ours alike, as `oa-sync serve` runs its projector
     try:
         copy_rate = copy_baseline(url, total, streams)
         upsert_rate = upsert_baseline(url, total, streams)
@@ -104,8 +108,10 @@ def main() -> int:
             "streams": streams,
             "append_batch": append_batch,
             "projector_batch": project_batch,
-            "appender": "separate process (spawn), PostgresEventLog.append, own transactions",
-            "projector": "ProjectorWorker.catch_up() in the benchmark process, after the appends",
+            "appender": "separate process (spawn), PostgresEventLog.append, own transactions,"
+            " collector settled as serve's",
+            "projector": "ProjectorWorker.catch_up() in the benchmark process, after the appends,"
+            " collector settled as serve's (runtime.settle_collector)",
             "git": git_revision(),
             "load_average_before": load_before,
             "load_average_after": load_average(),

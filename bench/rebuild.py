@@ -5,7 +5,9 @@ is the reprojection path: ``oa_sync_core.replay.plan_reprojection`` folds the wh
 through ``PostgresEventLog`` (gap-safe reads in log order) and compares with the Postgres read
 model (``PostgresDocumentSink`` / ``PostgresCheckpointStore``); the rewrites are then written in
 one transaction with the projector's own store functions (``write_updates``, one change row per
-document, and ``put_checkpoints``). Figures: events/s end to end, and the fold and write shares.
+document, and ``put_checkpoints``), with the garbage collector settled as ``oa-sync reproject``
+settles it (:func:`oa_sync_server.runtime.settle_collector`). Figures: events/s end to end, and
+the fold and write shares.
 
 Same-run baseline: reading the same events straight from Postgres with psycopg (rows/s), the
 ceiling for any rebuild that must read the log.
@@ -97,6 +99,9 @@ def main() -> int:
     facts = machine(admin)
     load_before = load_average()
     url = migrated_database(admin, DB_NAME)
+    from oa_sync_server.runtime import settle_collector  # noqa: PLC0415
+
+    settle_collector()  # the baselines and ours alike, as `oa-sync reproject` runs
     try:
         copy_events(url, interleaved_events(total, streams))
         read_rate = raw_read(url)
@@ -109,7 +114,8 @@ def main() -> int:
         parameters={
             "events": total,
             "streams": streams,
-            "path": "plan_reprojection(PostgresEventLog, ...) + write_updates/put_checkpoints",
+            "path": "plan_reprojection(PostgresEventLog, ...) + write_updates/put_checkpoints,"
+            " collector settled as oa-sync reproject's",
             "read_model_before": "empty",
             "git": git_revision(),
             "load_average_before": load_before,

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server.config import Settings
 from oa_sync_server.errors import UsageError
-from oa_sync_server.runtime import open_database
+from oa_sync_server.runtime import open_database, settle_collector
 
 __all__ = ["Progress", "UsageError", "add_worker_option", "with_database"]
 
@@ -24,9 +24,12 @@ _T = TypeVar("_T")
 
 
 async def with_database(work: Callable[[AsyncEngine], Awaitable[_T]]) -> _T:
-    """Run ``work`` on the configured database (embedded when unset), migrated to head."""
+    """Run ``work`` on the configured database (embedded when unset), migrated to head, with
+    the collector settled (:func:`~oa_sync_server.runtime.settle_collector`) once it is open:
+    imports, folds and drift checks churn millions of objects."""
     settings = Settings.from_env(os.environ)
     async with open_database(settings) as engine:
+        settle_collector()
         return await work(engine)
 
 

@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import os
 import shlex
 import signal
@@ -50,7 +49,7 @@ from oa_sync_server.demo import run_demo
 from oa_sync_server.errors import ConfigError
 from oa_sync_server.logs import configure_logging
 from oa_sync_server.postgres.follower import libpq_url
-from oa_sync_server.runtime import open_database
+from oa_sync_server.runtime import open_database, settle_collector
 
 NAME = "serve"
 HELP = "run the sync server (embedded Postgres when OA_SYNC_DATABASE_URL is unset)"
@@ -217,11 +216,7 @@ async def serve(
             demo_task: asyncio.Task[int] | None = None
             try:
                 await web.SockSite(runner, sock).start()
-                # What start-up built (modules, the app, the engine: ~130k objects) lives as
-                # long as the process: keep it out of the collector's full passes, which
-                # otherwise walk it whenever connections and catch-ups churn objects.
-                gc.freeze()
-                gc.set_threshold(*_GC_THRESHOLDS)
+                settle_collector()  # what start-up built lives as long as the process
                 url = _url(settings.host, port)
                 if child:
                     print(_WORKER_READY, flush=True)
@@ -265,13 +260,6 @@ def run(args: argparse.Namespace) -> int:
     if args.workers == 1:
         return asyncio.run(serve(settings, demo=args.demo))
     return asyncio.run(supervise(settings, workers=args.workers, demo=args.demo))
-
-
-_GC_THRESHOLDS: Final = (700, 10, 100)
-"""The collector's thresholds once serving: a full collection at most every 100 middle ones
-(Python's default is 10). Each walks every connection's objects (10,000 idle sockets are ~800k
-objects), so at the default the full passes took ~4.5 s of the ~30 s that 10,000 connects
-took; young cycles are still collected as often as by default."""
 
 
 def _stop_with_parent(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
