@@ -25,7 +25,7 @@ print(json.dumps({"before": before, "after": gc.get_threshold(), "first": first,
 
 
 def test_settling_freezes_start_up_once_and_raises_the_full_collection_threshold() -> None:
-    out = subprocess.run(
+    out = subprocess.run(  # noqa: S603 - our own interpreter and script
         [sys.executable, "-c", _CHILD], capture_output=True, text=True, check=True, timeout=60
     )
     found = json.loads(out.stdout)

@@ -11,14 +11,16 @@ Each batch is one transaction in two phases:
 1. *read* (no locks): the lease row's cursor, then up to ``batch_size`` final events after it
    in log order (:func:`oa_sync_server.postgres.event_log.read_committed`: only below the snapshot
    xmin, so nothing still in flight is ever passed — DESIGN.md rule 1);
-2. *write*: ``SELECT ... FOR UPDATE`` on the lease row; if ``holder``/``epoch`` changed the
-   lease was taken over and the batch aborts with :class:`LeaseLost` (rule 3: a paused old
-   leader cannot commit); if the cursor moved the batch is stale and is redone. Then the
-   watermark lock, the documents' checkpoints and bodies, the pure fold
-   (:class:`oa_sync_core.ProjectionEngine`), and the writes: documents, checkpoints, change
-   rows (watermarks ``last + 1`` onwards, gap-free), the lease cursor and renewal, and
-   ``pg_notify('oa_sync_changes', <new watermark>)`` — all committed together (rule 2), the
-   NOTIFY delivered only on commit (rule 5).
+2. *write*: ``SELECT ... FOR UPDATE`` on the lease row, then the watermark lock, in one
+   statement; if ``holder``/``epoch`` changed the lease was taken over and the batch aborts
+   with :class:`LeaseLost` (rule 3: a paused old leader cannot commit); if the cursor moved
+   the batch is stale and is redone. Then the last watermark (a statement of its own: its
+   snapshot must follow the lock), the documents' checkpoints and bodies, the pure fold
+   (:class:`oa_sync_core.ProjectionEngine`), and one statement writing documents,
+   checkpoints, change rows (watermarks ``last + 1`` onwards, gap-free), the lease cursor and
+   renewal, and ``pg_notify('oa_sync_changes', <new watermark>)`` — all committed together
+   (rule 2), the NOTIFY delivered only on commit (rule 5). A batch is six round trips
+   (cursor, read, locks, last watermark, write, commit), four when it was read ahead.
 
 Look-ahead. After a full batch (``batch_size`` events: more are probably waiting), the worker
 reads and folds the next batch on a second pooled connection *while* the current one's writes
@@ -98,8 +100,15 @@ from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
 from oa_sync_server.postgres.event_log import LogCursor, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow, log_epoch
-from oa_sync_server.postgres.stores import Written, load_states, lock_watermarks, write_batch
-from oa_sync_server.postgres.tables import CHANGES_CHANNEL, EVENTS_CHANNEL
+from oa_sync_server.postgres.stores import (
+    WATERMARK_LOCK,
+    LeaseAdvance,
+    Written,
+    last_watermark,
+    load_states,
+    write_batch,
+)
+from oa_sync_server.postgres.tables import EVENTS_CHANNEL
 
 __all__ = [
     "STALL_WARN_EVERY_S",
@@ -140,20 +149,14 @@ _CURSOR = sa.text(
     "FROM oa_sync.projector_leases WHERE name = :name"
 )
 _LOCK_LEASE = sa.text(
-    "SELECT holder, epoch, CAST(CAST(cursor_tx_id AS text) AS bigint) AS tx, cursor_position "
-    "FROM oa_sync.projector_leases WHERE name = :name FOR UPDATE"
-)
-_ADVANCE = sa.text(
-    # The lease cursor and renewal, and (when the batch changed documents) the commit-time
-    # hint with the new watermark: one round trip.
-    "WITH advanced AS (UPDATE oa_sync.projector_leases SET "
-    "cursor_tx_id = CAST(CAST(:tx AS text) AS xid8), cursor_position = :pos, "
-    "heartbeat_at = clock_timestamp(), "
-    "expires_at = clock_timestamp() + make_interval(secs => :ttl) "
-    "WHERE name = :name RETURNING 1) "
-    "SELECT pg_notify(:channel, CAST(:watermark AS text)) FROM advanced "
-    "WHERE CAST(:watermark AS text) IS NOT NULL"
-).bindparams(channel=CHANGES_CHANNEL)
+    # The lease row, then the watermark lock (the order every document writer takes them in),
+    # in one round trip. The row is locked (the CTE) before the outer SELECT calls the lock
+    # function; the last watermark is read by the next statement, whose snapshot follows both.
+    "WITH l AS (SELECT holder, epoch, CAST(CAST(cursor_tx_id AS text) AS bigint) AS tx, "
+    "cursor_position FROM oa_sync.projector_leases WHERE name = :name FOR UPDATE) "
+    "SELECT holder, epoch, tx, cursor_position, CAST(pg_advisory_xact_lock(:key) AS text) "
+    "FROM l"
+).bindparams(key=WATERMARK_LOCK)
 _VERSIONS_HELD = sa.text(
     "SELECT DISTINCT projection, projector_version FROM oa_sync.projection_checkpoints"
 )
@@ -470,7 +473,7 @@ class ProjectorWorker:
                 self._lost()
             if (locked.tx, locked.cursor_position) != (cursor.tx_id, cursor.position):
                 return None  # our own earlier incarnation moved it; read again
-            last = await lock_watermarks(conn)
+            last = await last_watermark(conn)  # _LOCK_LEASE took the watermark lock
             await self._pause("locked", conn)
             if ahead is not None and ahead.result is not None and ahead.based_at == last:
                 result = ahead.result  # nobody wrote a document since its states were taken
@@ -486,23 +489,16 @@ class ProjectorWorker:
             if len(events) == self.batch_size and self.look_ahead:
                 # More is probably waiting: read and fold it while this batch is written.
                 self._ahead = asyncio.ensure_future(self._look_ahead(after, folded, last))
-            written = await write_batch(conn, result.updates, result.checkpoints, locked_at=last)
-            await conn.execute(
-                _ADVANCE,
-                {
-                    "tx": after.tx_id,
-                    "pos": after.position,
-                    "name": self.name,
-                    "ttl": self.lease_ttl_s,
-                    "watermark": str(written.last_watermark) if written.updates else None,
-                },
+            advance = LeaseAdvance(self.name, after.tx_id, after.position, self.lease_ttl_s)
+            written = await write_batch(  # and the lease cursor, in the same statement
+                conn, result.updates, result.checkpoints, locked_at=last, advance=advance
             )
             epoch_now = await log_epoch(conn) if self.bus is not None and written.updates else ""
             await self._pause("written", conn)
         await self._pause("committed", None)
         if self.bus is not None and written.updates:
             await self._publish(written, epoch_now)
-        self._renew_due = time.monotonic() + self.lease_ttl_s / 3  # _ADVANCE renewed it
+        self._renew_due = time.monotonic() + self.lease_ttl_s / 3  # write_batch renewed it
         self._remember(folded, written.last_watermark)
         if written.updates:
             self.watermark = written.last_watermark

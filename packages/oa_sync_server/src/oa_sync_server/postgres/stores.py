@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 import sqlalchemy as sa
@@ -37,13 +37,16 @@ from oa_sync_core import Checkpoint, DocId, DocumentState, DocumentUpdate, Store
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.postgres.tables import checkpoints, documents
+from oa_sync_server.postgres.tables import CHANGES_CHANNEL, checkpoints, documents
 
 __all__ = [
     "WATERMARK_LOCK",
+    "LeaseAdvance",
     "PostgresCheckpointStore",
     "PostgresDocumentSink",
     "Written",
+    "advance_lease",
+    "last_watermark",
     "load_checkpoints",
     "load_documents",
     "load_states",
@@ -79,7 +82,7 @@ _WRITE_DOCUMENTS = sa.text(
     "INSERT INTO oa_sync.changes (watermark, doc_key, projection, version, content_hash) "
     "SELECT watermark, doc_key, projection, version, content_hash FROM r"
 )
-_WRITE_WITH_CHECKPOINTS = sa.text(
+_WRITE_ROWS: Final = (
     # The projector's batch: documents, their checkpoints and change rows from one parameter.
     "WITH r AS (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x("
     "doc_key text, projection text, version bigint, watermark bigint, content_hash text, "
@@ -98,10 +101,26 @@ _WRITE_WITH_CHECKPOINTS = sa.text(
     "clock_timestamp() FROM r "
     "ON CONFLICT (projection, doc_key) DO UPDATE SET last_position = EXCLUDED.last_position, "
     "projector_version = EXCLUDED.projector_version, content_hash = EXCLUDED.content_hash, "
-    "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at) "
-    "INSERT INTO oa_sync.changes (watermark, doc_key, projection, version, content_hash) "
-    "SELECT watermark, doc_key, projection, version, content_hash FROM r"
+    "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at), "
+    "ch AS (INSERT INTO oa_sync.changes (watermark, doc_key, projection, version, content_hash) "
+    "SELECT watermark, doc_key, projection, version, content_hash FROM r)"
 )
+_ADVANCE_LEASE: Final = (
+    # The lease cursor and renewal; then, when the batch changed documents, the commit-time
+    # hint with the new watermark (a CTE and the final SELECT of a projector statement).
+    "advanced AS (UPDATE oa_sync.projector_leases SET "
+    "cursor_tx_id = CAST(CAST(:tx AS text) AS xid8), cursor_position = :pos, "
+    "heartbeat_at = clock_timestamp(), "
+    "expires_at = clock_timestamp() + make_interval(secs => :ttl) "
+    "WHERE name = :name RETURNING 1) "
+    "SELECT pg_notify(:channel, CAST(:watermark AS text)) FROM advanced "
+    "WHERE CAST(:watermark AS text) IS NOT NULL"
+)
+_WRITE_WITH_CHECKPOINTS = sa.text(_WRITE_ROWS + " SELECT 1")
+_WRITE_AND_ADVANCE = sa.text(_WRITE_ROWS + ", " + _ADVANCE_LEASE).bindparams(
+    channel=CHANGES_CHANNEL
+)
+_ADVANCE = sa.text("WITH " + _ADVANCE_LEASE).bindparams(channel=CHANGES_CHANNEL)
 _UPSERT_CHECKPOINTS = sa.text(
     "INSERT INTO oa_sync.projection_checkpoints "
     "(projection, doc_key, last_position, projector_version, content_hash, version, updated_at) "
@@ -121,6 +140,12 @@ _VERSIONS = sa.text(
 async def lock_watermarks(conn: AsyncConnection) -> int:
     """Take the watermark lock for the rest of the transaction; returns the last watermark."""
     await conn.execute(_LOCK, {"key": WATERMARK_LOCK})
+    return await last_watermark(conn)
+
+
+async def last_watermark(conn: AsyncConnection) -> int:
+    """The last watermark handed out; exact only after the watermark lock was taken, by an
+    earlier statement (a statement's snapshot predates any lock it waits for)."""
     return int((await conn.execute(_LAST_WATERMARK)).scalar_one())
 
 
@@ -361,23 +386,56 @@ class PostgresDocumentSink:
             return [_document(r) for r in await conn.execute(query)]
 
 
+class LeaseAdvance(NamedTuple):
+    """Where a projector batch leaves its lease: the cursor after its events, renewed.
+
+    Attributes:
+        name: the lease.
+        cursor_tx_id, cursor_position: the log cursor after the batch's last event.
+        ttl_s: the renewed lease's time to live.
+    """
+
+    name: str
+    cursor_tx_id: int
+    cursor_position: int
+    ttl_s: float
+
+    def params(self, watermark: int | None) -> dict[str, Any]:
+        return {
+            "tx": self.cursor_tx_id,
+            "pos": self.cursor_position,
+            "name": self.name,
+            "ttl": self.ttl_s,
+            "watermark": None if watermark is None else str(watermark),
+        }
+
+
+async def advance_lease(conn: AsyncConnection, advance: LeaseAdvance) -> None:
+    """Move a projector lease's cursor past a batch that changed no document (and renew it)."""
+    await conn.execute(_ADVANCE, advance.params(None))
+
+
 async def write_batch(
     conn: AsyncConnection,
     updates: Sequence[DocumentUpdate],
     checkpoints: Sequence[Checkpoint],
     *,
     locked_at: int,
+    advance: LeaseAdvance | None = None,
 ) -> Written:
     """The projector's write: documents, their checkpoints and change rows in one statement.
 
     Like :func:`write_updates` with ``only_newer=False`` followed by :func:`put_checkpoints`,
     in one round trip and one parameter (each row carries its document and its checkpoint).
+    With ``advance``, the same statement also moves the lease cursor (as
+    :func:`advance_lease`) and queues ``pg_notify('oa_sync_changes', <new last watermark>)``.
 
     Args:
         conn: a connection in a transaction holding the watermark lock.
         updates: one per document (as :meth:`oa_sync_core.ProjectionEngine.apply` returns).
         checkpoints: the matching checkpoint of each update, in the same order.
         locked_at: the last watermark :func:`lock_watermarks` returned.
+        advance: the projector lease to advance in the same round trip (``None``: none).
 
     Raises:
         ValueError: the checkpoints do not match the updates one to one.
@@ -385,6 +443,8 @@ async def write_batch(
     if len(checkpoints) != len(updates) or len({u.doc_key for u in updates}) != len(updates):
         raise ValueError("write_batch needs one update and its checkpoint per document")
     if not updates:
+        if advance is not None:
+            await advance_lease(conn, advance)
         return Written([], locked_at)
     watermarks = range(locked_at + 1, locked_at + 1 + len(updates))
     rows = []
@@ -404,6 +464,9 @@ async def write_batch(
                 "projector_version": c.projector_version,
             }
         )
-    payload = orjson.dumps(rows)
-    await conn.execute(_WRITE_WITH_CHECKPOINTS, {"rows": payload.decode()})
+    params = {"rows": orjson.dumps(rows).decode()}
+    if advance is None:
+        await conn.execute(_WRITE_WITH_CHECKPOINTS, params)
+    else:
+        await conn.execute(_WRITE_AND_ADVANCE, params | advance.params(watermarks[-1]))
     return Written(list(zip(updates, watermarks, strict=True)), watermarks[-1])
