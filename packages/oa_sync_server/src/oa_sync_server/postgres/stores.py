@@ -116,11 +116,14 @@ _ADVANCE_LEASE: Final = (
     "SELECT pg_notify(:channel, CAST(:watermark AS text)) FROM advanced "
     "WHERE CAST(:watermark AS text) IS NOT NULL"
 )
-_WRITE_WITH_CHECKPOINTS = sa.text(_WRITE_ROWS + " SELECT 1")
-_WRITE_AND_ADVANCE = sa.text(_WRITE_ROWS + ", " + _ADVANCE_LEASE).bindparams(
-    channel=CHANGES_CHANNEL
-)
-_ADVANCE = sa.text("WITH " + _ADVANCE_LEASE).bindparams(channel=CHANGES_CHANNEL)
+# Three statements from the two constant fragments above (composed once, at import; no value
+# is ever spliced into SQL text: every value is a bound parameter).
+_WRITE_ONLY_SQL: Final = f"{_WRITE_ROWS} SELECT 1"
+_WRITE_AND_ADVANCE_SQL: Final = f"{_WRITE_ROWS}, {_ADVANCE_LEASE}"
+_ADVANCE_SQL: Final = f"WITH {_ADVANCE_LEASE}"
+_WRITE_WITH_CHECKPOINTS = sa.text(_WRITE_ONLY_SQL)
+_WRITE_AND_ADVANCE = sa.text(_WRITE_AND_ADVANCE_SQL).bindparams(channel=CHANGES_CHANNEL)
+_ADVANCE = sa.text(_ADVANCE_SQL).bindparams(channel=CHANGES_CHANNEL)
 _UPSERT_CHECKPOINTS = sa.text(
     "INSERT INTO oa_sync.projection_checkpoints "
     "(projection, doc_key, last_position, projector_version, content_hash, version, updated_at) "
