@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import secrets
@@ -21,7 +22,7 @@ from oa_sync_server.worker import ProjectorWorker
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.pg import drop_database, make_database
-from tests.server.pg_projection import assert_matches_fold, read_model
+from tests.server.pg_projection import assert_matches_fold, read_model, wait_until
 
 CORRUPT = sa.text(
     "UPDATE oa_sync.documents SET body = jsonb_set(body, '{status}', '\"FAILED\"') "
@@ -313,6 +314,13 @@ async def test_drift_and_reproject_are_exact_while_the_worker_runs(engine: Async
     stop = asyncio.Event()
     runner = asyncio.create_task(worker.run(stop))
 
+    async def holds_lease() -> bool:
+        return worker.epoch != 0
+
+    # Before the lease exists a drift check folds the whole log (no cursor bounds it) and
+    # rightly finds unprojected events missing: start appending once the worker holds it.
+    await wait_until(holds_lease, within=30, what="the worker to take the lease")
+
     async def appender() -> None:
         for i in range(40):
             await log.append(
@@ -333,6 +341,9 @@ async def test_drift_and_reproject_are_exact_while_the_worker_runs(engine: Async
             checks += 1
         await writing
     finally:
+        writing.cancel()  # a failed check leaves no appender behind holding a connection
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
         stop.set()
         await asyncio.wait_for(runner, 30)
     await ProjectorWorker(engine).catch_up()
