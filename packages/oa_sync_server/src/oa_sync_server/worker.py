@@ -8,9 +8,10 @@ renews it on every batch and while idle.
 
 Each batch is one transaction in two phases:
 
-1. *read* (no locks): the lease row's cursor, then up to ``batch_size`` final events after it
-   in log order (:func:`oa_sync_server.postgres.event_log.read_committed`: only below the snapshot
-   xmin, so nothing still in flight is ever passed — DESIGN.md rule 1);
+1. *read* (no locks): the lease row's cursor and up to ``batch_size`` final events after it
+   in log order, in one statement (only below the snapshot xmin, as
+   :func:`oa_sync_server.postgres.event_log.read_committed` reads, so nothing still in flight
+   is ever passed — DESIGN.md rule 1);
 2. *write*: ``SELECT ... FOR UPDATE`` on the lease row, then the watermark lock, in one
    statement; if ``holder``/``epoch`` changed the lease was taken over and the batch aborts
    with :class:`LeaseLost` (rule 3: a paused old leader cannot commit); if the cursor moved
@@ -19,8 +20,9 @@ Each batch is one transaction in two phases:
    (:class:`oa_sync_core.ProjectionEngine`), and one statement writing documents,
    checkpoints, change rows (watermarks ``last + 1`` onwards, gap-free), the lease cursor and
    renewal, and ``pg_notify('oa_sync_changes', <new watermark>)`` — all committed together
-   (rule 2), the NOTIFY delivered only on commit (rule 5). A batch is six round trips
-   (cursor, read, locks, last watermark, write, commit), four when it was read ahead.
+   (rule 2), the NOTIFY delivered only on commit (rule 5). A batch is five round trips
+   (the lease's cursor and the events after it, locks, last watermark, write, commit), four
+   when it was read ahead.
 
 Look-ahead. After a full batch (``batch_size`` events: more are probably waiting), the worker
 reads and folds the next batch on a second pooled connection *while* the current one's writes
@@ -98,7 +100,12 @@ from oa_sync_server.bus.changes import BusChange
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
-from oa_sync_server.postgres.event_log import LogCursor, _looks_usable, read_committed
+from oa_sync_server.postgres.event_log import (
+    LogCursor,
+    _looks_usable,
+    log_events,
+    read_committed,
+)
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow, log_epoch
 from oa_sync_server.postgres.stores import (
@@ -145,9 +152,21 @@ _RELEASE = sa.text(
     "UPDATE oa_sync.projector_leases SET holder = NULL, expires_at = NULL "
     "WHERE name = :name AND holder = :holder AND epoch = :epoch"
 )
-_CURSOR = sa.text(
-    "SELECT holder, epoch, CAST(CAST(cursor_tx_id AS text) AS bigint) AS tx, cursor_position "
-    "FROM oa_sync.projector_leases WHERE name = :name"
+_READ_BATCH = sa.text(
+    # The lease row and up to :n final events after its cursor, in one statement (one
+    # snapshot): one row per event, the lease's columns on each; one row with no event when
+    # nothing is waiting; no row when the lease is gone. Final: below the snapshot's xmin
+    # (DESIGN.md rule 1), as event_log.read_committed reads.
+    "SELECT l.holder, l.epoch, CAST(CAST(l.cursor_tx_id AS text) AS bigint), l.cursor_position, "
+    "e.position, e.stream_id, e.stream_seq, e.type, CAST(e.payload AS text), e.recorded_at, "
+    "CAST(CAST(e.tx_id AS text) AS bigint) "
+    "FROM oa_sync.projector_leases AS l LEFT JOIN LATERAL ("
+    "SELECT position, stream_id, stream_seq, type, payload, recorded_at, tx_id "
+    "FROM oa_sync.events "
+    "WHERE (tx_id, position) > (l.cursor_tx_id, l.cursor_position) "
+    "AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
+    "ORDER BY tx_id, position LIMIT :n) AS e ON true "
+    "WHERE l.name = :name ORDER BY e.tx_id, e.position"
 )
 _LOCK_LEASE = sa.text(
     # The lease row, then the watermark lock (the order every document writer takes them in),
@@ -508,11 +527,14 @@ class ProjectorWorker:
     async def _write_batch(self, ahead: _Ahead | None) -> int | None:
         async with self._transaction() as conn:
             if ahead is None:
-                lease = (await conn.execute(_CURSOR, {"name": self.name})).one_or_none()
-                if lease is None or lease.holder != self.holder or lease.epoch != self.epoch:
+                found = (
+                    await conn.execute(_READ_BATCH, {"name": self.name, "n": self.batch_size})
+                ).all()
+                if not found or found[0][0] != self.holder or found[0][1] != self.epoch:
                     self._lost()
-                cursor = LogCursor(tx_id=lease.tx, position=lease.cursor_position)
-                events, after = await read_committed(conn, cursor, self.batch_size)
+                cursor = LogCursor(tx_id=found[0][2], position=found[0][3])
+                rows = [row[4:] for row in found] if found[0][4] is not None else []
+                events, after = log_events(rows, cursor)
             else:  # read (and folded) while the previous batch was being written
                 cursor, events, after = ahead.cursor, ahead.events, ahead.after
             await self._pause("read", conn)

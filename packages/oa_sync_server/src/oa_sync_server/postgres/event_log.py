@@ -86,6 +86,7 @@ __all__ = [
     "PostgresEventLog",
     "StreamOrderConflict",
     "lock_buckets",
+    "log_events",
     "read_committed",
 ]
 
@@ -171,7 +172,17 @@ async def read_committed(
         "upto_pos": end.position,
         "n": limit,
     }
-    rows = (await conn.execute(_READ, params)).all()
+    return log_events((await conn.execute(_READ, params)).all(), after)
+
+
+def log_events(rows: Sequence[Sequence[Any]], after: LogCursor) -> tuple[list[Event], LogCursor]:
+    """Events from rows of the log read in log order, and the cursor after the last.
+
+    Args:
+        rows: ``(position, stream_id, stream_seq, type, payload as JSON text, recorded_at,
+            tx_id as an integer)`` each, as :func:`read_committed` selects them.
+        after: the cursor the rows were read after (returned when there are none).
+    """
     loads, make = orjson.loads, Event.from_log  # our own rows: the schema holds the invariants
     found = [  # positional unpacking (rows are tuples): a read is up to 20,000 rows
         make(position, stream_id, stream_seq, kind, loads(payload), recorded_at)
