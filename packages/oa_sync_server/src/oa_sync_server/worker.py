@@ -727,10 +727,15 @@ class ProjectorWorker:
                         self._blocked_since = None  # progress: nothing is held
                         if consumed >= self.batch_size:
                             continue  # a full batch: more is probably waiting
-                    # Caught up, or a partial batch: everything final after the cursor was read
-                    # (a read below its snapshot's xmin), so what is left is in flight (its
-                    # commit hint will wake us) or held behind the horizon (the check below),
-                    # and an immediate read would find nothing: ~0.5 ms of CPU per wake-up.
+                        if self._follower.hint.is_set():
+                            # Appends committed since the batch read: read them now (the hint
+                            # is cleared first, so one arriving during the read counts).
+                            self._follower.hint.clear()
+                            continue
+                    # Caught up, or a partial batch and no hint since: everything final after
+                    # the cursor was read (below its snapshot's xmin), so what is left is in
+                    # flight (its commit hint will wake us) or held behind the horizon (the
+                    # check below); an immediate read would find nothing.
                     await self._maybe_prune()
                     idle_s = min(renew_every, self.poll_interval_s)
                     if await self._check_stall():
