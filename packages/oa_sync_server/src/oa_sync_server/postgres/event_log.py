@@ -3,7 +3,8 @@
 Appends. :meth:`PostgresEventLog.append` refuses a batch over ``max_events``
 (:class:`~oa_sync_core.AppendLimitError`), validates every event with
 :func:`oa_sync_core.validate_new_event` before touching the database, then makes one call of
-``oa_sync.append_events`` (migration ``0004_append_function``), one round trip, which:
+``oa_sync.append_events`` (migrations ``0004_append_function`` and
+``0006_append_without_keys``), one round trip, which:
 
 1. takes ``pg_advisory_xact_lock`` on the *lock bucket* of every stream and idempotency key of
    the batch (a CRC-32 of the name modulo :data:`LOCK_BUCKETS`), in sorted order, so
@@ -22,7 +23,9 @@ Appends. :meth:`PostgresEventLog.append` refuses a batch over ``max_events``
    ``expected_seq`` mismatch becomes :class:`~oa_sync_core.ConcurrencyError`; either way
    nothing is written and no SQL error is raised (a caller's transaction stays usable);
    otherwise it inserts the rows in batch order (positions follow it) and returns every
-   event's position, a replayed key's being the original one.
+   event's position, a replayed key's being the original one. A batch without any
+   idempotency key (the common case) takes a shorter statement: no key lookups, no replay
+   numbering, and the positions are the inserted rows' in order, with no join back to the batch.
 
 The batch travels as one ``jsonb`` parameter whatever its size (an unset ``expected_seq`` or
 ``idempotency_key`` is left out), the lock buckets as one ``int[]`` literal. With ``conn=None``
