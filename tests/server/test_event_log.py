@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from oa_sync_core import ConcurrencyError, EventValidationError, NewEvent
 from oa_sync_core.memory import MemoryEventLog
 from oa_sync_core.testing import new_event
+from oa_sync_server.postgres import create_engine
 from oa_sync_server.postgres.event_log import (
     KEPT_CONNECTIONS,
     LogCursor,
@@ -23,7 +24,7 @@ from oa_sync_server.postgres.event_log import (
 from oa_sync_server.postgres.tables import EVENTS_CHANNEL, events
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.server.pg_projection import wait_for_horizon
+from tests.server.pg_projection import wait_for_horizon, wait_until
 
 
 async def _count(engine: AsyncEngine) -> int:
@@ -341,3 +342,41 @@ async def test_kept_connection_refusals_and_concurrency(engine: AsyncEngine) -> 
         assert 1 <= len(log._idle) <= KEPT_CONNECTIONS
     finally:
         await log.close()
+
+
+async def test_pooled_append_killed_in_flight_drops_its_connection(database_url: str) -> None:
+    """The pooled path runs the statement on the driver connection: an append whose backend
+    is terminated mid-statement raises psycopg's OperationalError, nothing is written, and
+    the broken connection is not handed out again (with no pre-ping and one pooled
+    connection, the next append still works)."""
+    engine = create_engine(database_url, pool_size=1, max_overflow=0, pool_pre_ping=False)
+    plain = database_url.replace("+psycopg", "")
+    log = PostgresEventLog(engine)
+    try:
+        await log.append([new_event("run.created", "r1")])
+        async with (
+            await psycopg.AsyncConnection.connect(plain) as locker,
+            await psycopg.AsyncConnection.connect(plain, autocommit=True) as admin,
+        ):
+            await locker.execute("LOCK TABLE oa_sync.events IN ACCESS EXCLUSIVE MODE")
+            pending = asyncio.ensure_future(log.append([new_event("run.started", "r1")]))
+            blocked: list[int] = []
+
+            async def parked() -> bool:
+                cursor = await admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%append_events(%' AND pid <> pg_backend_pid()"
+                )
+                blocked[:] = [row[0] for row in await cursor.fetchall()]
+                return bool(blocked)
+
+            await wait_until(parked, within=30, what="the append to wait on the table lock")
+            for pid in blocked:
+                await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            await locker.rollback()
+            with pytest.raises(psycopg.OperationalError):
+                await pending
+        await log.append([new_event("run.step", "r1", stepIndex=1)])
+        assert [e.stream_seq for e in await log.stream("run:r1")] == [1, 2]
+    finally:
+        await engine.dispose()
