@@ -9,8 +9,15 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oa_sync_core.codec import canonical_json
 from oa_sync_core.errors import ConcurrencyError, EventValidationError
-from oa_sync_core.events import MAX_PAYLOAD_BYTES, Event, NewEvent, validate_new_event
+from oa_sync_core.events import (
+    MAX_PAYLOAD_BYTES,
+    Event,
+    NewEvent,
+    _plain_bytes,
+    validate_new_event,
+)
 from oa_sync_core.memory import MemoryEventLog
 from oa_sync_core.testing import (
     FIXED_EPOCH,
@@ -290,3 +297,48 @@ def test_event_from_log_equals_the_checked_constructor() -> None:
     assert repr(fast) == repr(Event(**fields))  # type: ignore[arg-type]
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.position = 8  # type: ignore[misc]
+
+
+_PLAIN = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(alphabet=st.characters(codec="utf-8"), max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(alphabet=st.characters(codec="utf-8"), max_size=6), children)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(st.dictionaries(st.text(max_size=6), _PLAIN, max_size=5), st.integers(0, 3))
+def test_plain_bytes_answer_the_size_and_nul_checks_as_the_canonical_bytes(
+    payload: dict[str, Any], widen: int
+) -> None:
+    """Whenever validation's shortcut (orjson's bytes of a fast-read payload) answers, the
+    canonical bytes are within the size limit too and escape a NUL exactly when they do, for
+    any JSON-like payload (floats, non-finite ones, big integers, NULs, long strings)."""
+    if widen:  # near the shortcut's own bound, which floats must not carry past the limit
+        room = MAX_PAYLOAD_BYTES // 8 - len(repr(payload)) - 16 * widen
+        payload = {**payload, "pad": "x" * max(room, 0), "floats": [1e-300] * (64 * widen)}
+    quick = _plain_bytes(payload)
+    if quick is None:
+        return
+    canonical = canonical_json(payload)
+    assert len(canonical) <= MAX_PAYLOAD_BYTES
+    assert (b"\\u0000" in quick) == (b"\\u0000" in canonical)
+
+
+def test_plain_bytes_leave_floats_near_the_limit_to_the_canonical_path() -> None:
+    """A payload of floats whose orjson bytes are within an eighth of the limit is within the
+    limit canonically (each float at most 8 times longer); past that bound the shortcut
+    declines, so validation encodes canonically and refuses exactly as before."""
+    floats = {"f": [-1.2345678901234567e-300] * (MAX_PAYLOAD_BYTES // 8 // 25)}
+    assert _plain_bytes(floats) is not None
+    assert len(canonical_json(floats)) <= MAX_PAYLOAD_BYTES
+    assert _plain_bytes({"f": [1.5] * (MAX_PAYLOAD_BYTES // 8)}) is None
+    assert _plain_bytes({"nan": float("nan")}) is None
+    assert _plain_bytes({"big": 2**70}) is None

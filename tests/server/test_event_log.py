@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import random
 
+import orjson
 import psycopg
 import pytest
 import sqlalchemy as sa
 from oa_sync_core import ConcurrencyError, EventValidationError, NewEvent
 from oa_sync_core.memory import MemoryEventLog
 from oa_sync_core.testing import new_event
+from oa_sync_server.postgres import create_engine
 from oa_sync_server.postgres.event_log import (
     KEPT_CONNECTIONS,
     LogCursor,
@@ -22,7 +24,7 @@ from oa_sync_server.postgres.event_log import (
 from oa_sync_server.postgres.tables import EVENTS_CHANNEL, events
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.server.pg_projection import wait_for_horizon
+from tests.server.pg_projection import wait_for_horizon, wait_until
 
 
 async def _count(engine: AsyncEngine) -> int:
@@ -200,24 +202,29 @@ async def test_append_notifies_on_commit(engine: AsyncEngine, database_url: str)
     assert got == [(EVENTS_CHANNEL, "marker"), (EVENTS_CHANNEL, "")]
 
 
-async def test_append_function_plans_batches_as_plan_append_does(engine: AsyncEngine) -> None:
+@pytest.mark.parametrize("key_share", [0.4, 0.0])
+async def test_append_function_plans_batches_as_plan_append_does(
+    engine: AsyncEngine, key_share: float
+) -> None:
     """Random batches (idempotency keys repeated within and across batches, right and wrong
     expected_seqs) give the same answers from Postgres' append_events as from plan_append
     (the memory log): the same events written at the same stream_seqs, replays answered with
-    the original event, the same ConcurrencyError (stream, expected, actual), nothing written.
-    """
+    the original event, the same ConcurrencyError (stream, expected, actual), nothing written;
+    through both of the function's branches (a batch with a key, and one without: key_share 0
+    takes only the second)."""
     rnd = random.Random(13)
     memory, log = MemoryEventLog(), PostgresEventLog(engine)
-    conflicts = replays = 0
+    conflicts = replays = keyless = 0
     for _ in range(150):
         batch = []
         for _ in range(rnd.randint(1, 6)):
             ident = rnd.choice(("a", "b", "c"))
             seq = rnd.randint(0, 6) if rnd.random() < 0.1 else None
-            key = f"k{rnd.randint(0, 9)}" if rnd.random() < 0.4 else None
+            key = f"k{rnd.randint(0, 9)}" if rnd.random() < key_share else None
             batch.append(
                 new_event("run.step", ident, expected_seq=seq, idempotency_key=key, stepIndex=1)
             )
+        keyless += all(e.idempotency_key is None for e in batch)
         outcomes = []
         for target in (memory, log):
             try:
@@ -235,7 +242,50 @@ async def test_append_function_plans_batches_as_plan_append_does(engine: AsyncEn
         conflicts += isinstance(outcomes[0], tuple)
         replays += isinstance(outcomes[0], list) and len(set(outcomes[0])) < len(outcomes[0])
     assert conflicts > 5  # both decisions were exercised
-    assert replays > 5
+    assert keyless > 5
+    if key_share:
+        assert replays > 5
+        assert 150 - keyless > 5
+
+
+async def test_append_function_reads_explicit_nulls_as_unset(engine: AsyncEngine) -> None:
+    """Rows that spell an unset expected_seq or idempotency_key as null (as callers before
+    migration 0006 did) are read as rows that leave them out: the batch takes the branch
+    without keys and is written in batch order; a key next to nulls takes the other."""
+    call = sa.text(
+        "SELECT status, positions FROM oa_sync.append_events(1, '{}', CAST(:rows AS jsonb))"
+    )
+    nulls = [
+        {
+            "stream_id": s,
+            "type": "run.step",
+            "payload": {"runId": s[4:]},
+            "expected_seq": None,
+            "idempotency_key": None,
+        }
+        for s in ("run:a", "run:b", "run:a")
+    ]
+    keyed = [{**nulls[0], "idempotency_key": "k1"}, nulls[1], {**nulls[2], "expected_seq": 3}]
+    async with engine.connect() as conn:
+        status, first = (await conn.execute(call, {"rows": orjson.dumps(nulls).decode()})).one()
+        assert status == "ok"
+        status, second = (await conn.execute(call, {"rows": orjson.dumps(keyed).decode()})).one()
+        assert status == "ok"
+        await conn.commit()
+    assert first == sorted(first)
+    assert second == sorted(second)
+    assert first[-1] < second[0]
+    log = PostgresEventLog(engine)
+    assert [(e.position, e.stream_seq) for e in await log.stream("run:a")] == [
+        (first[0], 1),
+        (first[2], 2),
+        (second[0], 3),
+        (second[2], 4),
+    ]
+    assert [(e.position, e.stream_seq) for e in await log.stream("run:b")] == [
+        (first[1], 1),
+        (second[1], 2),
+    ]
 
 
 async def test_kept_connection_replaced_after_its_backend_is_terminated(
@@ -292,3 +342,41 @@ async def test_kept_connection_refusals_and_concurrency(engine: AsyncEngine) -> 
         assert 1 <= len(log._idle) <= KEPT_CONNECTIONS
     finally:
         await log.close()
+
+
+async def test_pooled_append_killed_in_flight_drops_its_connection(database_url: str) -> None:
+    """The pooled path runs the statement on the driver connection: an append whose backend
+    is terminated mid-statement raises psycopg's OperationalError, nothing is written, and
+    the broken connection is not handed out again (with no pre-ping and one pooled
+    connection, the next append still works)."""
+    engine = create_engine(database_url, pool_size=1, max_overflow=0, pool_pre_ping=False)
+    plain = database_url.replace("+psycopg", "")
+    log = PostgresEventLog(engine)
+    try:
+        await log.append([new_event("run.created", "r1")])
+        async with (
+            await psycopg.AsyncConnection.connect(plain) as locker,
+            await psycopg.AsyncConnection.connect(plain, autocommit=True) as admin,
+        ):
+            await locker.execute("LOCK TABLE oa_sync.events IN ACCESS EXCLUSIVE MODE")
+            pending = asyncio.ensure_future(log.append([new_event("run.started", "r1")]))
+            blocked: list[int] = []
+
+            async def parked() -> bool:
+                cursor = await admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%append_events(%' AND pid <> pg_backend_pid()"
+                )
+                blocked[:] = [row[0] for row in await cursor.fetchall()]
+                return bool(blocked)
+
+            await wait_until(parked, within=30, what="the append to wait on the table lock")
+            for pid in blocked:
+                await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            await locker.rollback()
+            with pytest.raises(psycopg.OperationalError):
+                await pending
+        await log.append([new_event("run.step", "r1", stepIndex=1)])
+        assert [e.stream_seq for e in await log.stream("run:r1")] == [1, 2]
+    finally:
+        await engine.dispose()

@@ -118,3 +118,32 @@ def test_0005_drops_the_unread_changes_index_and_its_downgrade_restores_it(
         assert "changes_doc_key_idx" not in _indexes(url)
     finally:
         drop_database(pg_server_url, name)
+
+
+def _append_function(url: str) -> str:
+    with psycopg.connect(url.replace("+psycopg", "")) as conn:
+        row = conn.execute(
+            "SELECT prosrc FROM pg_proc WHERE oid = "
+            "'oa_sync.append_events(integer, integer[], jsonb)'::regprocedure"
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_0006_replaces_the_append_function_and_its_downgrade_restores_0004s(
+    pg_server_url: str,
+) -> None:
+    """At 0005 the append function is 0004's; 0006 replaces it with the one that tests for
+    idempotency keys first, and downgrading to 0005 gives back 0004's body exactly."""
+    name = "oa_mig_" + secrets.token_hex(6)
+    url = make_database(pg_server_url, name)
+    try:
+        upgrade(url, "0005_drop_changes_doc_key_idx")
+        before = _append_function(url)
+        assert "jsonb_path_exists" not in before
+        upgrade(url)
+        assert "jsonb_path_exists" in _append_function(url)
+        downgrade(url, "0005_drop_changes_doc_key_idx")
+        assert _append_function(url) == before
+    finally:
+        drop_database(pg_server_url, name)

