@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from oa_sync_server import commands
 from oa_sync_server.cli import build_parser, main
+from oa_sync_server.commands import serve
 
 
 def test_every_command_module_is_a_subcommand() -> None:
@@ -50,3 +51,29 @@ def test_unknown_command_is_a_usage_error() -> None:
     )
     assert done.returncode == 2
     assert "invalid choice" in done.stderr
+
+
+class _Writes:
+    """A stream that records each write call (what reaches the pipe as one write)."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_serve_prints_each_line_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --workers every process shares stdout; a line and its newline go in one write, so
+    another process's log line cannot land inside it (print writes them apart when unbuffered)."""
+    out, err = _Writes(), _Writes()
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr("sys.stderr", err)
+    serve._say("oa-sync serving on http://127.0.0.1:1")
+    serve._say("oa-sync stopped", err=True)
+    assert out.writes == ["oa-sync serving on http://127.0.0.1:1\n"]
+    assert err.writes == ["oa-sync stopped\n"]

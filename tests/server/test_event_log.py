@@ -13,12 +13,12 @@ from oa_sync_core import ConcurrencyError, EventValidationError, NewEvent
 from oa_sync_core.memory import MemoryEventLog
 from oa_sync_core.testing import new_event
 from oa_sync_server.postgres import create_engine
+from oa_sync_server.postgres.engine import looks_usable
 from oa_sync_server.postgres.event_log import (
     KEPT_CONNECTIONS,
     LogCursor,
     PostgresEventLog,
     StreamOrderConflict,
-    _looks_usable,
     read_committed,
 )
 from oa_sync_server.postgres.tables import EVENTS_CHANNEL, events
@@ -304,7 +304,7 @@ async def test_kept_connection_replaced_after_its_backend_is_terminated(
         async with asyncio.timeout(10):  # the backend's FATAL message and EOF reach the socket
             while not kept.closed and not kept.broken:
                 await asyncio.sleep(0.01)
-                if not _looks_usable(kept):
+                if not looks_usable(kept):
                     break
         await log.append([new_event("run.step", "r1", stepIndex=1)])
         (again,) = log._idle

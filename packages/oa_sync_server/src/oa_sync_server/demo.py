@@ -18,6 +18,7 @@ import secrets
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 import structlog
 from oa_sync_core.codec import datetime_to_timestamp
@@ -110,7 +111,7 @@ async def run_demo(
         )
         try:
             await event_log.append([event])
-        except (sa.exc.SQLAlchemyError, OSError) as exc:
+        except (sa.exc.SQLAlchemyError, psycopg.Error, OSError) as exc:
             _log.warning("demo_append_failed", error=type(exc).__name__)
         else:
             appended += 1

@@ -100,12 +100,8 @@ from oa_sync_server.bus.changes import BusChange
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
-from oa_sync_server.postgres.event_log import (
-    LogCursor,
-    _looks_usable,
-    log_events,
-    read_committed,
-)
+from oa_sync_server.postgres.engine import looks_usable
+from oa_sync_server.postgres.event_log import LogCursor, log_events, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow, log_epoch
 from oa_sync_server.postgres.stores import (
@@ -486,7 +482,7 @@ class ProjectorWorker:
         Inside :meth:`run` and :meth:`catch_up`, on a connection the worker keeps between
         batches: no pool checkout, no pre-ping round trip and no reset on return, which cost
         ~0.4 ms of CPU per batch (a batch of a few events is ~2 ms). Before each use it is
-        checked without a round trip (``event_log._looks_usable``: open, idle, nothing waiting
+        checked without a round trip (``engine.looks_usable``: open, idle, nothing waiting
         on its socket, as a terminated backend leaves); after any error it is closed, and the
         next transaction takes a new one. Elsewhere (:meth:`run_once` alone), a pooled one.
         """
@@ -495,7 +491,7 @@ class ProjectorWorker:
                 yield pooled
             return
         conn = self._kept
-        if conn is not None and (conn.closed or not _looks_usable(await _driver(conn))):
+        if conn is not None and (conn.closed or not looks_usable(await _driver(conn))):
             await self._drop_kept()
             conn = None
         if conn is None:

@@ -143,10 +143,20 @@ def self_command() -> str:
     return f"{shlex.quote(sys.executable)} -m oa_sync_server.cli"
 
 
+def _say(text: str, *, err: bool = False) -> None:
+    """Print ``text`` and its newline in one write, flushed: with ``--workers`` every process
+    shares the output, and ``print`` writes the newline separately when the stream is
+    unbuffered (``PYTHONUNBUFFERED``, common in containers), so another process's log line
+    could land between them (it did: ``serving on http://...:43979{"name": ...``)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def _print_demo(settings: Settings, url: str) -> None:
     secret = settings.jwt.hs256_secret
     if secret is None:
-        print("demo: no HS256 secret configured; mint tokens with your issuer", flush=True)
+        _say("demo: no HS256 secret configured; mint tokens with your issuer")
         return
 
     def mint(subject: str, scopes: list[str]) -> str:
@@ -163,7 +173,7 @@ def _print_demo(settings: Settings, url: str) -> None:
     token = mint("demo", ["sync:read", "sync:append"])
     inspector_token = mint("demo-inspector", ["sync:read", "sync:admin"])
     topic = "runtime/run_summary:*"
-    print(
+    _say(
         "\n".join(
             [
                 "demo: a synthetic runtime is appending run and worker events.",
@@ -176,8 +186,7 @@ def _print_demo(settings: Settings, url: str) -> None:
                 f"  curl -sN -H 'Authorization: Bearer {token}' '{url}/v1/stream?topic={topic}'",
                 "",
             ]
-        ),
-        flush=True,
+        )
     )
 
 
@@ -219,11 +228,11 @@ async def serve(
                 settle_collector()  # what start-up built lives as long as the process
                 url = _url(settings.host, port)
                 if child:
-                    print(_WORKER_READY, flush=True)
+                    _say(_WORKER_READY)
                 else:
-                    print(f"oa-sync serving on {url}", flush=True)
+                    _say(f"oa-sync serving on {url}")
                     for line in origin_lines(settings.allowed_origins, own):
-                        print(line, flush=True)
+                        _say(line)
                 if demo:
                     _print_demo(settings, url)
                 if demo or demo_runtime:
@@ -238,7 +247,7 @@ async def serve(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    print("oa-sync stopped", file=sys.stderr, flush=True)
+    _say("oa-sync stopped", err=True)
     return 0
 
 
@@ -342,29 +351,29 @@ async def supervise(settings: Settings, *, workers: int, demo: bool) -> int:
                 for child in children:
                     line = b"" if child.stdout is None else await child.stdout.readline()
                     if line.decode(errors="replace").strip() != _WORKER_READY:
-                        print("oa-sync: a worker failed to start", file=sys.stderr, flush=True)
+                        _say("oa-sync: a worker failed to start", err=True)
                         return 1
             finally:
                 reserved.close()
             url = _url(settings.host, port)
-            print(f"oa-sync serving on {url}", flush=True)
+            _say(f"oa-sync serving on {url}")
             for browsers in origin_lines(settings.allowed_origins, own):
-                print(browsers, flush=True)
-            print(f"oa-sync: {workers} worker processes", file=sys.stderr, flush=True)
+                _say(browsers)
+            _say(f"oa-sync: {workers} worker processes", err=True)
             if demo:
                 _print_demo(settings, url)
             exits = [asyncio.ensure_future(child.wait()) for child in children]
             stopping = asyncio.ensure_future(stop.wait())
             done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
             if stopping not in done:
-                print("oa-sync: a worker exited; stopping the others", file=sys.stderr, flush=True)
+                _say("oa-sync: a worker exited; stopping the others", err=True)
                 code = 1
             stopping.cancel()
     finally:
         await _stop_children(children)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    print("oa-sync stopped", file=sys.stderr, flush=True)
+    _say("oa-sync stopped", err=True)
     return code
 
 

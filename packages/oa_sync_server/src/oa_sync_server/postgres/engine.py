@@ -6,12 +6,13 @@ this is not: configuration loading (``oa_sync_server.config``) or schema creatio
 
 from __future__ import annotations
 
+import select
 from typing import Any
 
 import psycopg
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["create_engine", "detached_connection", "normalise_url"]
+__all__ = ["create_engine", "detached_connection", "looks_usable", "normalise_url"]
 
 _PREFIXES = ("postgresql+psycopg://", "postgresql://", "postgres://")
 
@@ -69,3 +70,17 @@ async def detached_connection(engine: AsyncEngine) -> psycopg.AsyncConnection[An
         await conn.rollback()
     await conn.set_autocommit(True)
     return conn
+
+
+def looks_usable(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle kept connection looks alive, without a round trip: open, not broken,
+    outside a transaction, and nothing waiting on its socket (an idle backend sends nothing
+    unasked but its termination: a FATAL message, then EOF). The one staleness rule of the
+    connections kept outside the pool (appends, catch-up reads, the projector's)."""
+    if conn.closed or conn.broken:
+        return False
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return False
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    return not poller.poll(0)

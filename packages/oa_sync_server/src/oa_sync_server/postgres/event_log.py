@@ -74,7 +74,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import select
 import zlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Final
@@ -88,7 +87,7 @@ from oa_sync_core.events import MAX_APPEND_EVENTS, check_append_size
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.errors import StreamOrderConflict
-from oa_sync_server.postgres.engine import detached_connection
+from oa_sync_server.postgres.engine import detached_connection, looks_usable
 from oa_sync_server.postgres.tables import EVENTS_CHANNEL, events
 
 __all__ = [
@@ -297,7 +296,7 @@ class PostgresEventLog:
         """An idle kept connection that looks usable, a new one, or ``None`` (all busy)."""
         while self._idle:
             conn = self._idle.pop()
-            if _looks_usable(conn):
+            if looks_usable(conn):
                 return conn
             self._kept -= 1
             with contextlib.suppress(psycopg.Error, OSError):
@@ -327,7 +326,7 @@ class PostgresEventLog:
             keep = True
             raise
         finally:
-            if keep and not self._closed and _looks_usable(conn):
+            if keep and not self._closed and looks_usable(conn):
                 self._idle.append(conn)
             else:
                 self._kept -= 1
@@ -483,16 +482,3 @@ def _outcome(status: str, positions: list[int], detail: str | None) -> list[int]
     if status == "order":
         raise StreamOrderConflict(found["stream"], found["seq"])
     raise ConcurrencyError(found["stream"], found["expected"], found["actual"])
-
-
-def _looks_usable(conn: psycopg.AsyncConnection[Any]) -> bool:
-    """Whether an idle kept connection looks alive, without a round trip: open, not broken,
-    outside a transaction, and nothing waiting on its socket (an idle backend sends nothing
-    unasked but its termination: a FATAL message, then EOF)."""
-    if conn.closed or conn.broken:
-        return False
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        return False
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-    return not poller.poll(0)

@@ -41,7 +41,7 @@ from oa_sync_core.topics import Grant, Topic
 from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.postgres.engine import detached_connection
+from oa_sync_server.postgres.engine import detached_connection, looks_usable
 from oa_sync_server.postgres.tables import SCHEMA, changes, documents, sync_meta
 
 __all__ = [
@@ -492,6 +492,9 @@ class CatchUpReads:
     async def _documents(self, engine: AsyncEngine, reads: list[_Read]) -> None:
         idle = self._idle.get(engine)
         kept = idle.pop() if idle else None
+        if kept is not None and not looks_usable(kept):  # e.g. its backend was terminated
+            await kept.close()
+            kept = None
         conn = kept or await detached_connection(engine)
         try:
             try:
