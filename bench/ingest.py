@@ -1,7 +1,9 @@
 """Ingest: append latency (library and HTTP) beside a commit, and HTTP ingest of 100,000 events.
 
 1. Same-run baselines on the same Postgres: the latency of one single-row ``INSERT`` committed
-   (psycopg, autocommit), and batched ``INSERT … ON CONFLICT`` rows/s (as ``projection.py``).
+   (psycopg, autocommit), back to back and paced (each after the same 20 ms idle pause as the
+   timed POSTs: an idle machine wakes Postgres and the client for each, ~0.25 ms more), and
+   batched ``INSERT … ON CONFLICT`` rows/s (as ``projection.py``).
 2. Library append latency: ``PostgresEventLog.append`` of 1 and of 5 events, one after the
    other on an idle database, p50/p95, with where the milliseconds go (validation, the
    ``append_events`` round trip, any other SQL, and the rest: the pool checkout with its
@@ -14,8 +16,11 @@
 4. HTTP ingest: one client posts 100,000 events over 10,000 runs in batches of 500; the figure
    is events/s from the first request until the server's projector has folded the last event.
 
-Targets (issue 13): a 5-event ``POST`` p50 at most 15 same-run commits; HTTP ingest at least
-0.5 times the same-run upsert rows/s. Run alone: ``python bench/ingest.py [--quick]``.
+Targets (issue 13): a 5-event ``POST`` p50 at most 15 same-run commits, both timed after the
+same idle pause (the issue's "on an idle server"; its own commit figure, 0.48 ms, is the paced
+one: back to back a commit took 0.22 ms here, and the ratio to it is reported beside); the
+library appends are timed back to back and compared with the back-to-back commit. HTTP ingest
+at least 0.5 times the same-run upsert rows/s. Run alone: ``python bench/ingest.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -55,12 +60,20 @@ def _ms(values: list[float], share: float) -> float:
     return 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * share))]
 
 
-def commit_latency(url: str, rounds: int) -> list[float]:
-    """Seconds of each single-row INSERT committed on its own (autocommit), after a warm-up."""
+PAUSE_S = 0.02
+"""The pause before each timed request: the server (and Postgres) idle between requests, as
+the issue's "on an idle server" means; the paced commit baseline waits the same."""
+
+
+def commit_latency(url: str, rounds: int, pause_s: float = 0.0) -> list[float]:
+    """Seconds of each single-row INSERT committed on its own (autocommit), after a warm-up;
+    with ``pause_s``, each after that long idle (the cadence of the timed POSTs)."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE bench_commit (id bigserial primary key, body jsonb)")
         timings = []
         for i in range(rounds + 20):
+            if pause_s:
+                time.sleep(pause_s)  # pacing the load like the POSTs, not waiting on a condition
             t0 = time.perf_counter()
             conn.execute("INSERT INTO bench_commit (body) VALUES (%s)", ('{"runId": "r"}',))
             if i >= 20:
@@ -173,7 +186,7 @@ async def http_latency(base: str, rounds: int) -> dict[Any, dict[str, float]]:
                     assert answer.status in (200, 400), answer.status
                 if run >= 10:
                     floor[name].append(time.perf_counter() - t0)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(PAUSE_S)
         for name, timings in floor.items():
             out[name] = {"p50_ms": _ms(timings, 0.5), "p95_ms": _ms(timings, 0.95)}
         for size in (1, 5):
@@ -186,7 +199,7 @@ async def http_latency(base: str, rounds: int) -> dict[Any, dict[str, float]]:
                     assert answer.status == 200, answer.status
                 if run >= 10:
                     timings.append(time.perf_counter() - t0)
-                await asyncio.sleep(0.02)  # idle server: let the projector finish the last one
+                await asyncio.sleep(PAUSE_S)  # idle server: let the projector finish the last one
             out[size] = {"p50_ms": _ms(timings, 0.5), "p95_ms": _ms(timings, 0.95)}
     return out
 
@@ -231,6 +244,7 @@ def main() -> int:
     url = migrated_database(admin, DB_NAME)
     try:
         commit = commit_latency(url, rounds)
+        paced = commit_latency(url, rounds, PAUSE_S)
         upsert_rate = upsert_baseline(url, total, runs)
         library = asyncio.run(library_latency(url, rounds))
         load_server = load_average()
@@ -239,11 +253,14 @@ def main() -> int:
             ingest = asyncio.run(http_ingest(server.url, url, total, runs, 500))
     finally:
         drop_database(admin, DB_NAME)
-    commit_p50 = _ms(commit, 0.5)
+    back_to_back_p50 = _ms(commit, 0.5)
+    commit_p50 = _ms(paced, 0.5)
     ingest_rate = total / ingest["seconds"]
     figures: dict[str, float] = {
-        "commit_p50_ms": commit_p50,
+        "commit_p50_ms": back_to_back_p50,
         "commit_p95_ms": _ms(commit, 0.95),
+        "commit_paced_p50_ms": commit_p50,
+        "commit_paced_p95_ms": _ms(paced, 0.95),
         "http_ingest_events_per_s": ingest_rate,
         "http_ingest_posting_events_per_s": total / ingest["posted_seconds"],
     }
@@ -277,12 +294,13 @@ def main() -> int:
         baseline={
             "upsert_rows_per_s": upsert_rate,
             "ratio_http_append_5_p50_vs_commit": http[5]["p50_ms"] / commit_p50,
-            "ratio_library_append_5_p50_vs_commit": library[5]["p50_ms"] / commit_p50,
+            "ratio_http_append_5_p50_vs_back_to_back_commit": http[5]["p50_ms"] / back_to_back_p50,
+            "ratio_library_append_5_p50_vs_commit": library[5]["p50_ms"] / back_to_back_p50,
             "ratio_http_ingest_vs_upsert": ingest_rate / upsert_rate,
         },
     )
     result.target(
-        "POST /v1/events of 5, p50 / same-run commit p50",
+        "POST /v1/events of 5, p50 / same-run commit p50 (both after a 20 ms idle pause)",
         http[5]["p50_ms"] / commit_p50,
         at_most=15.0,
         unit="x",
