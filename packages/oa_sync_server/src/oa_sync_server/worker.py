@@ -191,7 +191,13 @@ DEFAULT_LEASE_TTL_S: Final = 10.0
 _RETRY_BACKOFF: Final = BackoffPolicy(base_s=0.1, cap_s=5.0)
 """How a failed batch is retried (full jitter, forever; reset by a batch that commits)."""
 _HELD_BACKOFF: Final = BackoffPolicy(base_s=0.01, cap_s=1.0)
-"""How often an idle worker looks again while committed events wait behind the horizon."""
+"""How often an idle worker looks again while committed events wait behind the horizon, once
+they have waited :data:`_HELD_STEADY_S`."""
+_HELD_STEADY_S: Final = 0.1
+_HELD_STEADY_EVERY_S: Final = 0.005
+"""For the first :data:`_HELD_STEADY_S` of a hold, look every 5 ms: a typical hold is another
+session's short writing transaction, whose commit sends no hint, and a doubling backoff (10,
+20, 40 ms) made a 20 ms hold cost ~50 ms at p95 (bench/visible); 20 cheap reads at most."""
 DEFAULT_STALL_WARN_AFTER_S: Final = 5.0
 STALL_WARN_EVERY_S: Final = 30.0
 """While a stall lasts, ``projection_stalled`` is repeated this often (or at once for a new
@@ -736,9 +742,13 @@ class ProjectorWorker:
                     idle_s = min(renew_every, self.poll_interval_s)
                     if await self._check_stall():
                         # Committed events wait behind the horizon: its clearing sends no hint,
-                        # so look again soon (10 ms, doubling, with jitter) rather than at the
-                        # next append or poll.
-                        idle_s = min(idle_s, held.next_delay() or idle_s)
+                        # so look again soon (every 5 ms for 100 ms, then 10 ms doubling, with
+                        # jitter) rather than at the next append or poll.
+                        since = self._blocked_since
+                        if since is not None and time.monotonic() - since < _HELD_STEADY_S:
+                            idle_s = min(idle_s, _HELD_STEADY_EVERY_S)
+                        else:
+                            idle_s = min(idle_s, held.next_delay() or idle_s)
                     else:
                         held.reset()
                     await self._wait(stop, idle_s)
