@@ -8,6 +8,7 @@ import random
 import psycopg
 import pytest
 import sqlalchemy as sa
+import structlog.testing
 from oa_sync_core import CodexWorkerSummaryProjector, NewEvent, RunSummaryProjector
 from oa_sync_core.testing import new_event
 from oa_sync_server.postgres.event_log import PostgresEventLog
@@ -197,6 +198,55 @@ async def test_run_loop_wakes_on_append_and_releases_on_stop(engine: AsyncEngine
     await asyncio.wait_for(runner, 20)
     standby = ProjectorWorker(engine, holder="standby")
     assert await standby.acquire()
+
+
+async def test_a_kept_connection_whose_backend_died_between_batches_is_replaced_unnoticed(
+    engine: AsyncEngine,
+) -> None:
+    """run() keeps its connection between batches; when its backend is terminated while idle,
+    the next batch sees that without a round trip and takes a new connection: no batch fails
+    and every append is still projected."""
+    worker = ProjectorWorker(engine, poll_interval_s=30)  # only the LISTEN hint wakes it
+    stop = asyncio.Event()
+    log = PostgresEventLog(engine)
+    with structlog.testing.capture_logs() as logs:
+        runner = asyncio.create_task(worker.run(stop))
+        try:
+            await log.append([new_event("run.created", "r0")])
+
+            async def first() -> bool:
+                return worker.watermark == 1
+
+            await wait_until(first, within=20, what="the first batch")
+            kept = worker._kept
+            assert kept is not None
+            raw = (await kept.get_raw_connection()).driver_connection
+            assert isinstance(raw, psycopg.AsyncConnection)
+            pid = raw.info.backend_pid
+            async with engine.connect() as admin:
+                await admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+            async def gone() -> bool:
+                async with engine.connect() as admin:
+                    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+                    return (await admin.execute(query, {"pid": pid})).scalar_one() == 0
+
+            await wait_until(gone, within=20, what=f"backend {pid} to exit")
+            await log.append([new_event("run.created", "r1")])
+
+            async def second() -> bool:
+                return worker.watermark == 2
+
+            await wait_until(second, within=20, what="the batch after the termination")
+            replaced = worker._kept
+            assert replaced is not None
+            assert replaced is not kept
+        finally:
+            stop.set()
+            await asyncio.wait_for(runner, 20)
+    assert [e for e in logs if e["event"] == "projector_batch_failed"] == []
+    assert worker._kept is None  # closed when run() returned
+    await assert_matches_fold(engine)
 
 
 class _RunSummaryV2(RunSummaryProjector):
