@@ -17,6 +17,7 @@ __all__ = [
     "assert_matches_fold",
     "expire_lease",
     "read_model",
+    "terminate_backend",
     "wait_for_horizon",
     "wait_until",
 ]
@@ -115,3 +116,16 @@ async def expire_lease(engine: AsyncEngine, name: str = "default") -> None:
             .where(leases.c.name == name)
             .values(expires_at=sa.func.now() - sa.text("interval '1 second'"))
         )
+
+
+async def terminate_backend(engine: AsyncEngine, pid: int) -> None:
+    """pg_terminate_backend, then wait until the backend is gone."""
+    async with engine.connect() as admin:
+        await admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    async def gone() -> bool:
+        async with engine.connect() as admin:
+            query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+            return (await admin.execute(query, {"pid": pid})).scalar_one() == 0
+
+    await wait_until(gone, within=30, what=f"backend {pid} to exit")

@@ -22,6 +22,7 @@ from tests.server.pg_projection import (
     assert_matches_fold,
     expire_lease,
     read_model,
+    terminate_backend,
     wait_for_horizon,
     wait_until,
 )
@@ -41,19 +42,6 @@ class HookedWorker(ProjectorWorker):
 
 async def _backend_pid(conn: AsyncConnection) -> int:
     return int((await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
-
-
-async def _terminate(engine: AsyncEngine, pid: int) -> None:
-    """pg_terminate_backend, then wait until the backend is gone."""
-    async with engine.connect() as admin:
-        await admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-
-    async def gone() -> bool:
-        async with engine.connect() as admin:
-            query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
-            return (await admin.execute(query, {"pid": pid})).scalar_one() == 0
-
-    await wait_until(gone, within=30, what=f"backend {pid} to exit")
 
 
 async def _append_runs(log: PostgresEventLog, first: int, count: int) -> None:
@@ -84,7 +72,7 @@ async def test_crash_mid_batch_leaves_all_or_nothing(engine: AsyncEngine, stage:
         nonlocal crashes
         if at == stage and crashes < 2:
             crashes += 1
-            await _terminate(engine, await _backend_pid(conn))
+            await terminate_backend(engine, await _backend_pid(conn))
 
     crashed.hook = crash
     with pytest.raises(DBAPIError):
@@ -108,7 +96,7 @@ async def test_crash_at_every_stage_in_turn_converges(engine: AsyncEngine) -> No
 
         async def crash(at: str, conn: AsyncConnection, stage: str = stage) -> None:
             if at == stage:
-                await _terminate(engine, await _backend_pid(conn))
+                await terminate_backend(engine, await _backend_pid(conn))
 
         worker.hook = crash
         with pytest.raises(DBAPIError):
@@ -219,7 +207,7 @@ async def test_run_loop_survives_lost_connections(engine: AsyncEngine) -> None:
     async def crash_once(at: str, conn: AsyncConnection) -> None:
         if at == "locked" and not crashes:
             crashes.append(at)
-            await _terminate(engine, await _backend_pid(conn))
+            await terminate_backend(engine, await _backend_pid(conn))
 
     worker.hook = crash_once
     stop = asyncio.Event()
@@ -232,7 +220,7 @@ async def test_run_loop_survives_lost_connections(engine: AsyncEngine) -> None:
 
         await wait_until(listening, within=30, what="the LISTEN connection")
         [old] = await _listener_pids(engine)
-        await _terminate(engine, old)
+        await terminate_backend(engine, old)
 
         async def relistening() -> bool:
             pids = await _listener_pids(engine)

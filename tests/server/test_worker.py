@@ -17,7 +17,13 @@ from oa_sync_server.postgres.tables import changes, documents
 from oa_sync_server.worker import LeaseBusyError, LeaseLost, ProjectorWorker
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.server.pg_projection import assert_matches_fold, expire_lease, read_model, wait_until
+from tests.server.pg_projection import (
+    assert_matches_fold,
+    expire_lease,
+    read_model,
+    terminate_backend,
+    wait_until,
+)
 
 
 def _run_events(run: str, steps: int) -> list[NewEvent]:
@@ -223,15 +229,7 @@ async def test_a_kept_connection_whose_backend_died_between_batches_is_replaced_
             raw = (await kept.get_raw_connection()).driver_connection
             assert isinstance(raw, psycopg.AsyncConnection)
             pid = raw.info.backend_pid
-            async with engine.connect() as admin:
-                await admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-
-            async def gone() -> bool:
-                async with engine.connect() as admin:
-                    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
-                    return (await admin.execute(query, {"pid": pid})).scalar_one() == 0
-
-            await wait_until(gone, within=20, what=f"backend {pid} to exit")
+            await terminate_backend(engine, pid)
             await log.append([new_event("run.created", "r1")])
 
             async def second() -> bool:
