@@ -690,16 +690,17 @@ class ProjectorWorker:
         async with self.engine.connect() as conn:
             target = (await conn.execute(_HORIZON)).scalar_one()
         total = 0
-        async with self._keeping_connection(), asyncio.timeout(wait_s):
-            while True:
-                consumed = await self.run_once()
-                total += consumed
-                if consumed:
-                    continue
-                async with self.engine.connect() as conn:
-                    if (await conn.execute(_PASSED, {"target": target})).scalar_one():
-                        break
-                await asyncio.sleep(0.01)  # an open transaction elsewhere holds the horizon
+        async with self._keeping_connection():
+            async with asyncio.timeout(wait_s):
+                while True:
+                    consumed = await self.run_once()
+                    total += consumed
+                    if consumed:
+                        continue
+                    async with self.engine.connect() as conn:
+                        if (await conn.execute(_PASSED, {"target": target})).scalar_one():
+                            break
+                    await asyncio.sleep(0.01)  # an open transaction elsewhere holds the horizon
             while consumed := await self.run_once():
                 total += consumed
         return total
