@@ -78,9 +78,8 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Final, NamedTuple, NoReturn
 
-import psycopg
 import sqlalchemy as sa
 import structlog
 from oa_sync_core import (
@@ -100,7 +99,7 @@ from oa_sync_server.bus.changes import BusChange
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
-from oa_sync_server.postgres.engine import looks_usable
+from oa_sync_server.postgres.engine import driver_of, looks_usable
 from oa_sync_server.postgres.event_log import LogCursor, log_events, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow, log_epoch
@@ -220,13 +219,6 @@ class _Ahead(NamedTuple):
     after: LogCursor
     result: ProjectionResult | None
     based_at: int
-
-
-async def _driver(conn: AsyncConnection) -> psycopg.AsyncConnection[Any]:
-    """The psycopg connection under an SQLAlchemy one."""
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert isinstance(driver, psycopg.AsyncConnection)
-    return driver
 
 
 def default_holder() -> str:
@@ -497,7 +489,7 @@ class ProjectorWorker:
                 yield pooled
             return
         conn = self._kept
-        if conn is not None and (conn.closed or not looks_usable(await _driver(conn))):
+        if conn is not None and (conn.closed or not looks_usable(await driver_of(conn))):
             await self._drop_kept()
             conn = None
         if conn is None:
@@ -716,56 +708,59 @@ class ProjectorWorker:
         retry = Backoff(_RETRY_BACKOFF)
         held = Backoff(_HELD_BACKOFF)
         renew_every = self.lease_ttl_s / 3
-        self._keeping += 1  # batches and stall checks share a kept connection
         try:
-            while not stop.is_set():
-                try:
-                    if not self.epoch and not await self.acquire():
-                        await self._note_silent_lease()
-                        await self._wait(stop, min(renew_every, self.poll_interval_s))
-                        continue
-                    if consumed := await self.run_once():
-                        retry.reset()
-                        held.reset()
-                        self._blocked_since = None  # progress: nothing is held
-                        if consumed >= self.batch_size:
-                            continue  # a full batch: more is probably waiting
-                        if self._follower.hint.is_set():
-                            # Appends committed since the batch read: read them now (the hint
-                            # is cleared first, so one arriving during the read counts).
-                            self._follower.hint.clear()
-                            continue
-                    # Caught up, or a partial batch and no hint since: everything final after
-                    # the cursor was read (below its snapshot's xmin), so what is left is in
-                    # flight (its commit hint will wake us) or held behind the horizon (the
-                    # check below); an immediate read would find nothing.
-                    await self._maybe_prune()
-                    idle_s = min(renew_every, self.poll_interval_s)
-                    if await self._check_stall():
-                        # Committed events wait behind the horizon: its clearing sends no hint,
-                        # so look again soon (every 5 ms for 100 ms, then 10 ms doubling, with
-                        # jitter) rather than at the next append or poll.
-                        since = self._blocked_since
-                        if since is not None and time.monotonic() - since < _HELD_STEADY_S:
-                            idle_s = min(idle_s, _HELD_STEADY_EVERY_S)
-                        else:
-                            idle_s = min(idle_s, held.next_delay() or idle_s)
-                    else:
-                        held.reset()
-                    await self._wait(stop, idle_s)
-                except LeaseError:
-                    continue
-                except (DBAPIError, OSError) as exc:
-                    log.warning("projector_batch_failed", name=self.name, error=type(exc).__name__)
-                    await self._wait(stop, retry.next_delay() or _RETRY_BACKOFF.cap_s)
+            async with self._keeping_connection():  # batches and stall checks share one
+                await self._loop(stop, retry, held, renew_every)
         finally:
-            self._keeping -= 1
             await self._drop_ahead()
-            if not self._keeping:
-                await self._drop_kept()
             await self._follower.stop()
             with contextlib.suppress(DBAPIError, OSError):
                 await self.release()
+
+    async def _loop(
+        self, stop: asyncio.Event, retry: Backoff, held: Backoff, renew_every: float
+    ) -> None:
+        """:meth:`run`'s loop, until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                if not self.epoch and not await self.acquire():
+                    await self._note_silent_lease()
+                    await self._wait(stop, min(renew_every, self.poll_interval_s))
+                    continue
+                if consumed := await self.run_once():
+                    retry.reset()
+                    held.reset()
+                    self._blocked_since = None  # progress: nothing is held
+                    if consumed >= self.batch_size:
+                        continue  # a full batch: more is probably waiting
+                    if self._follower.hint.is_set():
+                        # Appends committed since the batch read: read them now (the hint
+                        # is cleared first, so one arriving during the read counts).
+                        self._follower.hint.clear()
+                        continue
+                # Caught up, or a partial batch and no hint since: everything final after
+                # the cursor was read (below its snapshot's xmin), so what is left is in
+                # flight (its commit hint will wake us) or held behind the horizon (the
+                # check below); an immediate read would find nothing.
+                await self._maybe_prune()
+                idle_s = min(renew_every, self.poll_interval_s)
+                if await self._check_stall():
+                    # Committed events wait behind the horizon: its clearing sends no hint,
+                    # so look again soon (every 5 ms for 100 ms, then 10 ms doubling, with
+                    # jitter) rather than at the next append or poll.
+                    since = self._blocked_since
+                    if since is not None and time.monotonic() - since < _HELD_STEADY_S:
+                        idle_s = min(idle_s, _HELD_STEADY_EVERY_S)
+                    else:
+                        idle_s = min(idle_s, held.next_delay() or idle_s)
+                else:
+                    held.reset()
+                await self._wait(stop, idle_s)
+            except LeaseError:
+                continue
+            except (DBAPIError, OSError) as exc:
+                log.warning("projector_batch_failed", name=self.name, error=type(exc).__name__)
+                await self._wait(stop, retry.next_delay() or _RETRY_BACKOFF.cap_s)
 
     async def _note_silent_lease(self) -> None:
         """Standing by: warn once per holder when the lease's holder stopped renewing it."""

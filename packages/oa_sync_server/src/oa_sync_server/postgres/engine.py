@@ -10,9 +10,9 @@ import select
 from typing import Any
 
 import psycopg
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-__all__ = ["create_engine", "detached_connection", "looks_usable", "normalise_url"]
+__all__ = ["create_engine", "detached_connection", "driver_of", "looks_usable", "normalise_url"]
 
 _PREFIXES = ("postgresql+psycopg://", "postgresql://", "postgres://")
 
@@ -70,6 +70,14 @@ async def detached_connection(engine: AsyncEngine) -> psycopg.AsyncConnection[An
         await conn.rollback()
     await conn.set_autocommit(True)
     return conn
+
+
+async def driver_of(conn: AsyncConnection) -> psycopg.AsyncConnection[Any]:
+    """The psycopg connection under an SQLAlchemy one (still the pool's: not detached), for a
+    statement run on the driver itself."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert isinstance(driver, psycopg.AsyncConnection)
+    return driver
 
 
 def looks_usable(conn: psycopg.AsyncConnection[Any]) -> bool:

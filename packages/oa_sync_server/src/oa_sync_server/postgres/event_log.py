@@ -87,7 +87,7 @@ from oa_sync_core.events import MAX_APPEND_EVENTS, check_append_size
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.errors import StreamOrderConflict
-from oa_sync_server.postgres.engine import detached_connection, looks_usable
+from oa_sync_server.postgres.engine import detached_connection, driver_of, looks_usable
 from oa_sync_server.postgres.tables import EVENTS_CHANNEL, events
 
 __all__ = [
@@ -283,8 +283,7 @@ class PostgresEventLog:
             return await self._run_kept(kept, buckets, rows)
         async with self.engine.connect() as own:
             auto = await own.execution_options(isolation_level="AUTOCOMMIT")
-            driver = (await auto.get_raw_connection()).driver_connection
-            assert isinstance(driver, psycopg.AsyncConnection)
+            driver = await driver_of(auto)
             try:
                 return await _run(driver, buckets, rows)
             except psycopg.Error:
