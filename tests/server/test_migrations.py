@@ -147,3 +147,42 @@ def test_0006_replaces_the_append_function_and_its_downgrade_restores_0004s(
         assert _append_function(url) == before
     finally:
         drop_database(pg_server_url, name)
+
+
+def _key_collation(url: str) -> str | None:
+    with psycopg.connect(url.replace("+psycopg", "")) as conn:
+        row = conn.execute(
+            "SELECT collation_name FROM information_schema.columns "
+            "WHERE table_schema = 'oa_sync' AND table_name = 'documents' "
+            "AND column_name = 'doc_key'"
+        ).fetchone()
+    assert row is not None
+    return None if row[0] is None else str(row[0])
+
+
+def test_0007_one_key_index_serves_prefix_reads_and_its_downgrade_restores_two(
+    pg_server_url: str,
+) -> None:
+    """Head keys documents in the "C" collation with only the primary key on ``doc_key``, and
+    a prefix read (escaped, as the read model sends it) uses that key; downgrading to 0006
+    restores the database's collation and the ``text_pattern_ops`` index."""
+    name = "oa_mig_" + secrets.token_hex(6)
+    url = make_database(pg_server_url, name)
+    try:
+        upgrade(url)
+        assert _key_collation(url) == "C"
+        assert "documents_doc_key_prefix_idx" not in _indexes(url)
+        with psycopg.connect(url.replace("+psycopg", "")) as conn:
+            conn.execute("SET LOCAL enable_seqscan = off")  # an empty table: ask for an index
+            plan = conn.execute(
+                "EXPLAIN SELECT doc_key FROM oa_sync.documents "
+                "WHERE doc_key LIKE 'runtime/run\\_summary:%' ESCAPE '\\'"
+            ).fetchall()
+        assert "documents_pkey" in "\n".join(r[0] for r in plan)
+        downgrade(url, "0006_append_without_keys")
+        assert _key_collation(url) is None
+        assert "documents_doc_key_prefix_idx" in _indexes(url)
+        upgrade(url)
+        assert _key_collation(url) == "C"
+    finally:
+        drop_database(pg_server_url, name)

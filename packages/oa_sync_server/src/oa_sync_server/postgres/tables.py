@@ -98,7 +98,7 @@ checkpoints = sa.Table(
 documents = sa.Table(
     "documents",
     metadata,
-    sa.Column("doc_key", sa.Text, primary_key=True),
+    sa.Column("doc_key", sa.Text(collation="C"), primary_key=True),  # 0007
     sa.Column("projection", sa.Text, nullable=False),
     sa.Column("version", sa.BigInteger, nullable=False),
     sa.Column("watermark", sa.BigInteger, nullable=False),
