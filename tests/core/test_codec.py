@@ -7,9 +7,11 @@ import hashlib
 import json
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oa_sync_core import codec
 from oa_sync_core.codec import (
     MAX_DEPTH,
     canonical_json,
@@ -410,6 +412,46 @@ def test_canonical_json_fast_path_writes_the_reference_bytes(value: Any) -> None
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
     assert canonical_json(value) == reference
+
+
+def _holds_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_float(v) for v in value)
+    return False
+
+
+@settings(max_examples=600, deadline=None)
+@given(_ANY_JSON | st.floats(allow_nan=False, allow_infinity=False))
+def test_the_float_probe_never_misses_a_float(value: Any) -> None:
+    """Whatever holds a float is sent to the reference path: orjson spells some floats
+    differently, so a float the probe missed would change canonical bytes. (Text that merely
+    looks like a float may take the reference path too; that costs time, not bytes.)"""
+    try:
+        fast = orjson.dumps(value, option=codec._ORJSON_OPTIONS)
+    except TypeError:  # big integers, lone surrogates: the reference path anyway
+        return
+    if _holds_float(value):
+        assert codec._may_hold_float(fast)
+
+
+@pytest.mark.parametrize(
+    ("fast", "held"),
+    [
+        (b'{"at":"2026-12-04T22:47:02.123456Z","n":3}', False),
+        (b'{"v":"1.2.3","x":[1,2,3],"e":"0e9f"}', False),
+        (b"[1.5]", True),
+        (b'{"a":-2.5e+300}', True),
+        (b"1e-7", True),
+        (b'{"s":"x:1.5,y"}', True),  # looks like one: the reference path, same bytes
+    ],
+)
+def test_the_float_probe_on_known_texts(fast: bytes, held: bool) -> None:
+    """Timestamps with fractions (every run summary has three) no longer look like floats."""
+    assert codec._may_hold_float(fast) is held
 
 
 @pytest.mark.parametrize("value", [float("nan"), {"a": [float("inf")]}, {"x": "\ud800"}])

@@ -93,21 +93,32 @@ _MAX_TS = 253402300799  # 9999-12-31T23:59:59Z
 _ORJSON_OPTIONS: Final = (
     orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATETIME
 )
-_DIGITS_TO_ZERO: Final = bytes.maketrans(b"123456789E", b"000000000e")
-_FLOAT_TOKEN = re.compile(
-    rb"(?:^|[:,\[])-?[0-9]+(?:\.[0-9]+(?:e[-+]?[0-9]+)?|e[-+]?[0-9]+)(?=[,}\]]|\Z)"
-)
-"""A number token with a fraction or an exponent, as orjson writes floats.
-
-Searched only when a cheap probe (a digit followed by ``.`` or ``e``) finds a candidate; a
-string that happens to hold such a token (``"x:1.5,y"``) merely takes the reference path."""
+_FLOAT_PROBE: Final = bytes.maketrans(b"123456789E+}]", b"000000000e-,,")
+_FLOAT_TAIL = re.compile(rb"0[.e][-0e.]*,")
+"""Read on :data:`_FLOAT_PROBE`'s translation: the end of a number with a fraction or an
+exponent, as orjson writes floats, up to the ``,``, ``}`` or ``]`` after it."""
 
 
 def _may_hold_float(fast: bytes) -> bool:
-    probe = fast.translate(_DIGITS_TO_ZERO)
-    if b"0." not in probe and b"0e" not in probe:
-        return False
-    return _FLOAT_TOKEN.search(fast) is not None
+    """False only if orjson's output ``fast`` holds no float token.
+
+    A float token is ``-?D+(.D+(eS?D+)?|eS?D+)`` (D a digit, S a sign) followed by ``,``, ``}``,
+    ``]`` or the end. Translated (digits to ``0``, ``E`` to ``e``, ``+`` to ``-``, ``}`` and
+    ``]`` to ``,``; a ``,`` appended for the end), its last integer digit and what follows read
+    ``0.`` or ``0e``, then only ``0 e - .`` up to a ``,``: :data:`_FLOAT_TAIL` at one of the
+    places ``bytes.find`` gives. A string holding such text (``"x:1.5,y"``) merely takes the
+    reference path. This replaced a regular expression searched over the whole text, which
+    cost ~7 µs on a run summary (timestamps made its probe fire on every document).
+    """
+    probe = fast.translate(_FLOAT_PROBE) + b","
+    tail = _FLOAT_TAIL.match
+    for mark in (b"0.", b"0e"):
+        at = probe.find(mark)
+        while at >= 0:
+            if tail(probe, at):
+                return True
+            at = probe.find(mark, at + 2)
+    return False
 
 
 def canonical_json(value: JsonValue) -> bytes:
