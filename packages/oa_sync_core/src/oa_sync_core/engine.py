@@ -66,6 +66,8 @@ class ProjectionResult:
         skipped: events already covered by a checkpoint.
         ignored: events no projector routes anywhere.
         last_position: the highest position in the batch (0 for an empty batch).
+        states: each changed document's state once the result is written, by document (what
+            a caller that keeps states between batches remembers; built with the updates).
     """
 
     updates: tuple[DocumentUpdate, ...]
@@ -74,6 +76,9 @@ class ProjectionResult:
     skipped: int
     ignored: int
     last_position: int
+    states: Mapping[DocId, DocumentState] = dataclasses.field(
+        default_factory=dict, compare=False, hash=False
+    )
 
 
 class ProjectionEngine:
@@ -249,6 +254,7 @@ class Fold:
         # one rule Checkpoint checks is checked below), about half the cost.
         updates: list[DocumentUpdate] = []
         checkpoints: list[Checkpoint] = []
+        states: dict[DocId, DocumentState] = {}
         versions = {name: p.version for name, p in self.engine.projectors.items()}
         working = self.working
         new, put = _new_object, _set_field
@@ -276,6 +282,11 @@ class Fold:
             put(checkpoint, "content_hash", digest)
             put(checkpoint, "version", version)
             checkpoints.append(checkpoint)
+            state = new(DocumentState)
+            put(state, "checkpoint", checkpoint)
+            put(state, "body", body)
+            put(state, "version", version)
+            states[doc_id] = state
         return ProjectionResult(
             updates=tuple(updates),
             checkpoints=tuple(checkpoints),
@@ -283,4 +294,5 @@ class Fold:
             skipped=self.skipped,
             ignored=self.ignored,
             last_position=self.last_position,
+            states=states,
         )

@@ -77,7 +77,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Final, NamedTuple, NoReturn
 
 import sqlalchemy as sa
@@ -553,10 +553,7 @@ class ProjectorWorker:
                 states = await self._states(conn, self.projection.route(events), last)
                 result = self.projection.apply(events, states)
                 folded_ahead = 0
-            folded = {  # each document's state once this batch commits
-                u.id: DocumentState(checkpoint=c, body=u.body, version=u.version)
-                for u, c in zip(result.updates, result.checkpoints, strict=True)
-            }
+            folded = result.states  # each document's state once this batch commits
             if len(events) == self.batch_size and self.look_ahead:
                 # More is probably waiting: read and fold it while this batch is written.
                 self._ahead = asyncio.ensure_future(self._look_ahead(after, folded, last))
@@ -578,7 +575,7 @@ class ProjectorWorker:
         return len(events)
 
     async def _look_ahead(
-        self, after: LogCursor, folded: dict[DocId, DocumentState], last: int
+        self, after: LogCursor, folded: Mapping[DocId, DocumentState], last: int
     ) -> _Ahead:
         """Read the batch after ``after`` and fold it onto the states ``folded`` leaves.
 
@@ -654,7 +651,7 @@ class ProjectorWorker:
             states.update(await load_states(conn, missing))
         return states
 
-    def _remember(self, folded: dict[DocId, DocumentState], at: int) -> None:
+    def _remember(self, folded: Mapping[DocId, DocumentState], at: int) -> None:
         if not self.cache_size:
             return
         if len(self._cache) + len(folded) > self.cache_size:
