@@ -36,9 +36,14 @@ __all__ = [
     "settle_collector",
 ]
 
-GC_THRESHOLDS: Final = (700, 10, 100)
-"""The collector's thresholds once a process is set up: a full collection at most every 100
-middle ones (Python's default is 10); young cycles are still collected as often as by default."""
+GC_THRESHOLDS: Final = (10_000, 10, 100)
+"""The collector's thresholds once a process is set up: a young collection once 10,000 more
+container objects are alive than at the last one (Python's default is 700), and a full
+collection at most every 100 middle ones (default 10). A fold holds a batch's thousands of
+documents alive until it ends, so at 700 the young collector ran ~2,000 times per 200,000
+events projected, 0.4-0.6 s of ~5 s of CPU, freeing nothing; at 10,000 it ran 8 times
+(``docs/benchmarks.md``). Garbage still counts towards the threshold, so cycles are still
+collected; what waits longer is at most 10,000 young objects."""
 
 
 def settle_collector() -> None:
@@ -46,7 +51,8 @@ def settle_collector() -> None:
 
     Call once a process has built what it keeps for its lifetime (modules, the app, the
     engine: ~130k objects for ``serve``). ``gc.freeze()`` moves them to the permanent
-    generation, and :data:`GC_THRESHOLDS` runs a full collection at most every 100 middle ones.
+    generation, and :data:`GC_THRESHOLDS` makes young collections rarer and runs a full
+    collection at most every 100 middle ones.
     Each full pass walks every live object: 10,000 idle sockets are ~800k objects, and at
     Python's defaults the full passes took ~4.5 s of the ~30 s that 10,000 connects took; a
     projector folding 1,000-document batches spent ~17 % of its CPU in them, finding nothing to
