@@ -186,3 +186,28 @@ def test_0007_one_key_index_serves_prefix_reads_and_its_downgrade_restores_two(
         assert _key_collation(url) == "C"
     finally:
         drop_database(pg_server_url, name)
+
+
+def _has_lock_watermarks(url: str) -> bool:
+    with psycopg.connect(url.replace("+psycopg", "")) as conn:
+        row = conn.execute(
+            "SELECT to_regprocedure('oa_sync.lock_watermarks(bigint)') IS NOT NULL"
+        ).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+def test_0008_adds_lock_watermarks_and_its_downgrade_drops_it(pg_server_url: str) -> None:
+    """Head has ``oa_sync.lock_watermarks`` (what every writer of documents calls); 0007 has
+    not, and upgrading again restores it."""
+    name = "oa_mig_" + secrets.token_hex(6)
+    url = make_database(pg_server_url, name)
+    try:
+        upgrade(url)
+        assert _has_lock_watermarks(url)
+        downgrade(url, "0007_documents_key_collation")
+        assert not _has_lock_watermarks(url)
+        upgrade(url)
+        assert _has_lock_watermarks(url)
+    finally:
+        drop_database(pg_server_url, name)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+import sqlalchemy as sa
 from oa_sync_core import DEFAULT_PROJECTORS, CheckpointStore, ProjectionEngine
 from oa_sync_core.testing import new_event
 from oa_sync_server.postgres.event_log import LogCursor, PostgresEventLog, read_committed
@@ -16,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.core.test_checkpoints import CheckpointStoreContract
 from tests.core.test_sinks import ReadableSink, ReadableSinkContract
-from tests.server.pg_projection import read_model, wait_for_horizon
+from tests.server.pg_projection import read_model, wait_for_horizon, wait_until
 
 
 class TestPostgresCheckpointStore(CheckpointStoreContract):
@@ -71,3 +74,43 @@ async def test_write_batch_refuses_checkpoints_that_do_not_match_the_updates(
             with pytest.raises(ValueError, match="one update and its checkpoint"):
                 await write_batch(conn, bad_updates, bad_checkpoints, locked_at=last)
     assert await read_model(engine) == before
+
+
+async def test_lock_watermarks_reads_what_the_writer_it_waited_for_committed(
+    engine: AsyncEngine,
+) -> None:
+    """The last watermark is read after the watermark lock is granted (rule 4): a writer that
+    held the lock while our call waited, and committed watermark ``W + 1``, is seen. (Read
+    with the snapshot of the statement that waited, it would be ``W``, and the next batch would
+    hand out ``W + 1`` a second time.)"""
+    async with engine.connect() as holder, engine.connect() as waiter:
+        await holder.begin()
+        last = await lock_watermarks(holder)
+        await holder.execute(
+            sa.text(
+                "INSERT INTO oa_sync.changes (watermark, doc_key, projection, version, "
+                "content_hash) VALUES (:w, 'runtime/run_summary:r1', 'runtime/run_summary', 1, "
+                "'h')"
+            ),
+            {"w": last + 1},
+        )
+        pid = (await waiter.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        await waiter.rollback()
+        await waiter.begin()
+        call = asyncio.ensure_future(lock_watermarks(waiter))
+        try:
+
+            async def waiting() -> bool:
+                async with engine.connect() as probe:
+                    query = sa.text(
+                        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = :pid"
+                    )
+                    return bool((await probe.execute(query, {"pid": pid})).scalar())
+
+            # Its statement (and that statement's snapshot) has begun, and waits on the lock.
+            await wait_until(waiting, within=10, what="the call to wait on the watermark lock")
+            await holder.commit()
+            assert await asyncio.wait_for(call, 10) == last + 1
+        finally:
+            call.cancel()
+            await waiter.rollback()

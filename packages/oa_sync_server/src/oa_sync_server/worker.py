@@ -12,17 +12,17 @@ Each batch is one transaction in two phases:
    in log order, in one statement (only below the snapshot xmin, as
    :func:`oa_sync_server.postgres.event_log.read_committed` reads, so nothing still in flight
    is ever passed — DESIGN.md rule 1);
-2. *write*: ``SELECT ... FOR UPDATE`` on the lease row, then the watermark lock, in one
-   statement; if ``holder``/``epoch`` changed the lease was taken over and the batch aborts
-   with :class:`LeaseLost` (rule 3: a paused old leader cannot commit); if the cursor moved
-   the batch is stale and is redone. Then the last watermark (a statement of its own: its
-   snapshot must follow the lock), the documents' checkpoints and bodies, the pure fold
-   (:class:`oa_sync_core.ProjectionEngine`), and one statement writing documents,
-   checkpoints, change rows (watermarks ``last + 1`` onwards, gap-free), the lease cursor and
-   renewal, and ``pg_notify('oa_sync_changes', <new watermark>)`` — all committed together
-   (rule 2), the NOTIFY delivered only on commit (rule 5). A batch is five round trips
-   (the lease's cursor and the events after it, locks, last watermark, write, commit), four
-   when it was read ahead.
+2. *write*: ``SELECT ... FOR UPDATE`` on the lease row, then the watermark lock and the last
+   watermark (``oa_sync.lock_watermarks``, whose read has a snapshot of its own that follows
+   the lock), in one statement; if ``holder``/``epoch`` changed the lease was taken over and
+   the batch aborts with :class:`LeaseLost` (rule 3: a paused old leader cannot commit); if
+   the cursor moved the batch is stale and is redone. Then the documents' checkpoints and
+   bodies, the pure fold (:class:`oa_sync_core.ProjectionEngine`), and one statement writing
+   documents, checkpoints, change rows (watermarks ``last + 1`` onwards, gap-free), the lease
+   cursor and renewal, and ``pg_notify('oa_sync_changes', <new watermark>)`` — all committed
+   together (rule 2), the NOTIFY delivered only on commit (rule 5). A batch is four round
+   trips (the lease's cursor and the events after it, locks with the last watermark, write,
+   commit), three when it was read ahead.
 
 Look-ahead. After a full batch (``batch_size`` events: more are probably waiting), the worker
 reads and folds the next batch on a second pooled connection *while* the current one's writes
@@ -107,7 +107,6 @@ from oa_sync_server.postgres.stores import (
     WATERMARK_LOCK,
     LeaseAdvance,
     Written,
-    last_watermark,
     load_states,
     write_batch,
 )
@@ -165,12 +164,12 @@ _READ_BATCH = sa.text(
 )
 _LOCK_LEASE = sa.text(
     # The lease row, then the watermark lock (the order every document writer takes them in),
-    # in one round trip. The row is locked (the CTE) before the outer SELECT calls the lock
-    # function; the last watermark is read by the next statement, whose snapshot follows both.
+    # and the last watermark, in one round trip. The row is locked (the CTE) before the outer
+    # SELECT calls oa_sync.lock_watermarks, which locks, then reads the last watermark with a
+    # snapshot of its own that follows the lock (migration 0008).
     "WITH l AS (SELECT holder, epoch, CAST(CAST(cursor_tx_id AS text) AS bigint) AS tx, "
     "cursor_position FROM oa_sync.projector_leases WHERE name = :name FOR UPDATE) "
-    "SELECT holder, epoch, tx, cursor_position, CAST(pg_advisory_xact_lock(:key) AS text) "
-    "FROM l"
+    "SELECT holder, epoch, tx, cursor_position, oa_sync.lock_watermarks(:key) AS last FROM l"
 ).bindparams(key=WATERMARK_LOCK)
 _VERSIONS_HELD = sa.text(
     "SELECT DISTINCT projection, projector_version FROM oa_sync.projection_checkpoints"
@@ -544,7 +543,7 @@ class ProjectorWorker:
                 self._lost()
             if (locked.tx, locked.cursor_position) != (cursor.tx_id, cursor.position):
                 return None  # our own earlier incarnation moved it; read again
-            last = await last_watermark(conn)  # _LOCK_LEASE took the watermark lock
+            last = int(locked.last)  # read after the watermark lock was granted
             await self._pause("locked", conn)
             if ahead is not None and ahead.result is not None and ahead.based_at == last:
                 result = ahead.result  # nobody wrote a document since its states were taken

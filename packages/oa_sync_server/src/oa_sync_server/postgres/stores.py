@@ -46,7 +46,6 @@ __all__ = [
     "PostgresDocumentSink",
     "Written",
     "advance_lease",
-    "last_watermark",
     "load_checkpoints",
     "load_documents",
     "load_states",
@@ -61,12 +60,9 @@ __all__ = [
 WATERMARK_LOCK: Final = 0x6F615F73796E63  # "oa_sync"
 """Advisory lock key serialising watermark allocation across every document writer."""
 
-_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
-_LAST_WATERMARK = sa.text(
-    "SELECT greatest("
-    "(SELECT max(watermark) FROM oa_sync.changes), "
-    "(SELECT max(watermark) FROM oa_sync.documents), 0)"
-)
+_LOCK_WATERMARKS = sa.text("SELECT oa_sync.lock_watermarks(:key)").bindparams(key=WATERMARK_LOCK)
+"""The watermark lock, then the last watermark read with a snapshot that follows it, in one
+call (migration 0008: the function's own statement takes a fresh snapshot)."""
 _WRITE_DOCUMENTS = sa.text(
     "WITH r AS (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x("
     "doc_key text, projection text, version bigint, watermark bigint, content_hash text, "
@@ -141,15 +137,9 @@ _VERSIONS = sa.text(
 
 
 async def lock_watermarks(conn: AsyncConnection) -> int:
-    """Take the watermark lock for the rest of the transaction; returns the last watermark."""
-    await conn.execute(_LOCK, {"key": WATERMARK_LOCK})
-    return await last_watermark(conn)
-
-
-async def last_watermark(conn: AsyncConnection) -> int:
-    """The last watermark handed out; exact only after the watermark lock was taken, by an
-    earlier statement (a statement's snapshot predates any lock it waits for)."""
-    return int((await conn.execute(_LAST_WATERMARK)).scalar_one())
+    """Take the watermark lock for the rest of the transaction; returns the last watermark
+    (exact: read after the lock was granted). One round trip."""
+    return int((await conn.execute(_LOCK_WATERMARKS)).scalar_one())
 
 
 def _checkpoint(row: Any) -> Checkpoint:
