@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+from collections.abc import Iterator
 
 import psycopg
 from oa_sync_server.postgres.migrate import downgrade, upgrade
@@ -22,6 +24,17 @@ TABLES = {
 }
 
 
+@contextlib.contextmanager
+def _blank_database(server_url: str) -> Iterator[str]:
+    """A new empty database on the test server (its URL), dropped afterwards."""
+    name = "oa_mig_" + secrets.token_hex(6)
+    url = make_database(server_url, name)
+    try:
+        yield url
+    finally:
+        drop_database(server_url, name)
+
+
 def _tables(url: str) -> set[str]:
     with psycopg.connect(url.replace("+psycopg", "")) as conn:
         rows = conn.execute(
@@ -32,17 +45,13 @@ def _tables(url: str) -> set[str]:
 
 def test_upgrade_head_then_downgrade_base_round_trips(pg_server_url: str) -> None:
     """Upgrade creates every table, downgrade drops the schema, and upgrade works again."""
-    name = "oa_mig_" + secrets.token_hex(6)
-    url = make_database(pg_server_url, name)
-    try:
+    with _blank_database(pg_server_url) as url:
         upgrade(url)
         assert _tables(url) == TABLES
         downgrade(url)
         assert _tables(url) == set()
         upgrade(url)
         assert _tables(url) == TABLES
-    finally:
-        drop_database(pg_server_url, name)
 
 
 def test_first_migration_sets_a_random_epoch(database_url: str) -> None:
@@ -106,9 +115,7 @@ def test_0005_drops_the_unread_changes_index_and_its_downgrade_restores_it(
 ) -> None:
     """Head has no ``changes_doc_key_idx``; downgrading to 0004 creates it again and
     upgrading drops it again."""
-    name = "oa_mig_" + secrets.token_hex(6)
-    url = make_database(pg_server_url, name)
-    try:
+    with _blank_database(pg_server_url) as url:
         upgrade(url)
         assert "changes_doc_key_idx" not in _indexes(url)
         assert "changes_pkey" in _indexes(url)
@@ -116,8 +123,6 @@ def test_0005_drops_the_unread_changes_index_and_its_downgrade_restores_it(
         assert "changes_doc_key_idx" in _indexes(url)
         upgrade(url)
         assert "changes_doc_key_idx" not in _indexes(url)
-    finally:
-        drop_database(pg_server_url, name)
 
 
 def _append_function(url: str) -> str:
@@ -135,9 +140,7 @@ def test_0006_replaces_the_append_function_and_its_downgrade_restores_0004s(
 ) -> None:
     """At 0005 the append function is 0004's; 0006 replaces it with the one that tests for
     idempotency keys first, and downgrading to 0005 gives back 0004's body exactly."""
-    name = "oa_mig_" + secrets.token_hex(6)
-    url = make_database(pg_server_url, name)
-    try:
+    with _blank_database(pg_server_url) as url:
         upgrade(url, "0005_drop_changes_doc_key_idx")
         before = _append_function(url)
         assert "jsonb_path_exists" not in before
@@ -145,8 +148,6 @@ def test_0006_replaces_the_append_function_and_its_downgrade_restores_0004s(
         assert "jsonb_path_exists" in _append_function(url)
         downgrade(url, "0005_drop_changes_doc_key_idx")
         assert _append_function(url) == before
-    finally:
-        drop_database(pg_server_url, name)
 
 
 def _key_collation(url: str) -> str | None:
@@ -166,9 +167,7 @@ def test_0007_one_key_index_serves_prefix_reads_and_its_downgrade_restores_two(
     """Head keys documents in the "C" collation with only the primary key on ``doc_key``, and
     a prefix read (escaped, as the read model sends it) uses that key; downgrading to 0006
     restores the database's collation and the ``text_pattern_ops`` index."""
-    name = "oa_mig_" + secrets.token_hex(6)
-    url = make_database(pg_server_url, name)
-    try:
+    with _blank_database(pg_server_url) as url:
         upgrade(url)
         assert _key_collation(url) == "C"
         assert "documents_doc_key_prefix_idx" not in _indexes(url)
@@ -184,8 +183,6 @@ def test_0007_one_key_index_serves_prefix_reads_and_its_downgrade_restores_two(
         assert "documents_doc_key_prefix_idx" in _indexes(url)
         upgrade(url)
         assert _key_collation(url) == "C"
-    finally:
-        drop_database(pg_server_url, name)
 
 
 def _has_lock_watermarks(url: str) -> bool:
@@ -200,14 +197,10 @@ def _has_lock_watermarks(url: str) -> bool:
 def test_0008_adds_lock_watermarks_and_its_downgrade_drops_it(pg_server_url: str) -> None:
     """Head has ``oa_sync.lock_watermarks`` (what every writer of documents calls); 0007 has
     not, and upgrading again restores it."""
-    name = "oa_mig_" + secrets.token_hex(6)
-    url = make_database(pg_server_url, name)
-    try:
+    with _blank_database(pg_server_url) as url:
         upgrade(url)
         assert _has_lock_watermarks(url)
         downgrade(url, "0007_documents_key_collation")
         assert not _has_lock_watermarks(url)
         upgrade(url)
         assert _has_lock_watermarks(url)
-    finally:
-        drop_database(pg_server_url, name)
