@@ -18,9 +18,10 @@ update gets exactly one change row; ``documents.watermark`` is the watermark of 
 latest change. An update whose version is not newer than the stored one is dropped before any
 watermark is assigned (a replayed batch writes nothing).
 
-Bulk writes send the whole batch as one JSON array parameter expanded by
-``jsonb_to_recordset`` (document bodies spliced in as their precomputed canonical bytes): one
-statement and one bound parameter per batch, whatever its size, and no per-row Python escaping.
+Bulk writes send the whole batch as one JSON array of positional rows (one layout for every
+write, :data:`_ROWS`), expanded by ``jsonb_array_elements`` (document bodies spliced in as their
+precomputed canonical bytes): one statement and one bound parameter per batch, whatever its
+size, and no per-row Python escaping.
 
 What this is not: the read side used by the sync server (:mod:`oa_sync_server.postgres.read_model`).
 """
@@ -63,10 +64,18 @@ WATERMARK_LOCK: Final = 0x6F615F73796E63  # "oa_sync"
 _LOCK_WATERMARKS = sa.text("SELECT oa_sync.lock_watermarks(:key)").bindparams(key=WATERMARK_LOCK)
 """The watermark lock, then the last watermark read with a snapshot that follows it, in one
 call (migration 0008: the function's own statement takes a fresh snapshot)."""
-_WRITE_DOCUMENTS = sa.text(
-    "WITH r AS (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x("
-    "doc_key text, projection text, version bigint, watermark bigint, content_hash text, "
-    "body jsonb)), "
+_ROWS: Final = (
+    # The one row layout of the set-based writes: a JSON array of positional rows
+    # [doc_key, projection, version, watermark, content_hash, body, last_position,
+    # projector_version] (see _row; a write reads the columns it needs, absent ones are NULL).
+    # Positional arrays, not keyed objects: Postgres expanded 1,000 keyed rows with
+    # jsonb_to_recordset in ~7 ms, these in ~4 ms (a smaller text to parse, no key lookups).
+    "WITH r AS (SELECT e->>0 AS doc_key, e->>1 AS projection, CAST(e->>2 AS bigint) AS version, "
+    "CAST(e->>3 AS bigint) AS watermark, e->>4 AS content_hash, e->5 AS body, "
+    "CAST(e->>6 AS bigint) AS last_position, CAST(e->>7 AS integer) AS projector_version "
+    "FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS e)"
+)
+_UPSERT_DOCUMENTS: Final = (
     "d AS (INSERT INTO oa_sync.documents "
     "(doc_key, projection, version, watermark, content_hash, body, updated_at) "
     "SELECT doc_key, projection, version, watermark, content_hash, body, clock_timestamp() "
@@ -74,32 +83,25 @@ _WRITE_DOCUMENTS = sa.text(
     "ON CONFLICT (doc_key) DO UPDATE SET projection = EXCLUDED.projection, "
     "version = EXCLUDED.version, watermark = EXCLUDED.watermark, "
     "content_hash = EXCLUDED.content_hash, body = EXCLUDED.body, "
-    "updated_at = EXCLUDED.updated_at) "
+    "updated_at = EXCLUDED.updated_at)"
+)
+_INSERT_CHANGES: Final = (
     "INSERT INTO oa_sync.changes (watermark, doc_key, projection, version, content_hash) "
     "SELECT watermark, doc_key, projection, version, content_hash FROM r"
 )
-_WRITE_ROWS: Final = (
-    # The projector's batch: documents, their checkpoints and change rows from one parameter.
-    "WITH r AS (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x("
-    "doc_key text, projection text, version bigint, watermark bigint, content_hash text, "
-    "body jsonb, last_position bigint, projector_version integer)), "
-    "d AS (INSERT INTO oa_sync.documents "
-    "(doc_key, projection, version, watermark, content_hash, body, updated_at) "
-    "SELECT doc_key, projection, version, watermark, content_hash, body, clock_timestamp() "
-    "FROM r "
-    "ON CONFLICT (doc_key) DO UPDATE SET projection = EXCLUDED.projection, "
-    "version = EXCLUDED.version, watermark = EXCLUDED.watermark, "
-    "content_hash = EXCLUDED.content_hash, body = EXCLUDED.body, "
-    "updated_at = EXCLUDED.updated_at), "
-    "c AS (INSERT INTO oa_sync.projection_checkpoints "
+_UPSERT_CHECKPOINT_ROWS: Final = (
+    "INSERT INTO oa_sync.projection_checkpoints "
     "(projection, doc_key, last_position, projector_version, content_hash, version, updated_at) "
     "SELECT projection, doc_key, last_position, projector_version, content_hash, version, "
     "clock_timestamp() FROM r "
     "ON CONFLICT (projection, doc_key) DO UPDATE SET last_position = EXCLUDED.last_position, "
     "projector_version = EXCLUDED.projector_version, content_hash = EXCLUDED.content_hash, "
-    "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at), "
-    "ch AS (INSERT INTO oa_sync.changes (watermark, doc_key, projection, version, content_hash) "
-    "SELECT watermark, doc_key, projection, version, content_hash FROM r)"
+    "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at"
+)
+_WRITE_DOCUMENTS = sa.text(f"{_ROWS}, {_UPSERT_DOCUMENTS} {_INSERT_CHANGES}")
+_WRITE_ROWS: Final = (
+    # The projector's batch: documents, their checkpoints and change rows from one parameter.
+    f"{_ROWS}, {_UPSERT_DOCUMENTS}, c AS ({_UPSERT_CHECKPOINT_ROWS}), ch AS ({_INSERT_CHANGES})"
 )
 _ADVANCE_LEASE: Final = (
     # The lease cursor and renewal; then, when the batch changed documents, the commit-time
@@ -112,7 +114,7 @@ _ADVANCE_LEASE: Final = (
     "SELECT pg_notify(:channel, CAST(:watermark AS text)) FROM advanced "
     "WHERE CAST(:watermark AS text) IS NOT NULL"
 )
-# Three statements from the two constant fragments above (composed once, at import; no value
+# Three statements from the constant fragments above (composed once, at import; no value
 # is ever spliced into SQL text: every value is a bound parameter).
 _WRITE_ONLY_SQL: Final = f"{_WRITE_ROWS} SELECT 1"
 _WRITE_AND_ADVANCE_SQL: Final = f"{_WRITE_ROWS}, {_ADVANCE_LEASE}"
@@ -120,17 +122,7 @@ _ADVANCE_SQL: Final = f"WITH {_ADVANCE_LEASE}"
 _WRITE_WITH_CHECKPOINTS = sa.text(_WRITE_ONLY_SQL)
 _WRITE_AND_ADVANCE = sa.text(_WRITE_AND_ADVANCE_SQL).bindparams(channel=CHANGES_CHANNEL)
 _ADVANCE = sa.text(_ADVANCE_SQL).bindparams(channel=CHANGES_CHANNEL)
-_UPSERT_CHECKPOINTS = sa.text(
-    "INSERT INTO oa_sync.projection_checkpoints "
-    "(projection, doc_key, last_position, projector_version, content_hash, version, updated_at) "
-    "SELECT projection, doc_key, last_position, projector_version, content_hash, version, "
-    "clock_timestamp() FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x("
-    "projection text, doc_key text, last_position bigint, projector_version integer, "
-    "content_hash text, version bigint) "
-    "ON CONFLICT (projection, doc_key) DO UPDATE SET last_position = EXCLUDED.last_position, "
-    "projector_version = EXCLUDED.projector_version, content_hash = EXCLUDED.content_hash, "
-    "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at"
-)
+_UPSERT_CHECKPOINTS = sa.text(f"{_ROWS} {_UPSERT_CHECKPOINT_ROWS}")
 _VERSIONS = sa.text(
     "SELECT doc_key, version FROM oa_sync.documents WHERE doc_key = ANY(CAST(:keys AS text[]))"
 )
@@ -229,14 +221,16 @@ async def put_checkpoints(conn: AsyncConnection, advances: Iterable[Checkpoint])
         return
     rows = orjson.dumps(
         [
-            {
-                "projection": c.projection,
-                "doc_key": c.doc_key,
-                "last_position": c.last_position,
-                "projector_version": c.projector_version,
-                "content_hash": c.content_hash,
-                "version": c.version,
-            }
+            _row(
+                c.doc_key,
+                c.projection,
+                c.version,
+                None,
+                c.content_hash,
+                None,
+                c.last_position,
+                c.projector_version,
+            )
             for c in latest.values()
         ]
     )
@@ -298,16 +292,39 @@ async def write_updates(
     return Written(list(zip(rows, watermarks, strict=True)), watermarks[-1])
 
 
-def _document_row(update: DocumentUpdate, watermark: int) -> dict[str, Any]:
-    """One document row of the set-based writes' JSON payload (the body spliced, not re-encoded)."""
-    return {
-        "doc_key": update.doc_key,
-        "projection": update.projection,
-        "version": update.version,
-        "watermark": watermark,
-        "content_hash": update.content_hash,
-        "body": orjson.Fragment(update.canonical),
-    }
+def _row(  # noqa: PLR0917 - the columns of one row, in _ROWS order
+    doc_key: str,
+    projection: str,
+    version: int,
+    watermark: int | None,
+    content_hash: str,
+    body: orjson.Fragment | None,
+    last_position: int | None = None,
+    projector_version: int | None = None,
+) -> list[Any]:
+    """One row of the set-based writes' JSON payload, in :data:`_ROWS` order."""
+    return [
+        doc_key,
+        projection,
+        version,
+        watermark,
+        content_hash,
+        body,
+        last_position,
+        projector_version,
+    ]
+
+
+def _document_row(update: DocumentUpdate, watermark: int) -> list[Any]:
+    """One document row of the set-based writes (the body spliced, not re-encoded)."""
+    return _row(
+        update.doc_key,
+        update.projection,
+        update.version,
+        watermark,
+        update.content_hash,
+        orjson.Fragment(update.canonical),
+    )
 
 
 @asynccontextmanager
@@ -445,17 +462,17 @@ async def write_batch(
     for u, c, w in zip(updates, checkpoints, watermarks, strict=True):
         if c.doc_key != u.doc_key or c.projection != u.projection:
             raise ValueError("write_batch needs one update and its checkpoint per document")
-        rows.append(
-            {  # one row of _WRITE_WITH_CHECKPOINTS: the document, its change and its checkpoint
-                "doc_key": u.doc_key,
-                "projection": u.projection,
-                "version": u.version,
-                "watermark": w,
-                "content_hash": u.content_hash,
-                "body": fragment(u.canonical),  # spliced, not re-encoded
-                "last_position": c.last_position,
-                "projector_version": c.projector_version,
-            }
+        rows.append(  # the document, its change and its checkpoint
+            _row(
+                u.doc_key,
+                u.projection,
+                u.version,
+                w,
+                u.content_hash,
+                fragment(u.canonical),  # spliced, not re-encoded
+                c.last_position,
+                c.projector_version,
+            )
         )
     params = {"rows": orjson.dumps(rows).decode()}
     if advance is None:
