@@ -98,7 +98,6 @@ _UPSERT_CHECKPOINT_ROWS: Final = (
     "projector_version = EXCLUDED.projector_version, content_hash = EXCLUDED.content_hash, "
     "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at"
 )
-_WRITE_DOCUMENTS = sa.text(f"{_ROWS}, {_UPSERT_DOCUMENTS} {_INSERT_CHANGES}")
 _WRITE_ROWS: Final = (
     # The projector's batch: documents, their checkpoints and change rows from one parameter.
     f"{_ROWS}, {_UPSERT_DOCUMENTS}, c AS ({_UPSERT_CHECKPOINT_ROWS}), ch AS ({_INSERT_CHANGES})"
@@ -114,15 +113,18 @@ _ADVANCE_LEASE: Final = (
     "SELECT pg_notify(:channel, CAST(:watermark AS text)) FROM advanced "
     "WHERE CAST(:watermark AS text) IS NOT NULL"
 )
-# Three statements from the constant fragments above (composed once, at import; no value
-# is ever spliced into SQL text: every value is a bound parameter).
+# The statements, from the constant fragments above (composed once, at import; no value is
+# ever spliced into SQL text: every value is a bound parameter).
+_WRITE_DOCUMENTS_SQL: Final = f"{_ROWS}, {_UPSERT_DOCUMENTS} {_INSERT_CHANGES}"
+_UPSERT_CHECKPOINTS_SQL: Final = f"{_ROWS} {_UPSERT_CHECKPOINT_ROWS}"
 _WRITE_ONLY_SQL: Final = f"{_WRITE_ROWS} SELECT 1"
 _WRITE_AND_ADVANCE_SQL: Final = f"{_WRITE_ROWS}, {_ADVANCE_LEASE}"
 _ADVANCE_SQL: Final = f"WITH {_ADVANCE_LEASE}"
 _WRITE_WITH_CHECKPOINTS = sa.text(_WRITE_ONLY_SQL)
 _WRITE_AND_ADVANCE = sa.text(_WRITE_AND_ADVANCE_SQL).bindparams(channel=CHANGES_CHANNEL)
 _ADVANCE = sa.text(_ADVANCE_SQL).bindparams(channel=CHANGES_CHANNEL)
-_UPSERT_CHECKPOINTS = sa.text(f"{_ROWS} {_UPSERT_CHECKPOINT_ROWS}")
+_WRITE_DOCUMENTS = sa.text(_WRITE_DOCUMENTS_SQL)
+_UPSERT_CHECKPOINTS = sa.text(_UPSERT_CHECKPOINTS_SQL)
 _VERSIONS = sa.text(
     "SELECT doc_key, version FROM oa_sync.documents WHERE doc_key = ANY(CAST(:keys AS text[]))"
 )
