@@ -104,6 +104,22 @@ def test_applying_a_batch_twice_changes_nothing(events: list[NewEvent]) -> None:
 
 
 @PROPERTY
+@given(event_sequences(), st.lists(st.integers(0, 1000), max_size=4))
+def test_result_states_are_what_a_store_holds_after_the_write(
+    events: list[NewEvent], cuts: list[int]
+) -> None:
+    """``ProjectionResult.states`` (what the worker keeps between batches) equals the states a
+    store gives back after writing the result, batch after batch."""
+    engine = _engine()
+    held: dict[DocId, DocumentState] = {}
+    for batch in _splits(record_events(events), cuts):
+        result = engine.apply(batch, held)
+        written = _states({u.id: u for u in result.updates}, engine)
+        assert dict(result.states) == written
+        held.update(result.states)
+
+
+@PROPERTY
 @given(event_sequences(), st.lists(st.integers(0, 1000), max_size=6))
 def test_any_split_into_batches_equals_one_pass(events: list[NewEvent], cuts: list[int]) -> None:
     """Folding batch by batch, split anywhere, gives the same documents as one batch."""

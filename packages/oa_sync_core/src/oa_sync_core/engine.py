@@ -67,7 +67,8 @@ class ProjectionResult:
         ignored: events no projector routes anywhere.
         last_position: the highest position in the batch (0 for an empty batch).
         states: each changed document's state once the result is written, by document (what
-            a caller that keeps states between batches remembers; built with the updates).
+            a caller that keeps states between batches remembers; built with the updates;
+            empty when :meth:`Fold.result` was asked for none).
     """
 
     updates: tuple[DocumentUpdate, ...]
@@ -242,8 +243,13 @@ class Fold:
         self.ignored += ignored
         self.last_position, self._tick = last, tick
 
-    def result(self) -> ProjectionResult:
+    def result(self, *, with_states: bool = True) -> ProjectionResult:
         """The updates and checkpoint advances of everything added, each document encoded once.
+
+        Args:
+            with_states: also build each document's state after the result is written
+                (``ProjectionResult.states``, for a caller that keeps states between batches;
+                a whole-log fold that keeps none saves an object per document).
 
         Raises:
             ValueError: a projector routed an event to a key outside its projection (the
@@ -282,11 +288,12 @@ class Fold:
             put(checkpoint, "content_hash", digest)
             put(checkpoint, "version", version)
             checkpoints.append(checkpoint)
-            state = new(DocumentState)
-            put(state, "checkpoint", checkpoint)
-            put(state, "body", body)
-            put(state, "version", version)
-            states[doc_id] = state
+            if with_states:
+                state = new(DocumentState)
+                put(state, "checkpoint", checkpoint)
+                put(state, "body", body)
+                put(state, "version", version)
+                states[doc_id] = state
         return ProjectionResult(
             updates=tuple(updates),
             checkpoints=tuple(checkpoints),

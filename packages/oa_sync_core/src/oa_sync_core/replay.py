@@ -76,7 +76,7 @@ async def fold_log(
         count += len(events)
         if progress is not None:
             progress(count)
-    result = fold.result()
+    result = fold.result(with_states=False)  # nothing is kept between batches here
     documents: dict[DocId, DocumentUpdate] = {}
     checkpoints: dict[DocId, Checkpoint] = {}
     for update, checkpoint in zip(result.updates, result.checkpoints, strict=True):
