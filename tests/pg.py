@@ -139,6 +139,18 @@ def database_url(pg_server_url: str, migrated_template: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def empty_database(pg_server_url: str) -> Iterator[str]:
+    """A new, empty database (not migrated), dropped after the test."""
+    name = "oa_empty_" + secrets.token_hex(6)
+    url = make_database(pg_server_url, name)
+    try:
+        yield url
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            drop_database(pg_server_url, name)
+
+
+@pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     """An async engine on the test's database, disposed after the test."""
     created = create_engine(database_url)

@@ -21,20 +21,17 @@ import asyncio
 import contextlib
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from oa_sync_server.auth import mint_token
 from oa_sync_server.config import Secret
-
-from tests.pg import drop_database, make_database
 
 pytestmark = pytest.mark.slow
 
@@ -106,18 +103,6 @@ def server_python(outside: Path, wheels: dict[str, Path]) -> Path:
 def client_python(outside: Path, wheels: dict[str, Path]) -> Path:
     """A virtualenv with only the core and the client."""
     return _venv(outside / "client-venv", [wheels["oa_sync_core"], wheels["oa_sync_client"]])
-
-
-@pytest.fixture
-def empty_database(pg_server_url: str) -> Iterator[str]:
-    """A new, empty database (not migrated), dropped afterwards."""
-    name = "oa_wheel_" + secrets.token_hex(6)
-    url = make_database(pg_server_url, name)
-    try:
-        yield url
-    finally:
-        with contextlib.suppress(Exception):
-            drop_database(pg_server_url, name)
 
 
 @contextlib.asynccontextmanager

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import secrets
-from collections.abc import Iterator
-
 import psycopg
 from oa_sync_server.postgres.migrate import downgrade, upgrade
-
-from tests.pg import drop_database, make_database
 
 TABLES = {
     "events",
@@ -24,17 +18,6 @@ TABLES = {
 }
 
 
-@contextlib.contextmanager
-def _blank_database(server_url: str) -> Iterator[str]:
-    """A new empty database on the test server (its URL), dropped afterwards."""
-    name = "oa_mig_" + secrets.token_hex(6)
-    url = make_database(server_url, name)
-    try:
-        yield url
-    finally:
-        drop_database(server_url, name)
-
-
 def _tables(url: str) -> set[str]:
     with psycopg.connect(url.replace("+psycopg", "")) as conn:
         rows = conn.execute(
@@ -43,15 +26,14 @@ def _tables(url: str) -> set[str]:
     return {r[0] for r in rows}
 
 
-def test_upgrade_head_then_downgrade_base_round_trips(pg_server_url: str) -> None:
+def test_upgrade_head_then_downgrade_base_round_trips(empty_database: str) -> None:
     """Upgrade creates every table, downgrade drops the schema, and upgrade works again."""
-    with _blank_database(pg_server_url) as url:
-        upgrade(url)
-        assert _tables(url) == TABLES
-        downgrade(url)
-        assert _tables(url) == set()
-        upgrade(url)
-        assert _tables(url) == TABLES
+    upgrade(empty_database)
+    assert _tables(empty_database) == TABLES
+    downgrade(empty_database)
+    assert _tables(empty_database) == set()
+    upgrade(empty_database)
+    assert _tables(empty_database) == TABLES
 
 
 def test_first_migration_sets_a_random_epoch(database_url: str) -> None:
@@ -111,18 +93,17 @@ def _indexes(url: str) -> set[str]:
 
 
 def test_0005_drops_the_unread_changes_index_and_its_downgrade_restores_it(
-    pg_server_url: str,
+    empty_database: str,
 ) -> None:
     """Head has no ``changes_doc_key_idx``; downgrading to 0004 creates it again and
     upgrading drops it again."""
-    with _blank_database(pg_server_url) as url:
-        upgrade(url)
-        assert "changes_doc_key_idx" not in _indexes(url)
-        assert "changes_pkey" in _indexes(url)
-        downgrade(url, "0004_append_function")
-        assert "changes_doc_key_idx" in _indexes(url)
-        upgrade(url)
-        assert "changes_doc_key_idx" not in _indexes(url)
+    upgrade(empty_database)
+    assert "changes_doc_key_idx" not in _indexes(empty_database)
+    assert "changes_pkey" in _indexes(empty_database)
+    downgrade(empty_database, "0004_append_function")
+    assert "changes_doc_key_idx" in _indexes(empty_database)
+    upgrade(empty_database)
+    assert "changes_doc_key_idx" not in _indexes(empty_database)
 
 
 def _append_function(url: str) -> str:
@@ -136,18 +117,17 @@ def _append_function(url: str) -> str:
 
 
 def test_0006_replaces_the_append_function_and_its_downgrade_restores_0004s(
-    pg_server_url: str,
+    empty_database: str,
 ) -> None:
     """At 0005 the append function is 0004's; 0006 replaces it with the one that tests for
     idempotency keys first, and downgrading to 0005 gives back 0004's body exactly."""
-    with _blank_database(pg_server_url) as url:
-        upgrade(url, "0005_drop_changes_doc_key_idx")
-        before = _append_function(url)
-        assert "jsonb_path_exists" not in before
-        upgrade(url)
-        assert "jsonb_path_exists" in _append_function(url)
-        downgrade(url, "0005_drop_changes_doc_key_idx")
-        assert _append_function(url) == before
+    upgrade(empty_database, "0005_drop_changes_doc_key_idx")
+    before = _append_function(empty_database)
+    assert "jsonb_path_exists" not in before
+    upgrade(empty_database)
+    assert "jsonb_path_exists" in _append_function(empty_database)
+    downgrade(empty_database, "0005_drop_changes_doc_key_idx")
+    assert _append_function(empty_database) == before
 
 
 def _key_collation(url: str) -> str | None:
@@ -162,27 +142,26 @@ def _key_collation(url: str) -> str | None:
 
 
 def test_0007_one_key_index_serves_prefix_reads_and_its_downgrade_restores_two(
-    pg_server_url: str,
+    empty_database: str,
 ) -> None:
     """Head keys documents in the "C" collation with only the primary key on ``doc_key``, and
     a prefix read (escaped, as the read model sends it) uses that key; downgrading to 0006
     restores the database's collation and the ``text_pattern_ops`` index."""
-    with _blank_database(pg_server_url) as url:
-        upgrade(url)
-        assert _key_collation(url) == "C"
-        assert "documents_doc_key_prefix_idx" not in _indexes(url)
-        with psycopg.connect(url.replace("+psycopg", "")) as conn:
-            conn.execute("SET LOCAL enable_seqscan = off")  # an empty table: ask for an index
-            plan = conn.execute(
-                "EXPLAIN SELECT doc_key FROM oa_sync.documents "
-                "WHERE doc_key LIKE 'runtime/run\\_summary:%' ESCAPE '\\'"
-            ).fetchall()
-        assert "documents_pkey" in "\n".join(r[0] for r in plan)
-        downgrade(url, "0006_append_without_keys")
-        assert _key_collation(url) is None
-        assert "documents_doc_key_prefix_idx" in _indexes(url)
-        upgrade(url)
-        assert _key_collation(url) == "C"
+    upgrade(empty_database)
+    assert _key_collation(empty_database) == "C"
+    assert "documents_doc_key_prefix_idx" not in _indexes(empty_database)
+    with psycopg.connect(empty_database.replace("+psycopg", "")) as conn:
+        conn.execute("SET LOCAL enable_seqscan = off")  # an empty table: ask for an index
+        plan = conn.execute(
+            "EXPLAIN SELECT doc_key FROM oa_sync.documents "
+            "WHERE doc_key LIKE 'runtime/run\\_summary:%' ESCAPE '\\'"
+        ).fetchall()
+    assert "documents_pkey" in "\n".join(r[0] for r in plan)
+    downgrade(empty_database, "0006_append_without_keys")
+    assert _key_collation(empty_database) is None
+    assert "documents_doc_key_prefix_idx" in _indexes(empty_database)
+    upgrade(empty_database)
+    assert _key_collation(empty_database) == "C"
 
 
 def _has_lock_watermarks(url: str) -> bool:
@@ -194,13 +173,12 @@ def _has_lock_watermarks(url: str) -> bool:
     return bool(row[0])
 
 
-def test_0008_adds_lock_watermarks_and_its_downgrade_drops_it(pg_server_url: str) -> None:
+def test_0008_adds_lock_watermarks_and_its_downgrade_drops_it(empty_database: str) -> None:
     """Head has ``oa_sync.lock_watermarks`` (what every writer of documents calls); 0007 has
     not, and upgrading again restores it."""
-    with _blank_database(pg_server_url) as url:
-        upgrade(url)
-        assert _has_lock_watermarks(url)
-        downgrade(url, "0007_documents_key_collation")
-        assert not _has_lock_watermarks(url)
-        upgrade(url)
-        assert _has_lock_watermarks(url)
+    upgrade(empty_database)
+    assert _has_lock_watermarks(empty_database)
+    downgrade(empty_database, "0007_documents_key_collation")
+    assert not _has_lock_watermarks(empty_database)
+    upgrade(empty_database)
+    assert _has_lock_watermarks(empty_database)
