@@ -97,16 +97,16 @@ async def test_lock_watermarks_reads_what_the_writer_it_waited_for_committed(
         pid = (await waiter.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
         await waiter.rollback()
         await waiter.begin()
+
+        async def waiting() -> bool:
+            async with engine.connect() as probe:
+                query = sa.text(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = :pid"
+                )
+                return bool((await probe.execute(query, {"pid": pid})).scalar())
+
         call = asyncio.ensure_future(lock_watermarks(waiter))
         try:
-
-            async def waiting() -> bool:
-                async with engine.connect() as probe:
-                    query = sa.text(
-                        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = :pid"
-                    )
-                    return bool((await probe.execute(query, {"pid": pid})).scalar())
-
             # Its statement (and that statement's snapshot) has begun, and waits on the lock.
             await wait_until(waiting, within=10, what="the call to wait on the watermark lock")
             await holder.commit()
