@@ -150,10 +150,13 @@ _READ_BATCH = sa.text(
     # The lease row and up to :n final events after its cursor, in one statement (one
     # snapshot): one row per event, the lease's columns on each; one row with no event when
     # nothing is waiting; no row when the lease is gone. Final: below the snapshot's xmin
-    # (DESIGN.md rule 1), as event_log.read_committed reads.
+    # (DESIGN.md rule 1), as event_log.read_committed reads. The last column says whether the
+    # same snapshot holds committed events that are not final yet (at or above its xmin: they
+    # wait behind the horizon); the cursor is always below that xmin, so they all follow it.
     "SELECT l.holder, l.epoch, CAST(CAST(l.cursor_tx_id AS text) AS bigint), l.cursor_position, "
     "e.position, e.stream_id, e.stream_seq, e.type, CAST(e.payload AS text), e.recorded_at, "
-    "CAST(CAST(e.tx_id AS text) AS bigint) "
+    "CAST(CAST(e.tx_id AS text) AS bigint), EXISTS (SELECT 1 FROM oa_sync.events "
+    "WHERE tx_id >= pg_snapshot_xmin(pg_current_snapshot())) AS held "
     "FROM oa_sync.projector_leases AS l LEFT JOIN LATERAL ("
     "SELECT position, stream_id, stream_seq, type, payload, recorded_at, tx_id "
     "FROM oa_sync.events "
@@ -299,6 +302,7 @@ class ProjectorWorker:
         self._stall_check_due = 0.0
         self._blocked_since: float | None = None  # monotonic: events first seen waiting
         self._stall_warned: tuple[int | None, float] | None = None  # (pid, next warning at)
+        self._read_held: bool | None = None  # the last batch read saw events behind the horizon
         self._lease_warned: tuple[str | None, object] | None = None  # (holder, expiry) told
         self.look_ahead = look_ahead
         self._ahead: asyncio.Future[_Ahead] | None = None  # the next batch, read and folded
@@ -518,6 +522,7 @@ class ProjectorWorker:
                 await self._drop_kept()
 
     async def _write_batch(self, ahead: _Ahead | None) -> int | None:
+        self._read_held = None  # known only after a read of our own (not a look-ahead's)
         async with self._transaction() as conn:
             if ahead is None:
                 found = (
@@ -526,8 +531,9 @@ class ProjectorWorker:
                 if not found or found[0][0] != self.holder or found[0][1] != self.epoch:
                     self._lost()
                 cursor = LogCursor(tx_id=found[0][2], position=found[0][3])
-                rows = [row[4:] for row in found] if found[0][4] is not None else []
+                rows = [row[4:11] for row in found] if found[0][4] is not None else []
                 events, after = log_events(rows, cursor)
+                self._read_held = bool(found[0][11])
             else:  # read (and folded) while the previous batch was being written
                 cursor, events, after = ahead.cursor, ahead.events, ahead.after
             await self._pause("read", conn)
@@ -778,12 +784,19 @@ class ProjectorWorker:
     async def _check_stall(self) -> bool:
         """After a batch that was not full: whether committed events wait behind the read
         horizon (or were committed since the batch read: a hint for them is on its way).
+        Answered without a query when the batch's own read saw none waiting (``held``).
 
         When they have waited ``stall_warn_after_s``, the backend holding the horizon is looked
         up (at most once a second) and named in a warning.
         """
-        async with self._transaction() as conn:
-            pending = bool((await conn.execute(_PENDING, {"name": self.name})).scalar_one())
+        if self._read_held is False:
+            # The batch's own read saw nothing waiting behind the horizon, and anything
+            # committed since that read sends a hint: no second look (a transaction, three
+            # round trips) after every batch that was not full.
+            pending = False
+        else:
+            async with self._transaction() as conn:
+                pending = bool((await conn.execute(_PENDING, {"name": self.name})).scalar_one())
         now = time.monotonic()
         if not pending:
             if self._stall_warned is not None:
