@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 from oa_sync_core import DEFAULT_PROJECTORS, CheckpointStore, ProjectionEngine
 from oa_sync_core.testing import new_event
+from oa_sync_server.postgres.engine import DriverText, run_on_driver
 from oa_sync_server.postgres.event_log import LogCursor, PostgresEventLog, read_committed
 from oa_sync_server.postgres.stores import (
     PostgresCheckpointStore,
@@ -114,3 +115,34 @@ async def test_lock_watermarks_reads_what_the_writer_it_waited_for_committed(
         finally:
             call.cancel()
             await waiter.rollback()
+
+
+async def test_statements_run_on_the_driver_join_the_transaction_and_raise_sqlalchemy_errors(
+    engine: AsyncEngine,
+) -> None:
+    """run_on_driver (the projector's hot statements): inside the SQLAlchemy connection's
+    transaction (a rollback undoes it, a commit keeps it), with the values bound in the
+    statement, and a database error raised as SQLAlchemy's (the subclass callers catch),
+    its parameters hidden; the connection stays usable after a rollback."""
+    put = DriverText(
+        sa.text("INSERT INTO oa_sync.sync_meta (key, value) VALUES (:key, :value)").bindparams(
+            key="driver-test"
+        )
+    )
+    get = DriverText(sa.text("SELECT value FROM oa_sync.sync_meta WHERE key = 'driver-test'"))
+    async with engine.connect() as conn:
+        async with conn.begin() as tx:
+            assert await run_on_driver(conn, put, {"value": "undone"}) == []
+            assert await run_on_driver(conn, get, {}) == [("undone",)]
+            await tx.rollback()
+        assert await run_on_driver(conn, get, {}) == []
+        async with conn.begin():
+            await run_on_driver(conn, put, {"value": "kept"})
+        with pytest.raises(sa.exc.IntegrityError) as raised:
+            async with conn.begin():
+                await run_on_driver(conn, put, {"value": "secret-value"})
+        assert "secret-value" not in str(raised.value)
+        assert (await conn.execute(sa.text("SELECT 1"))).scalar_one() == 1
+    async with engine.begin() as conn:
+        assert await run_on_driver(conn, get, {}) == [("kept",)]
+        await conn.execute(sa.text("DELETE FROM oa_sync.sync_meta WHERE key = 'driver-test'"))

@@ -99,7 +99,7 @@ from oa_sync_server.bus.changes import BusChange
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
-from oa_sync_server.postgres.engine import driver_of, looks_usable
+from oa_sync_server.postgres.engine import DriverText, driver_of, looks_usable, run_on_driver
 from oa_sync_server.postgres.event_log import LogCursor, log_events, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow, log_epoch
@@ -146,7 +146,7 @@ _RELEASE = sa.text(
     "UPDATE oa_sync.projector_leases SET holder = NULL, expires_at = NULL "
     "WHERE name = :name AND holder = :holder AND epoch = :epoch"
 )
-_READ_BATCH = sa.text(
+_READ_BATCH_SQL: Final = (
     # The lease row and up to :n final events after its cursor, in one statement (one
     # snapshot): one row per event, the lease's columns on each; one row with no event when
     # nothing is waiting; no row when the lease is gone. Final: below the snapshot's xmin
@@ -165,7 +165,8 @@ _READ_BATCH = sa.text(
     "ORDER BY tx_id, position LIMIT :n) AS e ON true "
     "WHERE l.name = :name ORDER BY e.tx_id, e.position"
 )
-_LOCK_LEASE = sa.text(
+_READ_BATCH = DriverText(sa.text(_READ_BATCH_SQL))  # on the driver: see DriverText
+_LOCK_LEASE_SQL: Final = (
     # The lease row, then the watermark lock (the order every document writer takes them in),
     # and the last watermark, in one round trip. The row is locked (the CTE) before the outer
     # SELECT calls oa_sync.lock_watermarks, which locks, then reads the last watermark with a
@@ -173,7 +174,8 @@ _LOCK_LEASE = sa.text(
     "WITH l AS (SELECT holder, epoch, CAST(CAST(cursor_tx_id AS text) AS bigint) AS tx, "
     "cursor_position FROM oa_sync.projector_leases WHERE name = :name FOR UPDATE) "
     "SELECT holder, epoch, tx, cursor_position, oa_sync.lock_watermarks(:key) AS last FROM l"
-).bindparams(key=WATERMARK_LOCK)
+)
+_LOCK_LEASE = DriverText(sa.text(_LOCK_LEASE_SQL).bindparams(key=WATERMARK_LOCK))
 _VERSIONS_HELD = sa.text(
     "SELECT DISTINCT projection, projector_version FROM oa_sync.projection_checkpoints"
 )
@@ -525,9 +527,9 @@ class ProjectorWorker:
         self._read_held = None  # known only after a read of our own (not a look-ahead's)
         async with self._transaction() as conn:
             if ahead is None:
-                found = (
-                    await conn.execute(_READ_BATCH, {"name": self.name, "n": self.batch_size})
-                ).all()
+                found = await run_on_driver(
+                    conn, _READ_BATCH, {"name": self.name, "n": self.batch_size}
+                )
                 if not found or found[0][0] != self.holder or found[0][1] != self.epoch:
                     self._lost()
                 cursor = LogCursor(tx_id=found[0][2], position=found[0][3])
@@ -544,12 +546,15 @@ class ProjectorWorker:
                         self._lost()
                     self._renew_due = time.monotonic() + self.lease_ttl_s / 3
                 return 0
-            locked = (await conn.execute(_LOCK_LEASE, {"name": self.name})).one()
-            if locked.holder != self.holder or locked.epoch != self.epoch:
+            locked = await run_on_driver(conn, _LOCK_LEASE, {"name": self.name})
+            if not locked:
                 self._lost()
-            if (locked.tx, locked.cursor_position) != (cursor.tx_id, cursor.position):
+            holder, epoch, tx, position, last = locked[0]
+            if holder != self.holder or epoch != self.epoch:
+                self._lost()
+            if (tx, position) != (cursor.tx_id, cursor.position):
                 return None  # our own earlier incarnation moved it; read again
-            last = int(locked.last)  # read after the watermark lock was granted
+            last = int(last)  # read after the watermark lock was granted
             await self._pause("locked", conn)
             if ahead is not None and ahead.result is not None and ahead.based_at == last:
                 result = ahead.result  # nobody wrote a document since its states were taken

@@ -7,12 +7,23 @@ this is not: configuration loading (``oa_sync_server.config``) or schema creatio
 from __future__ import annotations
 
 import select
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Final
 
 import psycopg
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-__all__ = ["create_engine", "detached_connection", "driver_of", "looks_usable", "normalise_url"]
+__all__ = [
+    "DriverText",
+    "create_engine",
+    "detached_connection",
+    "driver_of",
+    "looks_usable",
+    "normalise_url",
+    "run_on_driver",
+]
 
 _PREFIXES = ("postgresql+psycopg://", "postgresql://", "postgres://")
 
@@ -92,3 +103,52 @@ def looks_usable(conn: psycopg.AsyncConnection[Any]) -> bool:
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
     return not poller.poll(0)
+
+
+_DIALECT: Final = psycopg_dialect.dialect()  # type: ignore[no-untyped-call]  # untyped in SA
+
+
+class DriverText:
+    """An ``sa.text`` statement compiled once for the psycopg connection itself.
+
+    For the few statements that run many times a second (a projector batch's read, lock and
+    write): run through SQLAlchemy, each cost ~0.1 ms of CPU more (execution context, result
+    proxy, greenlet switch) than on the driver, a sixth of a small batch's CPU. The SQL stays
+    one ``sa.text`` (the one the tests and the hygiene check read); its values bound with
+    ``bindparams`` travel along.
+
+    Attributes:
+        sql: the statement in psycopg's ``%(name)s`` style.
+        bound: the values bound in the statement itself.
+    """
+
+    __slots__ = ("bound", "sql")
+
+    def __init__(self, statement: sa.TextClause) -> None:
+        compiled = statement.compile(dialect=_DIALECT)
+        self.sql: str = compiled.string
+        self.bound: dict[str, Any] = {
+            name: bind.value for name, bind in compiled.binds.items() if bind.value is not None
+        }
+
+
+async def run_on_driver(
+    conn: AsyncConnection, statement: DriverText, params: Mapping[str, Any]
+) -> list[tuple[Any, ...]]:
+    """Run ``statement`` on the psycopg connection under ``conn``, inside its transaction.
+
+    Returns:
+        The rows (tuples; none for a statement that returns nothing).
+
+    Raises:
+        sqlalchemy.exc.DBAPIError: as ``conn.execute`` raises it (the subclass of the
+            psycopg error; parameters hidden), so callers handle one kind of database error.
+    """
+    driver = await driver_of(conn)
+    try:
+        cursor = await driver.execute(statement.sql, {**statement.bound, **params})
+        return await cursor.fetchall() if cursor.description is not None else []
+    except psycopg.Error as exc:
+        raise sa.exc.DBAPIError.instance(
+            statement.sql, None, exc, psycopg.Error, hide_parameters=True
+        ) from exc

@@ -38,6 +38,7 @@ from oa_sync_core import Checkpoint, DocId, DocumentState, DocumentUpdate, Store
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from oa_sync_server.postgres.engine import DriverText, run_on_driver
 from oa_sync_server.postgres.tables import CHANGES_CHANNEL, checkpoints, documents
 
 __all__ = [
@@ -120,8 +121,8 @@ _UPSERT_CHECKPOINTS_SQL: Final = f"{_ROWS} {_UPSERT_CHECKPOINT_ROWS}"
 _WRITE_ONLY_SQL: Final = f"{_WRITE_ROWS} SELECT 1"
 _WRITE_AND_ADVANCE_SQL: Final = f"{_WRITE_ROWS}, {_ADVANCE_LEASE}"
 _ADVANCE_SQL: Final = f"WITH {_ADVANCE_LEASE}"
-_WRITE_WITH_CHECKPOINTS = sa.text(_WRITE_ONLY_SQL)
-_WRITE_AND_ADVANCE = sa.text(_WRITE_AND_ADVANCE_SQL).bindparams(channel=CHANGES_CHANNEL)
+_WRITE_WITH_CHECKPOINTS = DriverText(sa.text(_WRITE_ONLY_SQL))
+_WRITE_AND_ADVANCE = DriverText(sa.text(_WRITE_AND_ADVANCE_SQL).bindparams(channel=CHANGES_CHANNEL))
 _ADVANCE = sa.text(_ADVANCE_SQL).bindparams(channel=CHANGES_CHANNEL)
 _WRITE_DOCUMENTS = sa.text(_WRITE_DOCUMENTS_SQL)
 _UPSERT_CHECKPOINTS = sa.text(_UPSERT_CHECKPOINTS_SQL)
@@ -478,7 +479,7 @@ async def write_batch(
         )
     params = {"rows": orjson.dumps(rows).decode()}
     if advance is None:
-        await conn.execute(_WRITE_WITH_CHECKPOINTS, params)
+        await run_on_driver(conn, _WRITE_WITH_CHECKPOINTS, params)
     else:
-        await conn.execute(_WRITE_AND_ADVANCE, params | advance.params(watermarks[-1]))
+        await run_on_driver(conn, _WRITE_AND_ADVANCE, params | advance.params(watermarks[-1]))
     return Written(list(zip(updates, watermarks, strict=True)), watermarks[-1])
