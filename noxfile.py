@@ -35,7 +35,7 @@ PACKAGES = [
     "-e",
     "packages/oa_sync_client",
     "-e",
-    "packages/oa_sync_server[embedded,uvloop]",
+    "packages/oa_sync_server[embedded]",
 ]
 
 

@@ -80,7 +80,7 @@ def test_serve_prints_each_line_in_one_write(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_serve_loop_is_uvloop_when_installed_else_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``serve`` runs on uvloop when the ``uvloop`` extra is installed, on asyncio's own loop
+    """``serve`` runs on uvloop when it is installed (a dependency), on asyncio's own loop
     without it or with ``OA_SYNC_EVENT_LOOP=asyncio``; either way the loop serves a coroutine."""
     import asyncio
 
@@ -100,6 +100,6 @@ def test_serve_loop_is_uvloop_when_installed_else_asyncio(monkeypatch: pytest.Mo
 
     assert serve._run(on_uvloop(), auto) == 1
     assert serve._run(on_uvloop(), settings) == 0
-    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if the extra were not installed
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed (Windows)
     assert serve._loop_factory(auto) is None
     assert serve._run(on_uvloop(), auto) == 0

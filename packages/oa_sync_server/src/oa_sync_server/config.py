@@ -206,8 +206,8 @@ class Settings:
             publishes each change to NATS JetStream, instances consume it).
         nats_url: the NATS server (required when ``fanout`` is ``nats``).
         read_replica_url: a Postgres replica for snapshot and resume reads (``None``: none).
-        event_loop: ``auto`` (uvloop's when the ``uvloop`` extra is installed, else asyncio's)
-            or ``asyncio`` (asyncio's own always).
+        event_loop: ``auto`` (uvloop's when it is installed, a dependency off Windows; else
+            asyncio's) or ``asyncio`` (asyncio's own always).
     """
 
     database_url: str | None = None

@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (the ``uvloop`` extra) and
+    """uvloop's event loop when it is installed (a dependency, except on Windows) and
     ``OA_SYNC_EVENT_LOOP`` is ``auto`` (the default); ``None``: asyncio's own.
 
     Measured on ``bench/fanout.py`` (docs/benchmarks.md): the per-write cost of asyncio's
