@@ -132,7 +132,8 @@ async def _append_all(url: str, events: list[NewEvent], batch: int) -> dict[str,
     from oa_sync_server.runtime import settle_collector  # noqa: PLC0415
 
     engine = create_engine(url, pool_size=2)
-    log = PostgresEventLog(engine)
+    # A kept connection, as `oa-sync serve` and `oa-sync append` append.
+    log = PostgresEventLog(engine, keep_connection=True)
     timings: list[float] = []
     try:
         await log.append(events[:1])  # connect and warm up outside the timing
@@ -144,5 +145,6 @@ async def _append_all(url: str, events: list[NewEvent], batch: int) -> dict[str,
             timings.append(time.perf_counter() - t0)
         elapsed = time.perf_counter() - start
     finally:
+        await log.close()
         await engine.dispose()
     return {"events": len(events), "seconds": elapsed, "batch_seconds": timings}

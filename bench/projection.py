@@ -3,7 +3,8 @@
 1. Same-run baselines on the same Postgres: raw ``COPY`` rows/s into an event-log-shaped table
    and batched ``INSERT ... ON CONFLICT DO UPDATE`` rows/s into a document-shaped table.
 2. Append: a separate process appends the events through ``PostgresEventLog.append`` in
-   batches (events/s appended, append commit included).
+   batches, on a kept connection as ``oa-sync serve`` and ``oa-sync append`` do (events/s
+   appended, append commit included).
 3. Project: ``ProjectorWorker.catch_up()`` in this process, from the first event to the last
    (events/s projected: every batch's documents, checkpoints, change rows and lease cursor
    committed). The worker starts after the appends are committed, so the figure is the
@@ -108,8 +109,8 @@ def main() -> int:
             "streams": streams,
             "append_batch": append_batch,
             "projector_batch": project_batch,
-            "appender": "separate process (spawn), PostgresEventLog.append, own transactions,"
-            " collector settled as serve's",
+            "appender": "separate process (spawn), PostgresEventLog.append, own transactions"
+            " on a kept connection (as serve and oa-sync append), collector settled as serve's",
             "projector": "ProjectorWorker.catch_up() in the benchmark process, after the appends,"
             " collector settled as serve's (runtime.settle_collector)",
             "git": git_revision(),

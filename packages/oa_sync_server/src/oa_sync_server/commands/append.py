@@ -174,7 +174,16 @@ def _refusal(exc: OaSyncError, chunk: list[tuple[int, NewEvent]], done: int, ato
 
 
 async def _stream(engine: AsyncEngine, source: _Input, out: _Output, progress: Progress) -> None:
-    log = PostgresEventLog(engine, max_events=CHUNK)
+    # One kept autocommit connection for the chunks, as the server appends: no pool checkout,
+    # pre-ping or autocommit switch per chunk.
+    log = PostgresEventLog(engine, max_events=CHUNK, keep_connection=True)
+    try:
+        await _chunked(log, source, out, progress)
+    finally:
+        await log.close()
+
+
+async def _chunked(log: PostgresEventLog, source: _Input, out: _Output, progress: Progress) -> None:
     chunks = _chunks(source)
     while True:
         try:
