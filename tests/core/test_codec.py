@@ -238,6 +238,96 @@ def test_loads_strict_round_trips_canonical_bytes(value: Any) -> None:
     assert loads_strict(canonical_json(value), max_bytes=BIG) == value
 
 
+def _answer(read: Any, text: str) -> tuple[str, Any]:
+    """What a reader answers: ("ok", value with its types) or ("error", code)."""
+    try:
+        value = read(text)
+    except CodecError as exc:
+        return ("error", exc.code)
+    return ("ok", json.dumps(value, sort_keys=True) + repr(_types(value)))
+
+
+def _types(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _types(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_types(v) for v in value]
+    return type(value).__name__
+
+
+_KEYS = st.sampled_from(["a", "b", "a:b", 'q":', "\\", "é", "k", ""])
+_SCALARS = st.sampled_from(
+    [
+        "1",
+        "-0",
+        "0.5",
+        "1e2",
+        "1E400",
+        "18446744073709551616",
+        "-9223372036854775809",
+        "123456789012345678901234567890",
+        "true",
+        "null",
+        '"x"',
+        '"a\\":1"',
+        '"\\ud800"',
+        '"t:12:00"',
+        "NaN",
+        "Infinity",
+        '"\\u0000"',
+    ]
+)
+_SPACES = st.sampled_from(["", " ", "\n", "\t", "\r\n  "])
+
+
+@st.composite
+def _json_texts(draw: st.DrawFn, depth: int = 0) -> str:
+    """JSON-like text built token by token: duplicate keys, escaped quotes before colons,
+    JSON whitespace around separators, numbers orjson and the reference read differently."""
+    if depth >= 3 or draw(st.integers(0, 3)) == 0:
+        return draw(_SCALARS)
+    space = draw(_SPACES)
+    if draw(st.booleans()):
+        items = draw(st.lists(st.deferred(lambda: _json_texts(depth + 1)), max_size=4))
+        return "[" + space + ("," + space).join(items) + "]"
+    members = draw(
+        st.lists(st.tuples(_KEYS, st.deferred(lambda: _json_texts(depth + 1))), max_size=4)
+    )
+    return "{" + ",".join(f'{space}"{k}"{space}:{space}{v}' for k, v in members) + space + "}"
+
+
+@settings(max_examples=examples(400), deadline=None)
+@given(_json_texts(), st.integers(0, 40), st.sampled_from(["", "}", ":", '"', ",", "\ufeff"]))
+def test_loads_strict_answers_as_the_reference_reader(text: str, at: int, insert: str) -> None:
+    """The orjson path accepts and refuses exactly what the standard library's reader does,
+    with the same value (types included) or the same error code, for well-formed and for
+    broken texts (a character inserted anywhere)."""
+    for sample in (text, text[:at] + insert + text[at:]):
+        fast = _answer(lambda t: loads_strict(t, max_bytes=BIG), sample)
+        reference = _answer(lambda t: codec._loads_reference(t, MAX_DEPTH), sample)
+        assert fast == reference, sample
+
+
+def test_loads_strict_takes_the_fast_path_for_plain_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request without duplicates, floats or escaped quotes before colons never reaches the
+    reference reader (the speed the append path relies on); one with a duplicate does."""
+    calls: list[str] = []
+    reference = codec._loads_reference
+
+    def counting(text: str, max_depth: int) -> Any:
+        calls.append(text)
+        return reference(text, max_depth)
+
+    monkeypatch.setattr(codec, "_loads_reference", counting)
+    plain = json.dumps({"events": [{"streamId": "run:r1", "payload": {"at": "12:00:00Z"}}] * 3})
+    assert loads_strict(plain, max_bytes=BIG) == json.loads(plain)
+    assert calls == []
+    assert _code('{"a": 1, "b": {"a": 2, "a": 3}}') is CodecErrorCode.DUPLICATE_KEY
+    assert len(calls) == 1
+
+
 @PROPERTY
 @given(st.one_of(st.binary(max_size=64), st.text(max_size=64)))
 def test_loads_strict_raises_only_codec_errors(data: bytes | str) -> None:
