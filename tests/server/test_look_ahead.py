@@ -19,7 +19,12 @@ from oa_sync_server.postgres.stores import PostgresDocumentSink
 from oa_sync_server.worker import ProjectorWorker
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tests.server.pg_projection import assert_matches_fold, read_model, wait_for_horizon
+from tests.server.pg_projection import (
+    assert_matches_fold,
+    read_model,
+    terminate_backend,
+    wait_for_horizon,
+)
 
 RUN_0 = "runtime/run_summary:r0"
 
@@ -105,4 +110,45 @@ async def test_without_a_writer_between_the_fold_made_ahead_is_used(engine: Asyn
     worker, documents = await _two_batches(engine, between=False)
     assert worker.folded_ahead == 1
     assert documents[RUN_0][0] == 2
+    await assert_matches_fold(engine)
+
+
+class _KillingAhead(ProjectorWorker):
+    """Records the look-ahead's connection at each batch; terminates its backend once, while
+    it is idle between two look-aheads."""
+
+    seen: list[object]
+    killed = False
+
+    async def _pause(self, stage: str, conn: AsyncConnection | None) -> None:
+        if stage != "committed" or self._kept_ahead is None:
+            return
+        self.seen.append(self._kept_ahead)
+        if not self.killed and self._ahead is not None:
+            await asyncio.wait([self._ahead])  # its read is done: the connection is idle
+            raw = (await self._kept_ahead.get_raw_connection()).driver_connection
+            self.killed = True
+            await terminate_backend(self.engine, raw.info.backend_pid)
+
+
+async def test_the_look_ahead_keeps_its_connection_and_replaces_a_dead_one(
+    engine: AsyncEngine,
+) -> None:
+    """Inside catch_up the look-ahead reads on a connection kept between batches (not one
+    checked out of the pool each time); one whose backend died while idle is replaced
+    without a failed batch; it is closed when catch_up returns; the read model equals a
+    fold of the log."""
+    log = PostgresEventLog(engine)
+    runs = [f"r{i}" for i in range(10)]
+    await log.append([new_event("run.created", run) for run in runs])
+    for step in range(30):
+        await log.append([new_event("run.step", run, description=f"s{step}") for run in runs])
+    worker = _KillingAhead(engine, batch_size=20)
+    worker.seen = []
+    assert await worker.catch_up() == 310
+    assert worker.killed
+    assert worker.folded_ahead > 0
+    distinct = {id(conn) for conn in worker.seen}
+    assert 2 <= len(distinct) < len(worker.seen) / 2  # kept, and replaced once
+    assert worker._kept_ahead is None  # closed when catch_up returned
     await assert_matches_fold(engine)

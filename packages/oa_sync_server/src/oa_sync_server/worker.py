@@ -309,7 +309,8 @@ class ProjectorWorker:
         self.look_ahead = look_ahead
         self._ahead: asyncio.Future[_Ahead] | None = None  # the next batch, read and folded
         self._keeping = 0  # run()/catch_up() calls in progress: batches use a kept connection
-        self._kept: AsyncConnection | None = None
+        self._kept: AsyncConnection | None = None  # for batches and stall checks
+        self._kept_ahead: AsyncConnection | None = None  # for the look-ahead's reads
 
     def __repr__(self) -> str:
         return f"ProjectorWorker(name={self.name!r}, holder={self.holder!r}, epoch={self.epoch})"
@@ -479,12 +480,13 @@ class ProjectorWorker:
             raise
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction for a batch or a stall check.
+    async def _transaction(self, *, ahead: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A transaction for a batch or a stall check (``ahead``: for the look-ahead's reads).
 
         Inside :meth:`run` and :meth:`catch_up`, on a connection the worker keeps between
-        batches: no pool checkout, no pre-ping round trip and no reset on return, which cost
-        ~0.4 ms of CPU per batch (a batch of a few events is ~2 ms). Before each use it is
+        batches (one for batches and stall checks, one for the look-ahead, which runs while a
+        batch writes): no pool checkout, no pre-ping round trip and no reset on return, which
+        cost ~0.4 ms of CPU per batch (a batch of a few events is ~2 ms). Before each use it is
         checked without a round trip (``engine.looks_usable``: open, idle, nothing waiting
         on its socket, as a terminated backend leaves); after any error it is closed, and the
         next transaction takes a new one. Elsewhere (:meth:`run_once` alone), a pooled one.
@@ -493,21 +495,33 @@ class ProjectorWorker:
             async with self.engine.begin() as pooled:
                 yield pooled
             return
-        conn = self._kept
+        conn = self._kept_ahead if ahead else self._kept
         if conn is not None and (conn.closed or not looks_usable(await driver_of(conn))):
-            await self._drop_kept()
+            await self._drop_kept(ahead=ahead)
             conn = None
         if conn is None:
-            conn = self._kept = await self.engine.connect()
+            conn = await self.engine.connect()
+            if ahead:
+                self._kept_ahead = conn
+            else:
+                self._kept = conn
         try:
             async with conn.begin():
                 yield conn
         except BaseException:
-            await self._drop_kept()
+            await self._drop_kept(ahead=ahead)
             raise
 
-    async def _drop_kept(self) -> None:
-        conn, self._kept = self._kept, None
+    async def _drop_kept(self, *, ahead: bool | None = None) -> None:
+        """Close a kept connection (``ahead``: the look-ahead's; ``None``: both)."""
+        if ahead is None:
+            await self._drop_kept(ahead=False)
+            await self._drop_kept(ahead=True)
+            return
+        if ahead:
+            conn, self._kept_ahead = self._kept_ahead, None
+        else:
+            conn, self._kept = self._kept, None
         if conn is not None:
             with contextlib.suppress(DBAPIError, OSError):
                 await conn.close()
@@ -521,6 +535,7 @@ class ProjectorWorker:
         finally:
             self._keeping -= 1
             if not self._keeping:
+                await self._drop_ahead()  # before its connection closes under it
                 await self._drop_kept()
 
     async def _write_batch(self, ahead: _Ahead | None) -> int | None:
@@ -589,9 +604,9 @@ class ProjectorWorker:
     ) -> _Ahead:
         """Read the batch after ``after`` and fold it onto the states ``folded`` leaves.
 
-        Runs on a second pooled connection while the batch that produced ``current`` is being
-        written (``folded``: its documents' states after it; its transaction holds the
-        watermark lock, taken at watermark ``last``), so the
+        Runs on a second connection (kept between batches, as the batch's) while the batch
+        that produced ``current`` is being written (``folded``: its documents' states after
+        it; its transaction holds the watermark lock, taken at watermark ``last``), so the
         fold's CPU overlaps Postgres executing that write. Nothing here writes or is trusted
         blindly: the next batch uses the events only if the lease cursor still equals
         ``after`` (checked under the lease row lock), and the fold only if the last watermark
@@ -604,7 +619,7 @@ class ProjectorWorker:
         the watermarks without raising the last watermark, which voids the fold.
         """
         based_at = last + len(folded)
-        async with self.engine.connect() as conn:
+        async with self._transaction(ahead=True) as conn:
             events, upto = await read_committed(conn, after, self.batch_size)
             if not events:
                 return _Ahead(after, events, upto, None, based_at)
