@@ -77,29 +77,3 @@ def test_serve_prints_each_line_in_one_write(monkeypatch: pytest.MonkeyPatch) ->
     serve._say("oa-sync stopped", err=True)
     assert out.writes == ["oa-sync serving on http://127.0.0.1:1\n"]
     assert err.writes == ["oa-sync stopped\n"]
-
-
-def test_serve_loop_is_uvloop_when_installed_else_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``serve`` runs on uvloop when it is installed (a dependency), on asyncio's own loop
-    without it or with ``OA_SYNC_EVENT_LOOP=asyncio``; either way the loop serves a coroutine."""
-    import asyncio
-
-    from oa_sync_server.commands import serve
-    from oa_sync_server.config import Settings
-
-    settings = Settings.from_env({"OA_SYNC_EVENT_LOOP": "asyncio"})
-    assert settings.event_loop == "asyncio"
-    assert serve._loop_factory(settings) is None
-    auto = Settings.from_env({})
-    assert auto.event_loop == "auto"
-    uvloop = pytest.importorskip("uvloop")
-    assert serve._loop_factory(auto) is uvloop.new_event_loop
-
-    async def on_uvloop() -> int:
-        return int(isinstance(asyncio.get_running_loop(), uvloop.Loop))
-
-    assert serve._run(on_uvloop(), auto) == 1
-    assert serve._run(on_uvloop(), settings) == 0
-    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed (Windows)
-    assert serve._loop_factory(auto) is None
-    assert serve._run(on_uvloop(), auto) == 0

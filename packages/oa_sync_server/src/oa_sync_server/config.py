@@ -206,8 +206,6 @@ class Settings:
             publishes each change to NATS JetStream, instances consume it).
         nats_url: the NATS server (required when ``fanout`` is ``nats``).
         read_replica_url: a Postgres replica for snapshot and resume reads (``None``: none).
-        event_loop: ``auto`` (uvloop's when it is installed, a dependency off Windows; else
-            asyncio's) or ``asyncio`` (asyncio's own always).
     """
 
     database_url: str | None = None
@@ -226,7 +224,6 @@ class Settings:
     fanout: FanoutKind = FanoutKind.POSTGRES
     nats_url: str | None = None
     read_replica_url: str | None = None
-    event_loop: str = "auto"
 
     def __repr__(self) -> str:
         parts = []
@@ -327,7 +324,6 @@ class Settings:
             fanout=fanout,
             nats_url=nats_url,
             read_replica_url=env.get("READ_REPLICA_URL", _database_url, None),
-            event_loop=env.get("EVENT_LOOP", _choice_str("auto", "asyncio"), "auto"),
         )
 
     def require_jwt_key(self, *, dev: bool = False) -> Settings:

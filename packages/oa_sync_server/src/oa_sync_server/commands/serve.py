@@ -37,9 +37,8 @@ import shlex
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import web
 
@@ -264,37 +263,12 @@ def run(args: argparse.Namespace) -> int:
     settings = settings.require_jwt_key(dev=args.demo)
     configure_logging(settings.log_format, settings.log_level)
     if args.worker_child:
-        return _run(
-            serve(settings, demo=False, child=True, demo_runtime=args.demo_runtime), settings
-        )
+        return asyncio.run(serve(settings, demo=False, child=True, demo_runtime=args.demo_runtime))
     if args.workers < 1:
         raise ConfigError("--workers", "must be at least 1")
     if args.workers == 1:
-        return _run(serve(settings, demo=args.demo), settings)
-    return _run(supervise(settings, workers=args.workers, demo=args.demo), settings)
-
-
-def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (a dependency, except on Windows) and
-    ``OA_SYNC_EVENT_LOOP`` is ``auto`` (the default); ``None``: asyncio's own.
-
-    Measured on ``bench/fanout.py`` (docs/benchmarks.md): the per-write cost of asyncio's
-    pure-Python socket transport was the largest single item of the fan-out's server CPU.
-    """
-    if settings.event_loop == "asyncio":
-        return None
-    try:
-        import uvloop  # noqa: PLC0415 - optional
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
-def _run(main: Coroutine[Any, Any, int], settings: Settings) -> int:
-    """Run ``main`` to completion on the serving event loop (:func:`_loop_factory`)."""
-    with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
-        return runner.run(main)
+        return asyncio.run(serve(settings, demo=args.demo))
+    return asyncio.run(supervise(settings, workers=args.workers, demo=args.demo))
 
 
 def _stop_with_parent(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
