@@ -4,14 +4,20 @@ watermark order, bounded feeds, and NOTIFY treated as a hint (re-LISTEN then re-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from oa_sync_core import DocumentUpdate
+from oa_sync_core.codec import canonical_json, content_hash
 from oa_sync_core.testing import new_event
 from oa_sync_core.topics import parse_topic
+from oa_sync_server.bus.changes import BusChange
 from oa_sync_server.fanout import Feed, Hub, LiveDoc
-from oa_sync_server.postgres.tables import sync_meta
+from oa_sync_server.postgres.read_model import DocRow
+from oa_sync_server.postgres.stores import write_updates
+from oa_sync_server.postgres.tables import NOTIFY_CHANGES, sync_meta
 
 from tests.live import LiveServer, make_live_server
 
@@ -143,9 +149,16 @@ async def test_closed_feed_stops_iteration(live_server: LiveServer) -> None:
 
 async def test_terminated_listen_connection_reconnects_and_rereads(database_url: str) -> None:
     """pg_terminate_backend on the LISTEN connection: the hub re-LISTENs, then re-reads, so
-    changes committed while it was deaf still arrive (poll interval far longer than the wait)."""
-    async with make_live_server(database_url, poll_interval_s=600.0) as server:
-        hub = server.state.hub
+    changes committed while it was deaf still arrive (poll interval far longer than the wait).
+    The hub is one of another process, as it were: no projector of its own hands it changes."""
+    async with (
+        make_live_server(database_url, poll_interval_s=600.0) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        metrics = server.state.metrics
+        hub = Hub(server.engine, poll_interval_s=600.0, metrics=metrics)
+        await hub.start()
+        stack.push_async_callback(hub.stop)
         async with asyncio.timeout(WAIT_S):
             await hub.listening.wait()
         feed = hub.attach(1000)
@@ -163,7 +176,7 @@ async def test_terminated_listen_connection_reconnects_and_rereads(database_url:
         got = await take(feed, 20)
         assert {x.row.doc_key for x in got} == {f"runtime/run_summary:during{i}" for i in range(20)}
         assert hub.listener_pid not in (None, old_pid)
-        reconnects = server.state.metrics.listener_reconnects._value.get()
+        reconnects = metrics.listener_reconnects._value.get()
         assert reconnects >= 1
 
 
@@ -239,8 +252,19 @@ async def test_hub_with_nobody_attached_reads_no_bodies_and_still_advances(
 
 async def test_feed_attached_while_the_hub_skips_gets_that_page(live_server: LiveServer) -> None:
     """The hub decides after its read whether anyone listens: a feed that attaches while a
-    bodiless read is in flight is offered that page's changes, none passed over."""
-    hub = live_server.state.hub
+    bodiless read is in flight is offered that page's changes, none passed over. (A hub of a
+    process without the projector: the projector's own hub takes its commits from it.)"""
+    hub = Hub(live_server.engine, poll_interval_s=600.0)
+    await hub.start()
+    try:
+        await _attach_during_a_skip(live_server, hub)
+    finally:
+        await hub.stop()
+
+
+async def _attach_during_a_skip(live_server: LiveServer, hub: Hub) -> None:
+    async with asyncio.timeout(WAIT_S):
+        await hub.listening.wait()
     real_skip = hub._reader.skip
     in_flight, release = asyncio.Event(), asyncio.Event()
 
@@ -259,3 +283,100 @@ async def test_feed_attached_while_the_hub_skips_gets_that_page(live_server: Liv
     release.set()
     [live] = await take(feed, 1)
     assert live.row.doc_key == "runtime/run_summary:late"
+
+
+def _update(doc_key: str, version: int) -> DocumentUpdate:
+    body: dict[str, Any] = {"runId": doc_key.rpartition(":")[2], "stepCount": version}
+    canonical = canonical_json(body)
+    return DocumentUpdate(
+        projection="runtime/run_summary",
+        doc_key=doc_key,
+        version=version,
+        body=body,
+        canonical=canonical,
+        content_hash=content_hash(canonical),
+        last_position=0,
+    )
+
+
+def _reads(server: LiveServer, kind: str = "page") -> float:
+    return float(server.state.metrics.hub_reads.labels(kind)._value.get())
+
+
+async def test_the_projectors_commits_reach_its_own_hub_without_a_read(database_url: str) -> None:
+    """In the process that runs the projector, the hub takes each committed batch from it
+    (the local bus) and reads Postgres for none of them: the commit's hint names a watermark
+    the hub has delivered, and a bus change the hub can place (the next watermark of its
+    epoch) is not in Postgres at all here, yet it is delivered."""
+    async with make_live_server(database_url, poll_interval_s=600.0) as server:
+        hub = server.state.hub
+        async with asyncio.timeout(WAIT_S):
+            await hub.listening.wait()
+        feed = hub.attach(1000)
+        await server.append([new_event("run.created", "r0")])
+        await take(feed, 1)
+        await server.settle()
+        reads = _reads(server)
+        for i in range(1, 6):
+            await server.append([new_event("run.created", f"r{i}")])
+            assert [x.row.doc_key for x in await take(feed, 1)] == [f"runtime/run_summary:r{i}"]
+        await server.settle()
+        # A hint may overtake its batch's hand-over (then that batch is read): most are not.
+        assert _reads(server) - reads < 5
+        bus = server.state.projector.bus if server.state.projector else None
+        assert bus is not None
+        change = BusChange(
+            epoch=hub.epoch,
+            row=DocRow(
+                doc_key="runtime/run_summary:only-on-the-bus",
+                projection="runtime/run_summary",
+                version=1,
+                watermark=hub.watermark + 1,
+                content_hash="h",
+                body=b"{}",
+            ),
+            committed_at=0.0,
+        )
+        await bus.publish([change])
+        got = await take(feed, 1)
+        assert got[0].row.doc_key == "runtime/run_summary:only-on-the-bus"
+        assert hub.watermark == change.watermark
+
+
+async def test_a_hint_from_another_writer_is_read_at_once(database_url: str) -> None:
+    """A document writer other than this process's projector (a reprojection, the projector
+    of another process) commits changes the local bus never carries: its hint names a
+    watermark the hub has not delivered, so the hub reads Postgres at once (the poll interval
+    here is ten minutes)."""
+    async with make_live_server(database_url, poll_interval_s=600.0) as server:
+        hub = server.state.hub
+        async with asyncio.timeout(WAIT_S):
+            await hub.listening.wait()
+        feed = hub.attach(1000)
+        await server.append([new_event("run.created", "r0")])
+        await take(feed, 1)
+        async with server.engine.begin() as conn:
+            written = await write_updates(conn, [_update("runtime/run_summary:elsewhere", 1)])
+            await conn.execute(NOTIFY_CHANGES, {"watermark": str(written.last_watermark)})
+        got = await take(feed, 1)
+        assert got[0].row.doc_key == "runtime/run_summary:elsewhere"
+
+
+async def test_a_hint_in_another_epoch_is_read_whatever_its_watermark(database_url: str) -> None:
+    """A hint names its epoch: after a rebuild restarted watermarks, a hint at or below the
+    hub's watermark but in the new epoch still makes the hub read (and see the new epoch)."""
+    async with make_live_server(database_url, poll_interval_s=600.0) as server:
+        hub = server.state.hub
+        async with asyncio.timeout(WAIT_S):
+            await hub.listening.wait()
+        feed = hub.attach(1000)
+        await server.append([new_event("run.created", f"r{i}") for i in range(3)])
+        await take(feed, 3)
+        async with server.engine.begin() as conn:
+            await conn.execute(
+                sa.update(sync_meta).where(sync_meta.c.key == "epoch").values(value="rebuilt")
+            )
+            await conn.execute(NOTIFY_CHANGES, {"watermark": "1"})
+        assert await take(feed, 1) == []
+        assert feed.epoch_changed
+        assert hub.epoch == "rebuilt"

@@ -12,8 +12,9 @@ import structlog.testing
 from oa_sync_core import CodexWorkerSummaryProjector, NewEvent, RunSummaryProjector
 from oa_sync_core.testing import new_event
 from oa_sync_server.postgres.event_log import PostgresEventLog
+from oa_sync_server.postgres.read_model import log_epoch
 from oa_sync_server.postgres.stores import PostgresCheckpointStore, PostgresDocumentSink
-from oa_sync_server.postgres.tables import changes, documents
+from oa_sync_server.postgres.tables import changes, changes_hint, documents
 from oa_sync_server.worker import LeaseBusyError, LeaseLost, ProjectorWorker
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -85,7 +86,8 @@ async def test_rolled_back_appends_never_stall_the_projector(engine: AsyncEngine
 async def test_changes_notify_carries_the_new_watermark(
     engine: AsyncEngine, database_url: str
 ) -> None:
-    """Each committed batch sends the new watermark on oa_sync_changes."""
+    """Each committed batch sends the log epoch and the new watermark on oa_sync_changes
+    (``<epoch>:<watermark>``, what a hub compares with what it delivered)."""
     listener = await psycopg.AsyncConnection.connect(
         database_url.replace("+psycopg", ""), autocommit=True
     )
@@ -95,7 +97,10 @@ async def test_changes_notify_carries_the_new_watermark(
         worker = ProjectorWorker(engine)
         await worker.catch_up()
         got = [n.payload async for n in listener.notifies(timeout=10, stop_after=1)]
-    assert got == ["2"]
+        async with engine.connect() as conn:
+            epoch = await log_epoch(conn)
+    assert got == [f"{epoch}:2"]
+    assert changes_hint(got[0]) == (epoch, 2)
 
 
 async def test_lease_is_exclusive_and_fenced(engine: AsyncEngine) -> None:

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oa_sync_server import openapi
 from oa_sync_server.auth import TokenVerifier
+from oa_sync_server.bus.local import LocalBus
 from oa_sync_server.config import FanoutKind, Settings
 from oa_sync_server.errors import ConfigError
 from oa_sync_server.fanout import Hub
@@ -45,6 +46,7 @@ from oa_sync_server.transports.ws import close_all, sync_handler
 from oa_sync_server.worker import ProjectorWorker
 
 if TYPE_CHECKING:
+    from oa_sync_server.bus.changes import ChangeBus
     from oa_sync_server.bus.nats import NatsBus
 
 __all__ = ["STATE", "ServerState", "create_app"]
@@ -106,9 +108,9 @@ def create_app(
         engine = create_engine(settings.database_url)
     metrics = Metrics()
     verifier = TokenVerifier(settings.jwt, metrics=metrics)
-    bus = None
-    if settings.fanout is FanoutKind.NATS:
-        bus = _nats_bus(settings, metrics)
+    nats = _nats_bus(settings, metrics) if settings.fanout is FanoutKind.NATS else None
+    # Without NATS, this process's projector hands its commits to this process's hub.
+    bus: ChangeBus | None = nats if nats is not None else LocalBus() if run_projector else None
     hub = Hub(engine, poll_interval_s=settings.poll_interval_s, metrics=metrics, bus=bus)
     replica = (
         None if settings.read_replica_url is None else create_engine(settings.read_replica_url)
@@ -155,15 +157,15 @@ def create_app(
 
     async def hub_context(app: web.Application) -> AsyncIterator[None]:
         await hub.start()
-        if bus is not None:
-            bus.start()
+        if nats is not None:
+            nats.start()
             if state.projector is not None:
                 worker = state.projector
-                bus.on_reconnect(lambda: worker._republish() if worker.epoch else _nothing())
+                nats.on_reconnect(lambda: worker._republish() if worker.epoch else _nothing())
         yield
         await hub.stop()
-        if bus is not None:
-            await bus.stop()
+        if nats is not None:
+            await nats.stop()
 
     async def projector_context(app: web.Application) -> AsyncIterator[None]:
         worker = state.projector

@@ -31,15 +31,25 @@ Each :class:`Feed` has a bounded queue. A feed whose queue is full is *overflowe
 receiving and its iteration ends, and its owner closes the connection (4429) — one slow
 consumer never holds back the hub or the other feeds.
 
-Source. With a fan-out bus (``OA_SYNC_FANOUT=nats``, :mod:`oa_sync_server.bus`) the changes
-arrive as messages instead, each with its watermark: the reader delivers a message only when
-it carries the next watermark of the hub's epoch. A gap (a message ahead of the next one), a
-message of another epoch, or a bus that is not connected makes the pass read Postgres exactly
-as without a bus, from the hub's watermark; messages at or below the watermark are dropped.
-So a client sees the same changes in the same order whichever way they came. While the bus is
-up, the only Postgres read per instance is an *audit* once per poll interval (the epoch and
-the last watermark, one row): when the hub is still below the watermark the previous audit
-saw, something committed was not published (e.g. a reprojection) and the pass reads it.
+Hints. A commit's notification names its epoch and new watermark (``<epoch>:<watermark>``,
+:func:`~oa_sync_server.postgres.tables.changes_hint`): a wake whose notifications all name
+watermarks the hub has delivered in its epoch reads nothing. Any other wake (the poll
+interval, a reconnect, :meth:`Hub.wake`, a payload of another form) reads, as before.
+
+Source. In the process that runs the projector, its committed batches arrive on the local bus
+(:class:`~oa_sync_server.bus.local.LocalBus`, the default) and are delivered without reading
+them back; other writers' changes (another process's projector, a reprojection) are read from
+Postgres when their hints name them. With the NATS bus (``OA_SYNC_FANOUT=nats``,
+:mod:`oa_sync_server.bus`) every instance takes every change from it: the bus is *complete*.
+Either way a bus change arrives as a message with its watermark, and the reader delivers it
+only when it carries the next watermark of the hub's epoch. A gap (a message ahead of the next
+one), a message of another epoch, or a bus that is not connected makes the pass read Postgres
+exactly as without a bus, from the hub's watermark; messages at or below the watermark are
+dropped. So a client sees the same changes in the same order whichever way they came. While a
+complete bus is up, the only Postgres read per instance is an *audit* once per poll interval
+(the epoch and the last watermark, one row): when the hub is still below the watermark the
+previous audit saw, something committed was not published (e.g. a reprojection) and the pass
+reads it.
 
 Epoch. Each pass also reads the log epoch. When it changes (a rebuild restarted watermarks),
 the hub jumps to the new log's watermark and ends every feed with ``feed.epoch_changed`` set:
@@ -68,11 +78,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow, HubReader, log_position, read_meta
-from oa_sync_server.postgres.tables import CHANGES_CHANNEL
+from oa_sync_server.postgres.tables import CHANGES_CHANNEL, changes_hint
 
 if TYPE_CHECKING:
-    from oa_sync_server.bus.changes import BusChange
-    from oa_sync_server.bus.nats import NatsBus
+    from oa_sync_server.bus.changes import BusChange, ChangeBus
 
 __all__ = ["Delivery", "Feed", "Hub", "LiveDoc", "Receiver", "Tap"]
 
@@ -290,7 +299,7 @@ class Hub:
         page_size: int = 1000,
         metrics: Metrics | None = None,
         listen_url: str | None = None,
-        bus: NatsBus | None = None,
+        bus: ChangeBus | None = None,
     ) -> None:
         self._engine = engine
         self._bus = bus
@@ -458,9 +467,9 @@ class Hub:
 
     async def _read_loop(self) -> None:
         while True:
-            await self._follower.wait()
+            named = await self._follower.wait()
             try:
-                await self._read_pass()
+                await self._read_pass(named)
             except (sa.exc.SQLAlchemyError, psycopg.Error, OSError) as exc:
                 _log.warning("fanout_read_failed", error=type(exc).__name__)
             except Exception as exc:  # noqa: BLE001 - a bug must not end live delivery
@@ -472,7 +481,7 @@ class Hub:
                 self._from_bus.clear()  # far behind: the next pass reads Postgres
                 self._bus_lost = True
             self._from_bus[change.watermark] = change
-            self._follower.wake()
+            self._follower.wake(read=False)  # delivered by the pass; no read for it
 
     def _take_from_bus(self) -> bool:
         """Deliver the bus's messages that continue the watermark; False when Postgres must
@@ -486,9 +495,7 @@ class Hub:
             if change.epoch != self.epoch:
                 held.clear()
                 return False
-            live = LiveDoc.of_row(change.row, change.committed_at)
-            for feed in self._targets(change.row.doc_key):
-                feed._offer(live)
+            self._offer(change.row, change.committed_at)
             self.watermark = change.watermark
             delivered += 1
         if delivered:
@@ -513,13 +520,40 @@ class Hub:
         self._audit_seen = top
         return behind
 
-    async def _read_pass(self) -> None:
-        if (
-            self._bus is not None
-            and self._bus.connected
-            and self._take_from_bus()
-            and not await self._audit()
-        ):
+    def _covered(self, named: frozenset[str] | None) -> bool:
+        """Whether the notifications of a wake name only changes already delivered (their
+        ``<epoch>:<watermark>`` payloads in the hub's epoch, at or below its watermark)."""
+        if named is None:
+            return False
+        for payload in named:
+            hint = changes_hint(payload)
+            if hint is None or hint[0] != self.epoch or hint[1] > self.watermark:
+                return False
+        return True
+
+    def _offer(self, row: DocRow, committed_at: float) -> None:
+        """Hand one change to the feeds that want it (its encoding built only if any do)."""
+        if not self._feeds:
+            return
+        targets = self._targets(row.doc_key)
+        if targets:
+            live = LiveDoc.of_row(row, committed_at)
+            for feed in targets:
+                feed._offer(live)
+
+    async def _read_pass(self, named: frozenset[str] | None = None) -> None:
+        """Deliver what the bus brought, then read Postgres unless nothing is left to read
+        (``named``: the payloads of the notifications this pass was woken for, see
+        :meth:`LogFollower.wait`)."""
+        bus = self._bus
+        if bus is not None and bus.connected:
+            if self._take_from_bus():
+                if bus.complete:
+                    if not await self._audit():
+                        return
+                elif self._covered(named):
+                    return
+        elif self._covered(named):
             return
         while True:
             if not self._feeds:
@@ -539,9 +573,7 @@ class Hub:
                 if rows:
                     self._metrics.hub_changes.labels("postgres").inc(len(rows))
             for row, committed_at in rows:
-                live = LiveDoc.of_row(row, committed_at)
-                for feed in self._targets(row.doc_key):
-                    feed._offer(live)
+                self._offer(row, committed_at)
                 self.watermark = row.watermark
             if rows:
                 self._signal()

@@ -33,9 +33,10 @@ again) and the last watermark is the one the batch before left, i.e. nobody else
 document since the look-ahead took its states (else it is refolded from the database). The
 events read ahead are as final as any batch's (read below their own snapshot's xmin, rule 1).
 
-After the commit, a worker given a fan-out bus publishes the batch's changes to it
-(:meth:`ProjectorWorker._publish`; a failure is logged, never retried here: the hubs read
-Postgres for what the bus misses, and the next lease holder republishes, see
+After the commit, a worker given a fan-out bus (NATS, or the in-process
+:class:`~oa_sync_server.bus.local.LocalBus` of ``oa-sync serve``) publishes the batch's
+changes to it (:meth:`ProjectorWorker._publish`; a failure is logged, never retried here: the
+hubs read Postgres for what the bus misses, and the next lease holder republishes, see
 :mod:`oa_sync_server.bus.nats`).
 
 A crash anywhere before the commit leaves nothing; after a restart the batch is read again.
@@ -78,7 +79,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import TYPE_CHECKING, Final, NamedTuple, NoReturn
+from typing import Final, NamedTuple, NoReturn
 
 import sqlalchemy as sa
 import structlog
@@ -95,7 +96,7 @@ from oa_sync_core.protocol.backoff import Backoff, BackoffPolicy
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.bus.changes import BusChange
+from oa_sync_server.bus.changes import BusChange, ChangeBus
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
@@ -121,9 +122,6 @@ __all__ = [
     "default_holder",
     "libpq_url",
 ]
-
-if TYPE_CHECKING:
-    from oa_sync_server.bus.nats import NatsBus
 
 log = structlog.get_logger(__name__)
 
@@ -270,7 +268,7 @@ class ProjectorWorker:
         poll_interval_s: float = 1.0,
         cache_size: int = 100_000,
         retention_s: float | None = None,
-        bus: NatsBus | None = None,
+        bus: ChangeBus | None = None,
         stall_warn_after_s: float = DEFAULT_STALL_WARN_AFTER_S,
         look_ahead: bool = True,
     ) -> None:
@@ -586,7 +584,9 @@ class ProjectorWorker:
             written = await write_batch(  # and the lease cursor, in the same statement
                 conn, result.updates, result.checkpoints, locked_at=last, advance=advance
             )
-            epoch_now = await log_epoch(conn) if self.bus is not None and written.updates else ""
+            epoch_now = ""
+            if self.bus is not None and written.updates:  # read by the write when it advanced
+                epoch_now = written.epoch or await log_epoch(conn)
             await self._pause("written", conn)
         await self._pause("committed", None)
         if self.bus is not None and written.updates:

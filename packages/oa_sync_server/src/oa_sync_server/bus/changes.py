@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import orjson
 from oa_sync_core.codec import canonical_json
 
 from oa_sync_server.postgres.read_model import DocRow
 
-__all__ = ["BusChange", "decode_change", "encode_change"]
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["BusChange", "ChangeBus", "decode_change", "encode_change"]
 
 _T = TypeVar("_T")
 
@@ -38,6 +42,38 @@ class BusChange:
     def msg_id(self) -> str:
         """The JetStream message id: ``<epoch>:<watermark>``."""
         return f"{self.epoch}:{self.row.watermark}"
+
+
+class ChangeBus(Protocol):
+    """What the projector publishes committed changes to and a hub takes them from.
+
+    Two exist: :class:`oa_sync_server.bus.nats.NatsBus` (every instance's hub gets every
+    change the lease holder commits) and :class:`oa_sync_server.bus.local.LocalBus` (the hub of
+    the projector's own process gets that projector's changes, with no network between).
+    """
+
+    @property
+    def complete(self) -> bool:
+        """Whether the bus carries every change the lease holder commits, wherever it runs
+        (a hub then reads Postgres only to audit and after a gap); ``False``: only this
+        process's projector's, and the hub reads what other notifications name."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """True while changes can arrive (a hub relies on the bus only then)."""
+        ...
+
+    def subscribe(self, handler: Callable[[BusChange], None]) -> None:
+        """Hand every change that arrives to ``handler`` (synchronously, in order)."""
+
+    async def publish(self, changes: Iterable[BusChange]) -> int:
+        """Publish committed changes in watermark order; returns how many were sent."""
+        ...
+
+    async def republish(self, engine: AsyncEngine) -> int:
+        """Publish what the bus may have missed (a fresh lease holder calls this)."""
+        ...
 
 
 def encode_change(change: BusChange) -> bytes:

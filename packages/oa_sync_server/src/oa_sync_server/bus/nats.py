@@ -83,6 +83,9 @@ class NatsBus:
     Use :meth:`start` and :meth:`stop`.
     """
 
+    complete: Final = True
+    """Every change the lease holder commits is published (see the module docstring)."""
+
     def __init__(
         self, url: str, *, on_published: Callable[[int, bool], None] | None = None
     ) -> None:

@@ -7,7 +7,11 @@ in a table": the projector worker (new events, channel ``oa_sync_events``), the 
 
 * a task holds a dedicated psycopg connection (outside any pool, autocommit) that ``LISTEN``s
   on the channel; every notification sets :attr:`LogFollower.hint`. A NOTIFY is only a hint
-  (DESIGN.md rule 5): its payload is never read;
+  (DESIGN.md rule 5): it carries no data. :meth:`LogFollower.wait` hands the consumer the
+  payloads of the notifications it woke for (the projector's name the epoch and watermark it
+  committed), so a consumer that already holds what they name may skip its read; a wake that
+  names nothing (a reconnect, :meth:`LogFollower.wake`, the poll interval) returns ``None``:
+  read;
 * when the connection fails (network, restart, ``pg_terminate_backend``) the task logs it,
   sets the hint (the consumer looks now: anything may have been missed), waits a full-jitter
   backoff (:class:`oa_sync_core.protocol.backoff.Backoff`) and reconnects; after re-``LISTEN``
@@ -43,6 +47,9 @@ _LISTEN: Final[dict[str, LiteralString]] = {
 
 FOLLOWER_BACKOFF: Final = BackoffPolicy(base_s=0.1, cap_s=5.0)
 """Reconnect schedule of the LISTEN connection (full jitter, forever)."""
+
+MAX_PAYLOADS: Final = 64
+"""Distinct payloads kept between two waits; beyond them the wake names nothing (read)."""
 
 _log = structlog.get_logger(__name__)
 
@@ -90,6 +97,8 @@ class LogFollower:
         self._task: asyncio.Task[None] | None = None
         self.hint = asyncio.Event()
         """Set by every notification and every (re)connect; the consumer clears it."""
+        self._payloads: set[str] = set()  # of the notifications since the last wait
+        self._blind = True  # since the last wait: a wake that names nothing
         self.listening = asyncio.Event()
         """Set while the LISTEN connection is up."""
         self.backend_pid: int | None = None
@@ -115,15 +124,30 @@ class LogFollower:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def wake(self) -> None:
-        """Set the hint (as a notification would)."""
+    def wake(self, *, read: bool = True) -> None:
+        """Set the hint (as a notification would).
+
+        Args:
+            read: the wake names nothing, so the consumer reads (``False``: the waker
+                delivered what it woke for itself; only notifications decide the read).
+        """
+        if read:
+            self._blind = True
         self.hint.set()
 
-    async def wait(self, stop: asyncio.Event | None = None, timeout_s: float | None = None) -> None:
+    async def wait(
+        self, stop: asyncio.Event | None = None, timeout_s: float | None = None
+    ) -> frozenset[str] | None:
         """Until a hint, ``stop``, or ``timeout_s`` (default: the poll interval) passes.
 
         The hint is cleared on return, before the consumer reads: a notification that arrives
         during the read sets it again, so the next wait returns at once.
+
+        Returns:
+            The payloads of the notifications this wake stands for (empty: only a
+            ``wake(read=False)``), or ``None`` when it names nothing the consumer could skip a
+            read for: the poll interval passed, ``stop``, a (re)connect, a plain :meth:`wake`,
+            or more than :data:`MAX_PAYLOADS` distinct payloads.
         """
         waiters = [asyncio.ensure_future(self.hint.wait())]
         if stop is not None:
@@ -137,7 +161,21 @@ class LogFollower:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+        named = None if self._blind or not self.hint.is_set() else frozenset(self._payloads)
         self.hint.clear()
+        self._payloads.clear()
+        self._blind = False
+        return named
+
+    def _notified(self, payload: str) -> None:
+        payloads = self._payloads
+        if not self._blind:
+            if len(payloads) >= MAX_PAYLOADS:
+                self._blind = True
+                payloads.clear()
+            else:
+                payloads.add(payload)
+        self.hint.set()
 
     async def _listen(self) -> None:
         first = True
@@ -152,9 +190,9 @@ class LogFollower:
                     self.backend_pid = conn.info.backend_pid
                     self.listening.set()
                     self._backoff.reset()
-                    self.hint.set()  # re-read whatever was committed while not listening
-                    async for _ in conn.notifies():
-                        self.hint.set()
+                    self.wake()  # re-read whatever was committed while not listening
+                    async for notify in conn.notifies():
+                        self._notified(notify.payload)
             except (psycopg.Error, OSError) as exc:
                 _log.warning("listener_lost", follower=self._name, error=type(exc).__name__)
             except Exception as exc:  # noqa: BLE001 - a bug must not silence the hints
@@ -162,5 +200,5 @@ class LogFollower:
             finally:
                 self.listening.clear()
                 self.backend_pid = None
-            self.hint.set()  # look now: the poll fallback covers the gap
+            self.wake()  # look now: the poll fallback covers the gap
             await asyncio.sleep(self._backoff.next_delay() or FOLLOWER_BACKOFF.cap_s)

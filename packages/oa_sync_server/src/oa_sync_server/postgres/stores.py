@@ -39,7 +39,13 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.postgres.engine import DriverText, run_on_driver
-from oa_sync_server.postgres.tables import CHANGES_CHANNEL, checkpoints, documents
+from oa_sync_server.postgres.tables import (
+    CHANGES_CHANNEL,
+    CHANGES_HINT_SQL,
+    EPOCH_SQL,
+    checkpoints,
+    documents,
+)
 
 __all__ = [
     "WATERMARK_LOCK",
@@ -103,16 +109,19 @@ _WRITE_ROWS: Final = (
     # The projector's batch: documents, their checkpoints and change rows from one parameter.
     f"{_ROWS}, {_UPSERT_DOCUMENTS}, c AS ({_UPSERT_CHECKPOINT_ROWS}), ch AS ({_INSERT_CHANGES})"
 )
-_ADVANCE_LEASE: Final = (
-    # The lease cursor and renewal; then, when the batch changed documents, the commit-time
-    # hint with the new watermark (a CTE and the final SELECT of a projector statement).
+_HINT_SELECT: Final = f"SELECT {EPOCH_SQL}, pg_notify(:channel, {CHANGES_HINT_SQL})"
+_ADVANCE_CTE: Final = (
+    # The lease cursor and renewal; then, when the batch changed documents, the log epoch and
+    # the commit-time hint naming it and the new watermark (a CTE and the final SELECT of a
+    # projector statement; after the watermark lock, so the epoch is the batch's).
     "advanced AS (UPDATE oa_sync.projector_leases SET "
     "cursor_tx_id = CAST(CAST(:tx AS text) AS xid8), cursor_position = :pos, "
     "heartbeat_at = clock_timestamp(), "
     "expires_at = clock_timestamp() + make_interval(secs => :ttl) "
-    "WHERE name = :name RETURNING 1) "
-    "SELECT pg_notify(:channel, CAST(:watermark AS text)) FROM advanced "
-    "WHERE CAST(:watermark AS text) IS NOT NULL"
+    "WHERE name = :name RETURNING 1)"
+)
+_ADVANCE_LEASE: Final = " ".join(
+    (_ADVANCE_CTE, _HINT_SELECT, "FROM advanced WHERE CAST(:watermark AS text) IS NOT NULL")
 )
 # The statements, from the constant fragments above (composed once, at import; no value is
 # ever spliced into SQL text: every value is a bound parameter).
@@ -246,13 +255,21 @@ class Written:
     Attributes:
         updates: the updates written, each with its watermark, in watermark order.
         last_watermark: the highest watermark after the write (unchanged if nothing written).
+        epoch: the log epoch the watermarks belong to, when the write read it
+            (:func:`write_batch` with a lease advance and updates; else ``None``).
     """
 
-    __slots__ = ("last_watermark", "updates")
+    __slots__ = ("epoch", "last_watermark", "updates")
 
-    def __init__(self, updates: list[tuple[DocumentUpdate, int]], last_watermark: int) -> None:
+    def __init__(
+        self,
+        updates: list[tuple[DocumentUpdate, int]],
+        last_watermark: int,
+        epoch: str | None = None,
+    ) -> None:
         self.updates = updates
         self.last_watermark = last_watermark
+        self.epoch = epoch
 
 
 async def write_updates(
@@ -441,7 +458,8 @@ async def write_batch(
     Like :func:`write_updates` with ``only_newer=False`` followed by :func:`put_checkpoints`,
     in one round trip and one parameter (each row carries its document and its checkpoint).
     With ``advance``, the same statement also moves the lease cursor (as
-    :func:`advance_lease`) and queues ``pg_notify('oa_sync_changes', <new last watermark>)``.
+    :func:`advance_lease`), reads the log epoch (:attr:`Written.epoch`) and queues
+    ``pg_notify('oa_sync_changes', '<epoch>:<new last watermark>')``.
 
     Args:
         conn: a connection in a transaction holding the watermark lock.
@@ -452,6 +470,7 @@ async def write_batch(
 
     Raises:
         ValueError: the checkpoints do not match the updates one to one.
+        LookupError: ``advance`` names no lease row (nothing is advanced; roll back).
     """
     if len(checkpoints) != len(updates) or len({u.doc_key for u in updates}) != len(updates):
         raise ValueError("write_batch needs one update and its checkpoint per document")
@@ -478,8 +497,14 @@ async def write_batch(
             )
         )
     params = {"rows": orjson.dumps(rows).decode()}
+    epoch = None
     if advance is None:
         await run_on_driver(conn, _WRITE_WITH_CHECKPOINTS, params)
     else:
-        await run_on_driver(conn, _WRITE_AND_ADVANCE, params | advance.params(watermarks[-1]))
-    return Written(list(zip(updates, watermarks, strict=True)), watermarks[-1])
+        found = await run_on_driver(
+            conn, _WRITE_AND_ADVANCE, params | advance.params(watermarks[-1])
+        )
+        if not found:  # the lease row is gone: nothing to advance (the caller checked it)
+            raise LookupError(f"projector lease {advance.name!r} not found")
+        epoch = str(found[0][0])
+    return Written(list(zip(updates, watermarks, strict=True)), watermarks[-1], epoch)

@@ -14,11 +14,14 @@ from sqlalchemy.types import UserDefinedType
 
 __all__ = [
     "CHANGES_CHANNEL",
+    "CHANGES_HINT_SQL",
+    "EPOCH_SQL",
     "EVENTS_CHANNEL",
     "NOTIFY_CHANGES",
     "SCHEMA",
     "Xid8",
     "changes",
+    "changes_hint",
     "checkpoints",
     "documents",
     "events",
@@ -30,13 +33,28 @@ __all__ = [
 SCHEMA: Final = "oa_sync"
 
 CHANGES_CHANNEL: Final = "oa_sync_changes"
-"""NOTIFY channel of the projector's commits (payload: the new watermark; only a hint)."""
+"""NOTIFY channel of the document writers' commits (payload ``<epoch>:<new last watermark>``,
+see :func:`changes_hint`; only a hint)."""
 EVENTS_CHANNEL: Final = "oa_sync_events"
 """NOTIFY channel of appends (empty payload; delivered at commit, so only a hint)."""
-NOTIFY_CHANGES: Final = sa.text("SELECT pg_notify(:channel, :watermark)").bindparams(
-    channel=CHANGES_CHANNEL
-)
-"""The projector's commit-time hint; execute with ``{"watermark": str(w)}``."""
+EPOCH_SQL: Final = "(SELECT value FROM oa_sync.sync_meta WHERE key = 'epoch')"
+"""The log epoch, as an SQL expression."""
+CHANGES_HINT_SQL: Final = f"{EPOCH_SQL} || ':' || CAST(CAST(:watermark AS bigint) AS text)"
+"""The payload of a commit's hint on :data:`CHANGES_CHANNEL`, as an SQL expression: evaluated
+in the writer's transaction after its watermark lock, so the epoch is its watermarks'."""
+_NOTIFY_CHANGES_SQL: Final = f"SELECT pg_notify(:channel, {CHANGES_HINT_SQL})"  # constants
+NOTIFY_CHANGES: Final = sa.text(_NOTIFY_CHANGES_SQL).bindparams(channel=CHANGES_CHANNEL)
+"""A document writer's commit-time hint; execute with ``{"watermark": str(w)}`` inside the
+transaction that holds the watermark lock."""
+
+
+def changes_hint(payload: str) -> tuple[str, int] | None:
+    """The ``(epoch, watermark)`` a hint on :data:`CHANGES_CHANNEL` names, or ``None`` for a
+    payload of any other form (a listener then reads, as for a hint that names nothing)."""
+    epoch, colon, watermark = payload.rpartition(":")
+    if not (colon and epoch and watermark.isascii() and watermark.isdigit()) or len(watermark) > 19:
+        return None
+    return epoch, int(watermark)
 
 
 class Xid8(UserDefinedType[int]):
