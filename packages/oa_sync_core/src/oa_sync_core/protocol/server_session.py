@@ -53,7 +53,7 @@ import dataclasses
 import enum
 import math
 from collections.abc import Iterable, Sequence
-from typing import Final, Generic, Protocol, TypeAlias, TypeVar
+from typing import Final, Generic, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from oa_sync_core.errors import ProtocolError
 from oa_sync_core.protocol.codes import CloseCode, ErrorCode, ResetReason
@@ -182,9 +182,12 @@ class Send:
     frame: ServerFrame
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SendUpdate(Generic[U]):
+class SendUpdate(NamedTuple, Generic[U]):
     """Send ``update`` (a document version) as an ``update`` frame of one subscription.
+
+    A named tuple, not a frozen dataclass like the other actions: one is made per delivery
+    (every subscriber of every change), and a frozen dataclass's ``__init__`` (one
+    ``object.__setattr__`` per field) cost three times as much (~0.64 vs ~0.2 us).
 
     Attributes:
         subscription_id: the subscription it is for.

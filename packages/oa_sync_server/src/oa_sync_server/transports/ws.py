@@ -716,9 +716,12 @@ class _Connection:
         if buffer is _NO_FRAMES:
             buffer = self.buffer = collections.deque()
         buffer.append((data, live))
-        self.buffered_bytes += len(data)
-        self.peak_bytes = max(self.peak_bytes, self.buffered_bytes)
-        if self.full_since is None and self._full():
+        buffered = self.buffered_bytes = self.buffered_bytes + len(data)
+        if buffered > self.peak_bytes:  # noqa: PLR1730 - max() is a call per frame
+            self.peak_bytes = buffered
+        if self.full_since is None and (  # _full(), inline: once per frame
+            buffered >= self.max_bytes or len(buffer) >= self.max_messages
+        ):
             self.full_since = self.loop.time()
             self._arm()
         if not self.flush_scheduled:
