@@ -380,3 +380,38 @@ async def test_a_hint_in_another_epoch_is_read_whatever_its_watermark(database_u
         assert await take(feed, 1) == []
         assert feed.epoch_changed
         assert hub.epoch == "rebuilt"
+
+
+async def test_a_run_of_bus_changes_is_delivered_coalesced_as_a_page_read(
+    database_url: str,
+) -> None:
+    """Changes the hub takes from the bus in one pass reach the feeds as a read of Postgres
+    would give them: each document once, at its latest version, in watermark order."""
+    async with make_live_server(database_url, poll_interval_s=600.0) as server:
+        hub = server.state.hub
+        async with asyncio.timeout(WAIT_S):
+            await hub.listening.wait()
+        await server.settle()
+        feed = hub.attach(1000)
+        bus = server.state.projector.bus if server.state.projector else None
+        assert bus is not None
+        start = hub.watermark
+
+        def change(key: str, version: int, offset: int) -> BusChange:
+            row = DocRow(
+                doc_key=f"runtime/run_summary:{key}",
+                projection="runtime/run_summary",
+                version=version,
+                watermark=start + offset,
+                content_hash="h",
+                body=b"{}",
+            )
+            return BusChange(epoch=hub.epoch, row=row, committed_at=0.0)
+
+        await bus.publish([change("a", 1, 1), change("b", 1, 2), change("a", 2, 3)])
+        got = await take(feed, 2)
+        assert [(x.row.doc_key[-1], x.row.version, x.row.watermark) for x in got] == [
+            ("b", 1, start + 2),
+            ("a", 2, start + 3),
+        ]
+        assert hub.watermark == start + 3

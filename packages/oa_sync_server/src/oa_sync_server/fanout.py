@@ -485,23 +485,37 @@ class Hub:
 
     def _take_from_bus(self) -> bool:
         """Deliver the bus's messages that continue the watermark; False when Postgres must
-        be read (a gap, another epoch)."""
+        be read (a gap, another epoch).
+
+        The contiguous run after the watermark is delivered as a page read of Postgres would
+        give it: each document once, at its latest change, in watermark order (when the hub
+        has fallen behind by more than a batch, a document changed twice is sent once).
+        """
         held = self._from_bus
         if self._bus_lost:
             self._bus_lost = False
             return False
-        delivered = 0
-        while (change := held.pop(self.watermark + 1, None)) is not None:
+        run: dict[str, BusChange] = {}  # by document; re-inserted, so in watermark order
+        top = self.watermark
+        other_epoch = False
+        while (change := held.pop(top + 1, None)) is not None:
             if change.epoch != self.epoch:
                 held.clear()
-                return False
-            self._offer(change.row, change.committed_at)
-            self.watermark = change.watermark
-            delivered += 1
-        if delivered:
+                other_epoch = True
+                break
+            key = change.row.doc_key
+            run.pop(key, None)
+            run[key] = change
+            top = change.watermark
+        if run:
+            for change in run.values():
+                self._offer(change.row, change.committed_at)
+            self.watermark = top
             if self._metrics is not None:
-                self._metrics.hub_changes.labels("bus").inc(delivered)
+                self._metrics.hub_changes.labels("bus").inc(len(run))
             self._signal()
+        if other_epoch:
+            return False
         for watermark in [w for w in held if w <= self.watermark]:
             del held[watermark]
         return not held
