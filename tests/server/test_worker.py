@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import tempfile
 
 import psycopg
 import pytest
@@ -12,7 +11,6 @@ import sqlalchemy as sa
 import structlog.testing
 from oa_sync_core import CodexWorkerSummaryProjector, NewEvent, RunSummaryProjector
 from oa_sync_core.testing import new_event
-from oa_sync_server.postgres.engine import driver_of
 from oa_sync_server.postgres.event_log import PostgresEventLog
 from oa_sync_server.postgres.read_model import log_epoch
 from oa_sync_server.postgres.stores import PostgresCheckpointStore, PostgresDocumentSink
@@ -25,7 +23,6 @@ from tests.server.pg_projection import (
     expire_lease,
     read_model,
     terminate_backend,
-    wait_for_horizon,
     wait_until,
 )
 
@@ -370,56 +367,3 @@ async def test_an_append_held_back_by_the_horizon_is_projected_once_it_clears(
         await holder.close()
         stop.set()
         await asyncio.wait_for(runner, 20)
-
-
-async def test_a_batch_on_the_kept_connection_is_three_round_trips(engine: AsyncEngine) -> None:
-    """Inside ``run``/``catch_up`` a batch of known documents is the read, BEGIN with the
-    locks, and the write with the COMMIT: three round trips (libpq's trace of the connection
-    counts the messages that end one: ``Sync`` and simple ``Query``), and it is committed."""
-    log = PostgresEventLog(engine)
-    await log.append(_run_events("r1", 2))
-    worker = ProjectorWorker(engine, look_ahead=False)
-    async with worker._keeping_connection():
-        assert await worker.run_once() == 4  # makes the kept connection
-        await log.append([new_event("run.step", "r1", description=f"m{i}") for i in range(3)])
-        await wait_for_horizon(engine)
-        assert worker._kept is not None
-        driver = await driver_of(worker._kept)
-        with tempfile.TemporaryFile() as trace:
-            driver.pgconn.trace(trace.fileno())
-            try:
-                assert await worker.run_once() == 3
-            finally:
-                driver.pgconn.untrace()
-            trace.seek(0)
-            sent = [
-                line.split(b"\t")[3]
-                for line in trace.read().splitlines()
-                if line.split(b"\t")[1:2] == [b"F"]
-            ]
-    assert sum(kind in {b"Sync", b"Query"} for kind in sent) == 3, sent
-    assert (await read_model(engine))["documents"]["runtime/run_summary:r1"][0] == 7
-    await assert_matches_fold(engine)
-
-
-async def test_the_kept_connection_never_returns_to_the_pool_in_autocommit(
-    engine: AsyncEngine,
-) -> None:
-    """The batches' kept connection runs in autocommit at the driver (explicit BEGIN and
-    COMMIT); when the worker lets it go it is closed, not handed to the pool, whose next
-    user would otherwise lose its transactions."""
-    await PostgresEventLog(engine).append(_run_events("r1", 1))
-    worker = ProjectorWorker(engine)
-    async with worker._keeping_connection():
-        await worker.run_once()
-        assert worker._kept is not None
-        kept = await driver_of(worker._kept)
-        assert kept.autocommit
-    assert kept.closed
-    pooled = [await engine.connect() for _ in range(engine.pool.checkedin())]
-    try:
-        drivers = [await driver_of(conn) for conn in pooled]
-        assert all(d is not kept and not d.autocommit for d in drivers)
-    finally:
-        for conn in pooled:
-            await conn.close()

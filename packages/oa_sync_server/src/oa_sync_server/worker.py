@@ -6,10 +6,9 @@ lease: ``holder`` (who), ``epoch`` (the fencing token, raised by every acquisiti
 acquires the lease when it is free, expired, or already its own, which raises the epoch; it
 renews it on every batch and while idle.
 
-Each batch has two phases, and everything it writes is one transaction:
+Each batch is one transaction in two phases:
 
-1. *read* (no locks; on the kept connection a statement of its own, else the transaction's
-   first): the lease row's cursor and up to ``batch_size`` final events after it
+1. *read* (no locks): the lease row's cursor and up to ``batch_size`` final events after it
    in log order, in one statement (only below the snapshot xmin, as
    :func:`oa_sync_server.postgres.event_log.read_committed` reads, so nothing still in flight
    is ever passed — DESIGN.md rule 1);
@@ -21,11 +20,9 @@ Each batch has two phases, and everything it writes is one transaction:
    bodies, the pure fold (:class:`oa_sync_core.ProjectionEngine`), and one statement writing
    documents, checkpoints, change rows (watermarks ``last + 1`` onwards, gap-free), the lease
    cursor and renewal, and ``pg_notify('oa_sync_changes', <new watermark>)`` — all committed
-   together (rule 2), the NOTIFY delivered only on commit (rule 5). On the connection the
-   worker keeps (inside :meth:`ProjectorWorker.run` and :meth:`ProjectorWorker.catch_up`) a
-   batch is three round trips: the read (a statement of its own: it takes no lock), ``BEGIN``
-   with the locks, and the write with ``COMMIT`` (each pair pipelined; the connection is in
-   autocommit mode at the driver and the transaction is explicit), two when read ahead.
+   together (rule 2), the NOTIFY delivered only on commit (rule 5). A batch is four round
+   trips (the lease's cursor and the events after it, locks with the last watermark, write,
+   commit), three when it was read ahead.
 
 Look-ahead. After a full batch (``batch_size`` events: more are probably waiting), the worker
 reads and folds the next batch on a second pooled connection *while* the current one's writes
@@ -103,13 +100,7 @@ from oa_sync_server.bus.changes import BusChange, ChangeBus
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
-from oa_sync_server.postgres.engine import (
-    DriverText,
-    begin_and_run,
-    driver_of,
-    looks_usable,
-    run_on_driver,
-)
+from oa_sync_server.postgres.engine import DriverText, driver_of, looks_usable, run_on_driver
 from oa_sync_server.postgres.event_log import LogCursor, log_events, read_committed
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow, log_epoch
@@ -454,10 +445,8 @@ class ProjectorWorker:
     # -- batches -----------------------------------------------------------------------------
 
     async def _pause(self, stage: str, conn: AsyncConnection | None) -> None:
-        """A seam for fault tests: called at ``read`` (events read), ``locked`` (in the
-        transaction, locks held), ``written`` (the write about to go, with the COMMIT on a
-        kept connection) and ``committed`` (after the commit, before publishing; no
-        connection)."""
+        """A seam for fault tests: called at ``read``, ``locked`` and ``written`` (in the
+        transaction) and ``committed`` (after the commit, before publishing; no connection)."""
 
     async def run_once(self) -> int:
         """Project one batch in one transaction.
@@ -513,10 +502,6 @@ class ProjectorWorker:
             if ahead:
                 self._kept_ahead = conn
             else:
-                # Batches drive their transaction with explicit statements, pipelined with the
-                # lock (BEGIN) and the write (COMMIT): three round trips a batch, not five.
-                # Never back to the pool like this: _drop_kept invalidates it.
-                await (await driver_of(conn)).set_autocommit(True)
                 self._kept = conn
         try:
             async with conn.begin():
@@ -537,8 +522,6 @@ class ProjectorWorker:
             conn, self._kept = self._kept, None
         if conn is not None:
             with contextlib.suppress(DBAPIError, OSError):
-                if not ahead:
-                    await conn.invalidate()  # autocommit at the driver: not for the pool
                 await conn.close()
 
     @contextlib.asynccontextmanager
@@ -556,7 +539,6 @@ class ProjectorWorker:
     async def _write_batch(self, ahead: _Ahead | None) -> int | None:
         self._read_held = None  # known only after a read of our own (not a look-ahead's)
         async with self._transaction() as conn:
-            explicit = (await driver_of(conn)).autocommit  # see _transaction
             if ahead is None:
                 found = await run_on_driver(
                     conn, _READ_BATCH, {"name": self.name, "n": self.batch_size}
@@ -577,10 +559,7 @@ class ProjectorWorker:
                         self._lost()
                     self._renew_due = time.monotonic() + self.lease_ttl_s / 3
                 return 0
-            # On the kept connection (autocommit at the driver) the transaction begins here,
-            # with the lock, in one round trip; elsewhere psycopg began it before the read.
-            lock = begin_and_run if explicit else run_on_driver
-            locked = await lock(conn, _LOCK_LEASE, {"name": self.name})
+            locked = await run_on_driver(conn, _LOCK_LEASE, {"name": self.name})
             if not locked:
                 self._lost()
             holder, epoch, tx, position, last = locked[0]
@@ -602,18 +581,13 @@ class ProjectorWorker:
                 # More is probably waiting: read and fold it while this batch is written.
                 self._ahead = asyncio.ensure_future(self._look_ahead(after, folded, last))
             advance = LeaseAdvance(self.name, after.tx_id, after.position, self.lease_ttl_s)
-            await self._pause("written", conn)
             written = await write_batch(  # and the lease cursor, in the same statement
-                conn,
-                result.updates,
-                result.checkpoints,
-                locked_at=last,
-                advance=advance,
-                commit=explicit,  # with the COMMIT, in the same round trip
+                conn, result.updates, result.checkpoints, locked_at=last, advance=advance
             )
             epoch_now = ""
             if self.bus is not None and written.updates:  # read by the write when it advanced
                 epoch_now = written.epoch or await log_epoch(conn)
+            await self._pause("written", conn)
         await self._pause("committed", None)
         if self.bus is not None and written.updates:
             await self._publish(written, epoch_now)

@@ -17,13 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 __all__ = [
     "DriverText",
-    "begin_and_run",
     "create_engine",
     "detached_connection",
     "driver_of",
     "looks_usable",
     "normalise_url",
-    "run_and_commit",
     "run_on_driver",
 ]
 
@@ -151,47 +149,6 @@ async def run_on_driver(
         cursor = await driver.execute(statement.sql, {**statement.bound, **params})
         return await cursor.fetchall() if cursor.description is not None else []
     except psycopg.Error as exc:
-        raise _driver_error(statement.sql, exc) from exc
-
-
-def _driver_error(sql: str, exc: psycopg.Error) -> sa.exc.DBAPIError:
-    """``exc`` as SQLAlchemy raises it for ``sql`` (its ``DBAPIError`` subclass, no parameters)."""
-    return sa.exc.DBAPIError.instance(sql, None, exc, psycopg.Error, hide_parameters=True)
-
-
-async def begin_and_run(
-    conn: AsyncConnection, statement: DriverText, params: Mapping[str, Any]
-) -> list[tuple[Any, ...]]:
-    """``BEGIN`` and ``statement`` in one round trip (a pipeline), on the psycopg connection
-    under ``conn``, which must be in autocommit mode (the caller drives the transaction:
-    :func:`run_and_commit` ends it, or SQLAlchemy's commit or rollback of ``conn`` does).
-
-    Returns and raises as :func:`run_on_driver`.
-    """
-    driver = await driver_of(conn)
-    try:
-        async with driver.pipeline():
-            await driver.execute("BEGIN")
-            cursor = await driver.execute(statement.sql, {**statement.bound, **params})
-        return await cursor.fetchall() if cursor.description is not None else []
-    except psycopg.Error as exc:
-        raise _driver_error(statement.sql, exc) from exc
-
-
-async def run_and_commit(
-    conn: AsyncConnection, statement: DriverText, params: Mapping[str, Any]
-) -> list[tuple[Any, ...]]:
-    """``statement`` and ``COMMIT`` in one round trip (a pipeline), ending a transaction that
-    :func:`begin_and_run` began. On an error nothing of the transaction is committed (it is
-    left failed, for the caller's rollback).
-
-    Returns and raises as :func:`run_on_driver`.
-    """
-    driver = await driver_of(conn)
-    try:
-        async with driver.pipeline():
-            cursor = await driver.execute(statement.sql, {**statement.bound, **params})
-            await driver.execute("COMMIT")
-        return await cursor.fetchall() if cursor.description is not None else []
-    except psycopg.Error as exc:
-        raise _driver_error(statement.sql, exc) from exc
+        raise sa.exc.DBAPIError.instance(
+            statement.sql, None, exc, psycopg.Error, hide_parameters=True
+        ) from exc

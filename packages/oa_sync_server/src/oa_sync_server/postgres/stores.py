@@ -38,7 +38,7 @@ from oa_sync_core import Checkpoint, DocId, DocumentState, DocumentUpdate, Store
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from oa_sync_server.postgres.engine import DriverText, run_and_commit, run_on_driver
+from oa_sync_server.postgres.engine import DriverText, run_on_driver
 from oa_sync_server.postgres.tables import (
     CHANGES_CHANNEL,
     CHANGES_HINT_SQL,
@@ -452,7 +452,6 @@ async def write_batch(
     *,
     locked_at: int,
     advance: LeaseAdvance | None = None,
-    commit: bool = False,
 ) -> Written:
     """The projector's write: documents, their checkpoints and change rows in one statement.
 
@@ -468,10 +467,6 @@ async def write_batch(
         checkpoints: the matching checkpoint of each update, in the same order.
         locked_at: the last watermark :func:`lock_watermarks` returned.
         advance: the projector lease to advance in the same round trip (``None``: none).
-        commit: with updates, also commit the transaction in the same round trip (on a
-            connection in autocommit mode at the driver whose transaction
-            :func:`~oa_sync_server.postgres.engine.begin_and_run` began: the projector's);
-            without, the caller's commit ends it.
 
     Raises:
         ValueError: the checkpoints do not match the updates one to one.
@@ -482,7 +477,7 @@ async def write_batch(
     if not updates:
         if advance is not None:
             await advance_lease(conn, advance)
-        return Written([], locked_at)  # committed by the caller's transaction
+        return Written([], locked_at)
     watermarks = range(locked_at + 1, locked_at + 1 + len(updates))
     rows = []
     fragment = orjson.Fragment
@@ -503,11 +498,12 @@ async def write_batch(
         )
     params = {"rows": orjson.dumps(rows).decode()}
     epoch = None
-    run = run_and_commit if commit else run_on_driver
     if advance is None:
-        await run(conn, _WRITE_WITH_CHECKPOINTS, params)
+        await run_on_driver(conn, _WRITE_WITH_CHECKPOINTS, params)
     else:
-        found = await run(conn, _WRITE_AND_ADVANCE, params | advance.params(watermarks[-1]))
+        found = await run_on_driver(
+            conn, _WRITE_AND_ADVANCE, params | advance.params(watermarks[-1])
+        )
         if not found:  # the lease row is gone: nothing to advance (the caller checked it)
             raise LookupError(f"projector lease {advance.name!r} not found")
         epoch = str(found[0][0])
