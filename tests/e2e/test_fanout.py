@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -303,11 +304,10 @@ def _reads(server: LiveServer, kind: str = "page") -> float:
     return float(server.state.metrics.hub_reads.labels(kind)._value.get())
 
 
-async def test_the_projectors_commits_reach_its_own_hub_without_a_read(database_url: str) -> None:
-    """In the process that runs the projector, the hub takes each committed batch from it
-    (the local bus) and reads Postgres for none of them: the commit's hint names a watermark
-    the hub has delivered, and a bus change the hub can place (the next watermark of its
-    epoch) is not in Postgres at all here, yet it is delivered."""
+@contextlib.asynccontextmanager
+async def _hub_of_a_projector(database_url: str) -> AsyncIterator[tuple[LiveServer, Feed]]:
+    """A server whose hub listens (poll interval ten minutes: only hints and the bus move
+    it) and a feed of it that has received one change, run ``r0`` created."""
     async with make_live_server(database_url, poll_interval_s=600.0) as server:
         hub = server.state.hub
         async with asyncio.timeout(WAIT_S):
@@ -315,6 +315,16 @@ async def test_the_projectors_commits_reach_its_own_hub_without_a_read(database_
         feed = hub.attach(1000)
         await server.append([new_event("run.created", "r0")])
         await take(feed, 1)
+        yield server, feed
+
+
+async def test_the_projectors_commits_reach_its_own_hub_without_a_read(database_url: str) -> None:
+    """In the process that runs the projector, the hub takes each committed batch from it
+    (the local bus) and reads Postgres for none of them: the commit's hint names a watermark
+    the hub has delivered, and a bus change the hub can place (the next watermark of its
+    epoch) is not in Postgres at all here, yet it is delivered."""
+    async with _hub_of_a_projector(database_url) as (server, feed):
+        hub = server.state.hub
         await server.settle()
         reads = _reads(server)
         for i in range(1, 6):
@@ -348,13 +358,7 @@ async def test_a_hint_from_another_writer_is_read_at_once(database_url: str) -> 
     of another process) commits changes the local bus never carries: its hint names a
     watermark the hub has not delivered, so the hub reads Postgres at once (the poll interval
     here is ten minutes)."""
-    async with make_live_server(database_url, poll_interval_s=600.0) as server:
-        hub = server.state.hub
-        async with asyncio.timeout(WAIT_S):
-            await hub.listening.wait()
-        feed = hub.attach(1000)
-        await server.append([new_event("run.created", "r0")])
-        await take(feed, 1)
+    async with _hub_of_a_projector(database_url) as (server, feed):
         async with server.engine.begin() as conn:
             written = await write_updates(conn, [_update("runtime/run_summary:elsewhere", 1)])
             await conn.execute(NOTIFY_CHANGES, {"watermark": str(written.last_watermark)})
@@ -365,13 +369,8 @@ async def test_a_hint_from_another_writer_is_read_at_once(database_url: str) -> 
 async def test_a_hint_in_another_epoch_is_read_whatever_its_watermark(database_url: str) -> None:
     """A hint names its epoch: after a rebuild restarted watermarks, a hint at or below the
     hub's watermark but in the new epoch still makes the hub read (and see the new epoch)."""
-    async with make_live_server(database_url, poll_interval_s=600.0) as server:
+    async with _hub_of_a_projector(database_url) as (server, feed):
         hub = server.state.hub
-        async with asyncio.timeout(WAIT_S):
-            await hub.listening.wait()
-        feed = hub.attach(1000)
-        await server.append([new_event("run.created", f"r{i}") for i in range(3)])
-        await take(feed, 3)
         async with server.engine.begin() as conn:
             await conn.execute(
                 sa.update(sync_meta).where(sync_meta.c.key == "epoch").values(value="rebuilt")
