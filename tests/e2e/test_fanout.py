@@ -320,9 +320,9 @@ async def _hub_of_a_projector(database_url: str) -> AsyncIterator[tuple[LiveServ
 
 async def test_the_projectors_commits_reach_its_own_hub_without_a_read(database_url: str) -> None:
     """In the process that runs the projector, the hub takes each committed batch from it
-    (the local bus) and reads Postgres for none of them: the commit's hint names a watermark
-    the hub has delivered, and a bus change the hub can place (the next watermark of its
-    epoch) is not in Postgres at all here, yet it is delivered."""
+    (the local bus): a bus change the hub can place (the next watermark of its epoch) is
+    delivered though it is not in Postgres at all, and a commit's hint that names a watermark
+    already delivered reads nothing (at most one read per batch)."""
     async with _hub_of_a_projector(database_url) as (server, feed):
         hub = server.state.hub
         await server.settle()
@@ -331,8 +331,10 @@ async def test_the_projectors_commits_reach_its_own_hub_without_a_read(database_
             await server.append([new_event("run.created", f"r{i}")])
             assert [x.row.doc_key for x in await take(feed, 1)] == [f"runtime/run_summary:r{i}"]
         await server.settle()
-        # A hint may overtake its batch's hand-over (then that batch is read): most are not.
-        assert _reads(server) - reads < 5
+        # The hint comes on another connection and may overtake its batch's hand-over (then
+        # that batch is read, as without the bus; on a loaded machine every one of these
+        # did): at most one read per batch, never a read for the hand-over itself.
+        assert _reads(server) - reads <= 5
         bus = server.state.projector.bus if server.state.projector else None
         assert bus is not None
         change = BusChange(
