@@ -75,7 +75,6 @@ from oa_sync_core.protocol.wire import EncodedUpdate, WireFormat
 from oa_sync_core.topics import Topic
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from oa_sync_server.bus.local import LocalBus
 from oa_sync_server.metrics import Metrics
 from oa_sync_server.postgres.follower import LogFollower, libpq_url
 from oa_sync_server.postgres.read_model import DocRow, HubReader, log_position, read_meta
@@ -349,8 +348,6 @@ class Hub:
         """
         if self._bus is not None:
             self._bus.subscribe(self._on_bus)  # before the read: nothing falls in between
-            if isinstance(self._bus, LocalBus):
-                self._bus.on_abandon(self._follower.wake)
         async with self._engine.connect() as conn:
             meta = await read_meta(conn)
         self.watermark = meta.watermark
@@ -542,12 +539,9 @@ class Hub:
         ``<epoch>:<watermark>`` payloads in the hub's epoch, at or below its watermark)."""
         if named is None:
             return False
-        upto = self.watermark
-        if isinstance(self._bus, LocalBus):  # its commit in flight: the hand-over delivers it
-            upto = max(upto, self._bus.in_flight)
         for payload in named:
             hint = changes_hint(payload)
-            if hint is None or hint[0] != self.epoch or hint[1] > upto:
+            if hint is None or hint[0] != self.epoch or hint[1] > self.watermark:
                 return False
         return True
 

@@ -97,7 +97,6 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from oa_sync_server.bus.changes import BusChange, ChangeBus
-from oa_sync_server.bus.local import LocalBus
 from oa_sync_server.errors import LeaseBusyError, LeaseError, LeaseLost
 from oa_sync_server.postgres.admin import prune_changes, reproject
 from oa_sync_server.postgres.diagnostics import read_horizon_holder, read_lease
@@ -476,8 +475,6 @@ class ProjectorWorker:
             return await self._write_batch(ahead)
         except BaseException:
             await self._drop_ahead()
-            if isinstance(self.bus, LocalBus):
-                self.bus.abandon()  # said it would hand over a commit: the hub must read
             raise
 
     @contextlib.asynccontextmanager
@@ -584,8 +581,6 @@ class ProjectorWorker:
                 # More is probably waiting: read and fold it while this batch is written.
                 self._ahead = asyncio.ensure_future(self._look_ahead(after, folded, last))
             advance = LeaseAdvance(self.name, after.tx_id, after.position, self.lease_ttl_s)
-            if isinstance(self.bus, LocalBus) and result.updates:
-                self.bus.expect(last + len(result.updates))  # its hint may come first
             written = await write_batch(  # and the lease cursor, in the same statement
                 conn, result.updates, result.checkpoints, locked_at=last, advance=advance
             )

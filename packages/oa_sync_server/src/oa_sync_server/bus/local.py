@@ -9,12 +9,6 @@ rows here after the commit, and the hub delivers them under the bus rules of
 :mod:`oa_sync_server.fanout`: only a change that carries the next watermark of the hub's epoch
 is delivered; a gap or another epoch makes the hub read Postgres instead.
 
-The commit's hint comes on the hub's LISTEN connection and may reach the hub before the
-hand-over does. So the worker says, before its write, the last watermark of the commit it has
-in flight (:meth:`LocalBus.expect`): a hint naming no more than that, in the hub's epoch, is
-the hand-over's to deliver, and the hub waits for it instead of reading. A batch that fails
-after that says so (:meth:`LocalBus.abandon`), and the hub reads: its commit may have happened.
-
 The bus is not :attr:`~LocalBus.complete`: another process's projector (``--workers N``, a
 second machine) or a reprojection commits changes that never pass through it. The hub reads
 Postgres for those when their notification names a watermark it has not delivered (the
@@ -46,25 +40,8 @@ class LocalBus:
 
     def __init__(self) -> None:
         self._handlers: list[Callable[[BusChange], None]] = []
-        self._on_abandon: list[Callable[[], None]] = []
         self.published = 0
         """Changes published since start."""
-        self.in_flight = 0
-        """The last watermark of the commit the projector has in flight (0: none)."""
-
-    def expect(self, watermark: int) -> None:
-        """The projector is about to commit changes up to ``watermark`` and hand them over."""
-        self.in_flight = watermark
-
-    def abandon(self) -> None:
-        """The batch in flight failed (perhaps after its commit): subscribers must read."""
-        self.in_flight = 0
-        for callback in self._on_abandon:
-            callback()
-
-    def on_abandon(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever a batch in flight is abandoned."""
-        self._on_abandon.append(callback)
 
     def subscribe(self, handler: Callable[[BusChange], None]) -> None:
         """Hand every change published from now on to ``handler``."""
@@ -79,7 +56,6 @@ class LocalBus:
                 handler(change)
             count += 1
         self.published += count
-        self.in_flight = 0  # handed over: the hub's watermark says the rest
         return count
 
     async def republish(self, engine: AsyncEngine) -> int:
